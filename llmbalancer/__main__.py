@@ -1,0 +1,3 @@
+from llmbalancer.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,71 @@
+"""The composition root: builds the registry, policy, proxy and services, and wires the routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import structlog
+from aiohttp import web
+
+from llmbalancer.config import Config
+from llmbalancer.dispatch import Dispatcher
+from llmbalancer.health_poller import HealthPoller
+from llmbalancer.proxy import Proxy
+from llmbalancer.registry import Registry
+from llmbalancer.selectors import make_selector
+from llmbalancer.service import Service, running
+from llmbalancer.web.health import health_handler
+
+log = structlog.get_logger("llmbalancer.app")
+
+
+@dataclass
+class Components:
+    """Everything the app is made of, so routes and tests reach one another through one object."""
+
+    config: Config
+    registry: Registry
+    dispatcher: Dispatcher
+    proxy: Proxy
+    poller: HealthPoller
+    services: list[Service]
+
+
+COMPONENTS = web.AppKey("components", Components)
+
+
+def build_components(config: Config) -> Components:
+    registry = Registry.from_configs(config.backends)
+    dispatcher = Dispatcher(registry, make_selector(config.policy))
+    proxy = Proxy(config, registry, dispatcher)
+    poller = HealthPoller(registry, config.health, config.timeouts)
+    services: list[Service] = [poller]
+    return Components(config, registry, dispatcher, proxy, poller, services)
+
+
+def build_app(config: Config) -> web.Application:
+    components = build_components(config)
+    app = web.Application(client_max_size=config.server.max_body_bytes)
+    app[COMPONENTS] = components
+    app.router.add_get("/health", health_handler(components.registry))
+    # Everything that is not the balancer's own goes to a backend, whatever the method.
+    app.router.add_route("*", "/{tail:.*}", components.proxy.handle)
+    app.cleanup_ctx.append(_lifecycle)
+    return app
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    components = app[COMPONENTS]
+    session = components.proxy.open_session()
+    try:
+        # One round of probes before serving, so backends that are already up take the first request.
+        async with asyncio.timeout(components.config.timeouts.health + 0.5):
+            with contextlib.suppress(TimeoutError):
+                await components.poller.poll_once(session)
+        async with running(components.services):
+            yield
+    finally:
+        await session.close()

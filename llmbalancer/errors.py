@@ -1,0 +1,90 @@
+"""Every error the balancer answers itself: one OpenAI-style shape, statuses decided here only."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from aiohttp import web
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyError(Exception):
+    """A request the balancer answers itself instead of a backend's response."""
+
+    status: int
+    message: str
+    type: str
+    code: str
+    retry_after: int | None = None
+
+    def response(self, request_id: str | None = None) -> web.Response:
+        headers = {"X-Request-ID": request_id} if request_id else {}
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(self.retry_after)
+        return web.Response(
+            status=self.status, body=self.body(), content_type="application/json", headers=headers
+        )
+
+    def body(self) -> bytes:
+        return json.dumps({"error": {"message": self.message, "type": self.type, "code": self.code}}).encode()
+
+    def sse_event(self) -> bytes:
+        """The same error as an SSE event, for a stream that already started (the OpenAI SDK raises it)."""
+        return b"event: error\ndata: " + self.body() + b"\n\n"
+
+
+def invalid_json(reason: str) -> ProxyError:
+    return ProxyError(400, f"Request body is not valid JSON: {reason}", "invalid_request_error", "invalid_json")
+
+
+def not_json_object() -> ProxyError:
+    return ProxyError(400, "Request body must be a JSON object", "invalid_request_error", "invalid_json")
+
+
+def body_too_large(limit: int) -> ProxyError:
+    return ProxyError(
+        413, f"Request body exceeds the limit of {limit} bytes", "invalid_request_error", "request_too_large"
+    )
+
+
+def no_backend(reason: str = "No backend is available to serve this request") -> ProxyError:
+    return ProxyError(503, reason, "service_unavailable", "no_backend_available", retry_after=1)
+
+
+def queue_full(depth: int) -> ProxyError:
+    return ProxyError(
+        503, f"All backends are busy and the queue is full ({depth} waiting)", "service_unavailable",
+        "queue_full", retry_after=1,
+    )
+
+
+def queue_timeout(waited: float) -> ProxyError:
+    return ProxyError(
+        504, f"No backend slot freed within {waited:g} s", "timeout_error", "queue_timeout"
+    )
+
+
+def upstream_unreachable(attempts: int, last_error: str) -> ProxyError:
+    return ProxyError(
+        502, f"All {attempts} attempt(s) to reach a backend failed; last error: {last_error}",
+        "bad_gateway", "upstream_unreachable",
+    )
+
+
+def upstream_timeout(what: str, seconds: float) -> ProxyError:
+    return ProxyError(504, f"Backend timed out: no {what} within {seconds:g} s", "timeout_error", "upstream_timeout")
+
+
+def upstream_failed_mid_stream(reason: str) -> ProxyError:
+    return ProxyError(
+        502, f"Backend failed after the response started: {reason}", "server_error", "upstream_stream_broken"
+    )
+
+
+def not_found(message: str) -> ProxyError:
+    return ProxyError(404, message, "invalid_request_error", "not_found")
+
+
+def forbidden(message: str) -> ProxyError:
+    return ProxyError(403, message, "permission_error", "forbidden")

@@ -1,0 +1,52 @@
+"""Header rules for relaying HTTP through a proxy (RFC 9110 section 7.6.1)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Recomputed by the client library for the body we send, or set by us.
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "x-request-id"}
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-request-id"}
+
+
+def _named_in_connection(headers: Mapping[str, str]) -> frozenset[str]:
+    value = headers.get("Connection")
+    if not value:
+        return frozenset()
+    return frozenset(token.strip().lower() for token in value.split(","))
+
+
+def upstream_request_headers(
+    headers: Mapping[str, str], items: Iterable[tuple[str, str]], client: str, scheme: str, host: str | None,
+    request_id: str, keep_content_length: bool,
+) -> list[tuple[str, str]]:
+    drop = _REQUEST_DROP | _named_in_connection(headers)
+    out = [(k, v) for k, v in items if k.lower() not in drop]
+    if keep_content_length and "Content-Length" in headers:
+        out.append(("Content-Length", headers["Content-Length"]))
+    previous = headers.get("X-Forwarded-For")
+    out = [(k, v) for k, v in out if k.lower() not in ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")]
+    out.append(("X-Forwarded-For", f"{previous}, {client}" if previous else client))
+    out.append(("X-Forwarded-Proto", scheme))
+    if host:
+        out.append(("X-Forwarded-Host", host))
+    out.append(("X-Request-ID", request_id))
+    return out
+
+
+def downstream_response_headers(headers: Mapping[str, str], items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    drop = _RESPONSE_DROP | _named_in_connection(headers)
+    return [(k, v) for k, v in items if k.lower() not in drop]

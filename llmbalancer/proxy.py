@@ -1,0 +1,277 @@
+"""Relay one request to a backend and stream its answer back, chunk by chunk, as it is written.
+
+Retries: a failure before any response byte reached the client (refused connection, dropped
+connection, a 5xx status) is retried on another backend, up to ``retries.attempts``. Once bytes
+have gone to the client the request is never replayed: a backend failing mid-stream ends an SSE
+stream with an ``error`` event (the OpenAI SDK raises it) and any other body by closing the
+connection without its terminator, so the client cannot mistake it for a complete answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+import structlog
+from aiohttp import web
+from yarl import URL
+
+from llmbalancer import errors
+from llmbalancer.backend import Backend
+from llmbalancer.config import Config
+from llmbalancer.dispatch import Dispatcher
+from llmbalancer.errors import ProxyError
+from llmbalancer.http_headers import downstream_response_headers, upstream_request_headers
+from llmbalancer.inbound import InboundBody, read_body, request_facts
+from llmbalancer.registry import Registry
+from llmbalancer.selectors import RequestFacts
+
+log = structlog.get_logger("llmbalancer.access")
+
+# Statuses that mean "this backend could not take it", worth another backend when one is left.
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
+CLIENT_CLOSED = 499  # nginx's convention, for the access log only
+_MAX_REQUEST_ID = 128
+
+
+@dataclass(slots=True)
+class Access:
+    """The one access-log event of a request, filled in as it goes."""
+
+    request_id: str
+    method: str
+    path: str
+    started: float
+    model: str | None = None
+    backend: str | None = None
+    status: int = 0
+    attempts: int = 0
+    ttfb: float | None = None
+    bytes: int = 0
+    error: str | None = None
+    # Token counts when the backend reported them (filled by the usage reader).
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    finished: float = 0.0
+
+    def emit(self) -> None:
+        now = self.finished = time.monotonic()
+        log.info(
+            "request",
+            request_id=self.request_id,
+            method=self.method,
+            path=self.path,
+            model=self.model,
+            backend=self.backend,
+            status=self.status,
+            attempts=self.attempts,
+            ttfb_ms=None if self.ttfb is None else round((self.ttfb - self.started) * 1000, 2),
+            duration_ms=round((now - self.started) * 1000, 2),
+            bytes=self.bytes,
+            error=self.error,
+        )
+
+
+class _AttemptFailed(Exception):
+    def __init__(self, reason: str, *, unreachable: bool, body_sent: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.unreachable = unreachable
+        self.body_sent = body_sent
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-ID", "")
+    if given and len(given) <= _MAX_REQUEST_ID and given.isprintable():
+        return given
+    return secrets.token_hex(16)
+
+
+class Proxy:
+    def __init__(self, config: Config, registry: Registry, dispatcher: Dispatcher) -> None:
+        self._registry = registry
+        self._dispatcher = dispatcher
+        self._max_body = config.server.max_body_bytes
+        self._attempts = config.retries.attempts
+        self._first_byte_timeout = config.timeouts.first_byte
+        self._idle_timeout = config.timeouts.idle
+        self._connect_timeout = config.timeouts.connect
+        self.session: aiohttp.ClientSession | None = None
+        # Called once per finished request (metrics, the monitor's recent requests); must be cheap.
+        self.on_complete: list[Callable[[Access], None]] = []
+
+    def open_session(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=0,
+            # llama-server closes idle keep-alive connections after 5 s; drop ours first so a pooled
+            # connection is never one the backend is closing.
+            keepalive_timeout=4.0,
+            ttl_dns_cache=60,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
+            auto_decompress=False,
+            # Send the client's headers only: no Accept-Encoding the client did not ask for.
+            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        return self.session
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        access = Access(_request_id(request), request.method, request.path, time.monotonic())
+        try:
+            body = await read_body(request, self._max_body)
+            facts = request_facts(request, body)
+            access.model = facts.model
+            return await self._forward(request, body, facts, access)
+        except ProxyError as error:
+            access.status = error.status
+            access.error = error.code
+            return error.response(access.request_id)
+        except asyncio.CancelledError:
+            access.status = access.status or CLIENT_CLOSED
+            access.error = access.error or "client_closed"
+            raise
+        finally:
+            access.emit()
+            for observer in self.on_complete:
+                observer(access)
+
+    async def _forward(
+        self, request: web.Request, body: InboundBody, facts: RequestFacts, access: Access
+    ) -> web.StreamResponse:
+        excluded: list[Backend] = []
+        last_error = ""
+        for attempt in range(1, self._attempts + 1):
+            try:
+                claim = await self._dispatcher.claim(facts, excluded)
+            except ProxyError:
+                if last_error:
+                    raise errors.upstream_unreachable(attempt - 1, last_error) from None
+                raise
+            backend = claim.backend
+            access.backend = backend.name
+            access.attempts = attempt
+            try:
+                try:
+                    upstream = await self._open(request, backend, body, access.request_id)
+                except _AttemptFailed as failure:
+                    last_error = f"{backend.name}: {failure.reason}"
+                    self._registry.record_failure(backend, failure.reason, unreachable=failure.unreachable)
+                    excluded.append(backend)
+                    if failure.body_sent and not body.replayable:
+                        raise errors.upstream_unreachable(attempt, last_error) from None
+                    continue
+                except TimeoutError:
+                    self._registry.record_failure(backend, "no response in time")
+                    raise errors.upstream_timeout("response", self._first_byte_timeout) from None
+                try:
+                    if (
+                        upstream.status in RETRY_STATUSES
+                        and attempt < self._attempts
+                        and body.replayable
+                        and self._dispatcher.candidates([*excluded, backend])
+                    ):
+                        last_error = f"{backend.name}: HTTP {upstream.status}"
+                        self._registry.record_failure(backend, f"HTTP {upstream.status}")
+                        excluded.append(backend)
+                        continue
+                    return await self._relay(request, upstream, backend, access)
+                finally:
+                    upstream.close()
+            finally:
+                claim.release()
+        raise errors.upstream_unreachable(self._attempts, last_error)
+
+    async def _open(
+        self, request: web.Request, backend: Backend, body: InboundBody, request_id: str
+    ) -> aiohttp.ClientResponse:
+        assert self.session is not None
+        headers = upstream_request_headers(
+            request.headers,
+            request.headers.items(),
+            client=request.remote or "unknown",
+            scheme=request.scheme,
+            host=request.host,
+            request_id=request_id,
+            keep_content_length=not body.replayable,
+        )
+        url = URL(backend.url + request.raw_path, encoded=True)
+        data = body.data if body.replayable else body.stream
+        try:
+            async with asyncio.timeout(self._first_byte_timeout):
+                return await self.session.request(
+                    request.method, url, headers=headers, data=data, allow_redirects=False
+                )
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            raise _AttemptFailed(_describe(exc), unreachable=True, body_sent=False) from exc
+        except aiohttp.ClientError as exc:
+            raise _AttemptFailed(_describe(exc), unreachable=False, body_sent=True) from exc
+
+    async def _relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, backend: Backend, access: Access
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.extend(downstream_response_headers(upstream.headers, upstream.headers.items()))
+        response.headers["X-Request-ID"] = access.request_id
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        access.status = upstream.status
+        await response.prepare(request)
+
+        broken = await self._pump(upstream, response, access)
+        if broken is None:
+            await response.write_eof()
+            self._registry.record_success(backend, access.ttfb and access.ttfb - access.started,
+                                          time.monotonic() - access.started)
+            return response
+
+        self._registry.record_failure(backend, f"failed mid-stream: {broken}")
+        access.error = "upstream_stream_broken"
+        response.force_close()
+        if upstream.content_type == "text/event-stream":
+            with contextlib.suppress(ConnectionError):
+                await response.write(errors.upstream_failed_mid_stream(broken).sse_event())
+                await response.write_eof()
+        elif request.transport is not None:
+            # Closing without the final chunk tells the client the body is incomplete.
+            request.transport.close()
+        return response
+
+    async def _pump(
+        self, upstream: aiohttp.ClientResponse, response: web.StreamResponse, access: Access
+    ) -> str | None:
+        """Copy the body as it arrives; return why the backend broke off, or None when complete."""
+        reader = upstream.content
+        loop = asyncio.get_running_loop()
+        idle = self._idle_timeout
+        sent = 0
+        try:
+            async with asyncio.timeout_at(loop.time() + idle) as deadline:
+                chunk = await reader.readany()
+                if chunk:
+                    access.ttfb = time.monotonic()
+                while chunk:
+                    await response.write(chunk)
+                    sent += len(chunk)
+                    deadline.reschedule(loop.time() + idle)
+                    chunk = await reader.readany()
+        except aiohttp.ClientError as exc:
+            return _describe(exc)
+        except TimeoutError:
+            return f"no data for {idle:g} s"
+        finally:
+            access.bytes = sent
+        return None
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

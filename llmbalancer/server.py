@@ -1,0 +1,62 @@
+"""Run the app: bind, serve, and on SIGTERM/SIGINT drain in-flight requests before exiting.
+
+The first signal stops accepting and lets in-flight streams finish for up to
+``server.drain_timeout`` seconds, then cancels the rest and exits 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import structlog
+from aiohttp import web
+
+from llmbalancer.app import COMPONENTS, build_app
+from llmbalancer.config import Config
+
+log = structlog.get_logger("llmbalancer.server")
+
+EXIT_ON_SECOND_SIGNAL = 130
+
+
+async def serve(config: Config) -> int:
+    app = build_app(config)
+    runner = web.AppRunner(
+        app,
+        # A client hanging up cancels its handler, which aborts the upstream request at once.
+        handler_cancellation=True,
+        access_log=None,  # our proxy logs one structured event per request
+        shutdown_timeout=config.server.drain_timeout,
+    )
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second_signal_exiting_now", signal=signal.Signals(signum).name)
+            os._exit(EXIT_ON_SECOND_SIGNAL)
+        log.info("shutdown_requested", signal=signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        site = web.TCPSite(runner, config.server.host, config.server.port, backlog=1024)
+        await site.start()
+        registry = app[COMPONENTS].registry
+        log.info(
+            "listening",
+            url=f"http://{config.server.host}:{config.server.port}",
+            policy=config.policy.name,
+            backends=[b.name for b in registry],
+        )
+        await stop.wait()
+        in_flight = sum(b.in_flight for b in registry)
+        log.info("draining", in_flight=in_flight, timeout_s=config.server.drain_timeout)
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,1 @@
+"""The balancer's own HTTP routes (everything else is proxied)."""
