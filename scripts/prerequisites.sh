@@ -1,0 +1,23 @@
+# Sourced by run.sh and test.sh: install what the project needs, from Debian and PyPI only.
+
+install_system_packages() {
+    local missing=()
+    for package in "$@"; do
+        case "$package" in
+            g++) command -v g++ >/dev/null || missing+=(g++) ;;
+            *) command -v "$package" >/dev/null || missing+=("$package") ;;
+        esac
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "[setup] installing Debian packages: ${missing[*]}" >&2
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+ensure_venv() {
+    [ -x .venv/bin/python ] || python3 -m venv .venv
+    echo "[setup] installing llmbalancer$1 into .venv" >&2
+    .venv/bin/python -m pip install -q -e "$1"
+}
