@@ -1,0 +1,95 @@
+"""The proxy against real llama-servers: disconnects, refused backends, stale pooled connections."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from llmbalancer.backend import BackendState
+from llmbalancer.proxy import Access
+from tests.support import LlamaServer, free_port, get_json, make_config, run_balancer, start_llama_server, wait_ready
+
+CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}
+
+
+async def _slots_busy(session: aiohttp.ClientSession, server: LlamaServer) -> bool:
+    slots: list[dict[str, Any]] = await get_json(session, server.url + "/slots")
+    return any(slot["is_processing"] for slot in slots)
+
+
+async def test_client_disconnect_mid_stream_frees_the_real_backend_slot_within_a_second(
+    llama_fleet: list[LlamaServer],
+) -> None:
+    server = llama_fleet[1]
+    long_stream = {**CHAT, "max_tokens": 2000, "stream": True, "ignore_eos": True}
+    async with run_balancer(make_config([server.url])) as balancer, aiohttp.ClientSession() as session:
+        reply = await session.post(balancer.url + "/v1/chat/completions", json=long_stream)
+        try:
+            assert reply.status == 200
+            first = await reply.content.readline()
+            assert first.startswith(b"data: ")
+            assert await _slots_busy(session, server)
+        finally:
+            reply.close()  # hang up mid-stream: drops the connection
+        hung_up = time.monotonic()
+        while await _slots_busy(session, server):
+            assert time.monotonic() - hung_up < 1.0, "backend slot still busy a second after the client left"
+            await asyncio.sleep(0.02)
+        # The claim was released too: nothing is counted in flight any more.
+        assert [b.in_flight for b in balancer.components.registry] == [0]
+
+
+async def test_refused_backend_is_retried_on_the_other_marked_unhealthy_and_rejoins_when_ready(
+    llama_fleet: list[LlamaServer], tmp_path: Path
+) -> None:
+    dead_port = free_port()
+    dead_url = f"http://127.0.0.1:{dead_port}"
+    config = make_config([llama_fleet[0].url, f"{dead_url}=dead"], **{"health.interval": 5.0})
+    async with run_balancer(config) as balancer, aiohttp.ClientSession() as session:
+        registry = balancer.components.registry
+        dead = registry.get("dead")
+        assert dead is not None and dead.state is BackendState.UNHEALTHY  # the start-up probe saw it
+        accesses: list[Access] = []
+        balancer.components.proxy.on_complete.append(accesses.append)
+
+        # Pretend the balancer still believes in it; the health poller may win the race and mark it
+        # unhealthy first (then no request reaches it), so try a bounded number of times.
+        for _ in range(5):
+            registry.set_state(dead, BackendState.HEALTHY, "test")
+            for _ in range(2):
+                async with session.post(balancer.url + "/v1/chat/completions", json=CHAT) as reply:
+                    assert reply.status == 200, await reply.text()
+                    assert (await reply.json())["choices"]
+            if dead.errors_total:
+                break
+        assert dead.errors_total >= 1
+        assert dead.state is BackendState.UNHEALTHY
+        retried = [a for a in accesses if a.attempts == 2]
+        assert retried and all(a.status == 200 and a.backend == llama_fleet[0].url.removeprefix("http://")
+                                for a in retried)
+
+        replacement = start_llama_server(tmp_path, port=dead_port)
+        try:
+            await asyncio.to_thread(wait_ready, dead_url, 60.0)
+            ready = time.monotonic()
+            while dead.state is not BackendState.HEALTHY:
+                assert time.monotonic() - ready < 1.5, f"not back in rotation: {dead.state}"
+                await asyncio.sleep(0.02)
+            async with session.get(balancer.url + "/health") as reply:
+                assert (await reply.json())["backends_healthy"] == 2
+        finally:
+            replacement.stop()
+
+
+async def test_stale_pooled_connection_never_surfaces_as_a_client_error(llama_fleet: list[LlamaServer]) -> None:
+    # llama-server closes idle keep-alive connections after 5 s; the second request comes just after.
+    async with run_balancer(make_config([llama_fleet[0].url])) as balancer, aiohttp.ClientSession() as session:
+        for pause in (0.0, 5.5):
+            await asyncio.sleep(pause)
+            async with session.post(balancer.url + "/v1/chat/completions", json=CHAT) as reply:
+                assert reply.status == 200, await reply.text()
+                assert (await reply.json())["choices"]
