@@ -45,7 +45,8 @@ async def read_body(request: web.Request, limit: int) -> InboundBody:
     declared = request.content_length
     if declared is not None and declared > limit:
         raise errors.body_too_large(limit)
-    if is_json_api_route(request.method, request.path, request.content_type):
+    # The raw header: aiohttp's request.content_type reports application/octet-stream when it is absent.
+    if is_json_api_route(request.method, request.path, request.headers.get("Content-Type", "").lower()):
         data = await _read_bounded(request, limit)
         return InboundBody(data, None, parse_json_object(data))
     if not request.body_exists:
