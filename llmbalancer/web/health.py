@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from llmbalancer.registry import Registry
 
 
-def health_handler(registry: Registry) -> web.Handler:
+def health_handler(registry: Registry) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def health(request: web.Request) -> web.Response:
         states = Counter(backend.state.value for backend in registry)
         healthy = sum(1 for backend in registry if backend.routable)
