@@ -213,6 +213,10 @@ class Proxy:
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise _AttemptFailed(_describe(exc), unreachable=True, body_sent=False) from exc
         except aiohttp.ClientError as exc:
+            # The client's own streamed body can fail while we send it (over the size limit); aiohttp
+            # wraps that as a connection error, but it is the client's fault, not the backend's.
+            if isinstance(exc.__cause__, ProxyError):
+                raise exc.__cause__ from None
             raise _AttemptFailed(_describe(exc), unreachable=False, body_sent=True) from exc
 
     async def _relay(
