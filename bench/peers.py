@@ -1,0 +1,199 @@
+"""Start the benchmark's processes (backends and proxies), each pinned to a core, and stop them all.
+
+Every process runs in its own session so that stopping it stops its children (nginx's worker, the
+router's threads); stopping is SIGTERM, a bounded wait, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Processes:
+    """Owns every process started by the benchmark; ``stop_all`` in a ``finally``."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self._running: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, command: list[str], core: int | None) -> subprocess.Popen[bytes]:
+        log = (self.workdir / f"{name}.log").open("wb")
+
+        def pin() -> None:
+            if core is not None:
+                os.sched_setaffinity(0, {core})
+
+        try:
+            process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True, preexec_fn=pin, cwd=ROOT,
+            )
+        finally:
+            log.close()
+        self._running.append((name, process))
+        return process
+
+    def stop(self, process: subprocess.Popen[bytes]) -> None:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=5)
+        # A process group can outlive its leader (nginx workers): make sure none is left.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        self._running = [(n, p) for n, p in self._running if p is not process]
+
+    def stop_all(self) -> None:
+        for _, process in reversed(list(self._running)):
+            self.stop(process)
+
+    def log_tail(self, name: str, lines: int = 15) -> str:
+        path = self.workdir / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float, post: bytes | None = None) -> None:
+    """Wait until ``url`` answers 200 (POST ``post`` if given), failing early if the process died."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"exited with {process.returncode} before answering {url}")
+        request = urllib.request.Request(url, data=post, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                response.read()
+                if response.status == 200:
+                    return
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout:g} s ({last})")
+
+
+def nginx_available() -> str | None:
+    return shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.path.exists(p)), None)
+
+
+def sglang_router_available() -> bool:
+    return importlib.util.find_spec("sglang_router") is not None
+
+
+def _nginx_conf(workdir: Path, name: str, http_body: str) -> Path:
+    base = workdir / name
+    base.mkdir(exist_ok=True)
+    temp_paths = "\n".join(
+        f"    {kind}_temp_path {base}/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    conf = base / "nginx.conf"
+    conf.write_text(
+        f"""daemon off;
+worker_processes 1;
+pid {base}/nginx.pid;
+error_log {base}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+{temp_paths}
+    keepalive_requests 1000000;
+{http_body}
+}}
+"""
+    )
+    return conf
+
+
+def start_nginx_backend(procs: Processes, nginx: str, port: int, body: bytes, core: int | None) -> None:
+    """nginx answering every request with a fixed JSON body: the fastest instant backend there is."""
+    quoted = body.decode().replace("\\", "\\\\").replace("'", "\\'")
+    conf = _nginx_conf(
+        procs.workdir, "nginx-backend",
+        f"""    access_log off;
+    server {{
+        listen 127.0.0.1:{port} backlog=1024;
+        default_type application/json;
+        location / {{ return 200 '{quoted}'; }}
+    }}""",
+    )
+    process = procs.start("nginx-backend", [nginx, "-c", str(conf), "-e", str(conf.parent / "error.log")], core)
+    wait_http(f"http://127.0.0.1:{port}/health", process, 10)
+
+
+def start_python_backend(procs: Processes, port: int, events: int, core: int | None) -> None:
+    process = procs.start(
+        f"instant-backend-{port}",
+        [sys.executable, str(HERE / "instant_backend.py"), "--port", str(port), "--events", str(events)],
+        core,
+    )
+    wait_http(f"http://127.0.0.1:{port}/health", process, 10)
+
+
+def start_nginx_proxy(
+    procs: Processes, nginx: str, port: int, backend_port: int, core: int | None
+) -> subprocess.Popen[bytes]:
+    base = procs.workdir / "nginx-proxy"
+    conf = _nginx_conf(
+        procs.workdir, "nginx-proxy",
+        f"""    access_log {base}/access.log;
+    upstream backends {{
+        least_conn;
+        server 127.0.0.1:{backend_port};
+        keepalive 256;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=1024;
+        location / {{
+            proxy_pass http://backends;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}""",
+    )
+    return procs.start("nginx-proxy", [nginx, "-c", str(conf), "-e", str(base / "error.log")], core)
+
+
+def start_llmbalancer(procs: Processes, port: int, backend_port: int, core: int | None) -> subprocess.Popen[bytes]:
+    # Default access logging stays on (one JSON line per request, to the log file): part of the real cost.
+    return procs.start(
+        "llmbalancer",
+        [
+            sys.executable, "-m", "llmbalancer", "serve", "--backend", f"http://127.0.0.1:{backend_port}",
+            "--port", str(port), "--log-format", "json",
+        ],
+        core,
+    )
+
+
+def start_sglang_router(procs: Processes, port: int, backend_port: int, core: int | None) -> subprocess.Popen[bytes]:
+    return procs.start(
+        "sglang-router",
+        [
+            sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
+            "--worker-urls", f"http://127.0.0.1:{backend_port}", "--policy", "round_robin",
+        ],
+        core,
+    )
