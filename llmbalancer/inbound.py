@@ -23,9 +23,13 @@ _STREAMED_CONTENT_TYPES = ("multipart/", "application/octet-stream", "audio/", "
 
 
 def is_json_api_route(method: str, path: str, content_type: str) -> bool:
-    if method != "POST" or content_type.startswith(_STREAMED_CONTENT_TYPES):
+    if method != "POST" or content_type.startswith("multipart/"):
         return False
-    return path.startswith(("/v1/", "/api/")) or path in _NATIVE_JSON_ROUTES
+    if path.removeprefix("/v1") in _NATIVE_JSON_ROUTES:
+        # Always JSON to the backend, whatever the client labelled it (aiohttp and requests label raw
+        # bytes application/octet-stream); judging by the label let invalid JSON through to a 500.
+        return True
+    return path.startswith(("/v1/", "/api/")) and not content_type.startswith(_STREAMED_CONTENT_TYPES)
 
 
 @dataclass(slots=True)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import openai
+import pytest
 
 from llmbalancer.backend import BackendState
+from llmbalancer.testing.fake_llama import run_fake_fleet, run_fake_llama
 from tests.support import LlamaServer, free_port, make_config, run_balancer
 
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
@@ -92,3 +96,100 @@ async def test_invalid_json_on_an_openai_route_is_400() -> None:
         for body in (b"{not json", b"", b"[1, 2]", b"\xff\xfe"):
             async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as reply:
                 await _error_of(reply, 400, "invalid_json")
+
+
+async def test_invalid_json_never_reaches_the_backend() -> None:
+    async with (
+        run_fake_llama() as fake,
+        run_balancer(make_config([fake.url])) as balancer,
+        aiohttp.ClientSession() as session,
+        session.post(balancer.url + "/v1/chat/completions", data=b'{"model": ') as reply,
+    ):
+        await _error_of(reply, 400, "invalid_json")
+        assert fake.stats["requests"].get("/v1/chat/completions") is None
+
+
+async def test_upstream_timeout_before_the_first_byte_is_504() -> None:
+    async with run_fake_llama() as fake:
+        fake.set_fault("hang")
+        config = make_config([fake.url], **{"timeouts.first_byte": 0.3})
+        async with (
+            run_balancer(config) as balancer,
+            aiohttp.ClientSession() as session,
+            session.post(balancer.url + "/v1/chat/completions", json=CHAT) as reply,
+        ):
+            error = await _error_of(reply, 504, "upstream_timeout")
+            assert "0.3" in error["message"]
+            assert balancer.components.registry.backends[0].errors_total == 1
+
+
+async def test_backend_5xx_is_retried_on_the_other_backend() -> None:
+    async with run_fake_fleet(2) as (broken, sound):
+        broken.set_fault("error_500")
+        config = make_config([broken.url, sound.url], **{"policy.name": "round_robin"})
+        async with run_balancer(config) as balancer, aiohttp.ClientSession() as session:
+            for _ in range(4):
+                async with session.post(balancer.url + "/v1/chat/completions", json=CHAT) as reply:
+                    assert reply.status == 200, await reply.text()
+                    assert (await reply.json())["choices"]
+            assert broken.stats["faults_applied"] >= 1  # it was tried, and answered 500
+            assert sound.stats["completed"] == 4
+
+
+async def test_a_lone_backends_5xx_reaches_the_client_as_it_was_sent() -> None:
+    async with run_fake_llama() as fake:
+        fake.set_fault("error_500", status=500, message="boom")
+        async with (
+            run_balancer(make_config([fake.url])) as balancer,
+            aiohttp.ClientSession() as session,
+            session.post(balancer.url + "/v1/chat/completions", json=CHAT) as reply,
+        ):
+            assert reply.status == 500
+            assert (await reply.json())["error"]["message"] == "boom"
+
+
+async def test_backend_dying_mid_stream_ends_it_with_an_error_event_never_replayed() -> None:
+    async with run_fake_fleet(2) as fakes:
+        config = make_config([f.url for f in fakes], **{"policy.name": "round_robin"})
+        async with run_balancer(config) as balancer:
+            for fake in fakes:
+                fake.set_fault("crash_mid_stream", after_tokens=3)
+            client = openai.AsyncOpenAI(base_url=balancer.url + "/v1", api_key="x", max_retries=0, timeout=10)
+            async with client:
+                stream = await client.chat.completions.create(
+                    model="smollm2", messages=CHAT["messages"], max_tokens=16, stream=True  # type: ignore[arg-type]
+                )
+                received = []
+                with pytest.raises(openai.APIError) as raised:
+                    async for chunk in stream:
+                        received.append(chunk)
+                assert received  # the stream had started: this could not be retried
+                assert "mid-stream" in raised.value.message or "after the response started" in raised.value.message
+                # Exactly one backend ever saw it.
+                assert sum(f.stats["requests"].get("/v1/chat/completions", 0) for f in fakes) == 1
+                for fake in fakes:
+                    fake.clear_fault()
+                reply = await client.chat.completions.create(
+                    model="smollm2", messages=CHAT["messages"], max_tokens=4  # type: ignore[arg-type]
+                )
+                assert reply.choices[0].message.content
+
+
+async def test_mid_stream_error_event_is_the_last_thing_on_a_cleanly_closed_connection() -> None:
+    async with run_fake_llama() as fake:
+        fake.set_fault("crash_mid_stream", after_tokens=2)
+        async with (
+            run_balancer(make_config([fake.url])) as balancer,
+            aiohttp.ClientSession() as session,
+            session.post(balancer.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as reply,
+        ):
+            assert reply.status == 200
+            body = await reply.read()  # no ClientPayloadError: the chunked body was terminated properly
+            assert reply.headers.get("Connection", "").lower() != "keep-alive"
+        events = [e for e in body.split(b"\n\n") if e]
+        assert events[0].startswith(b"data: {")
+        last = events[-1]
+        assert last.startswith(b"event: error\ndata: ")
+        error = json.loads(last.split(b"data: ", 1)[1])["error"]
+        assert error["code"] == "upstream_stream_broken" and error["type"] and error["message"]
+        assert b"[DONE]" not in body

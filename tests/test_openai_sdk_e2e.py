@@ -19,7 +19,7 @@ def _client_kwargs(url: str) -> dict[str, object]:
 async def test_sync_and_async_sdk_clients_stream_and_not_through_both_backends(
     llama_fleet: list[LlamaServer],
 ) -> None:
-    async with run_balancer(make_config([s.url for s in llama_fleet])) as balancer:
+    async with run_balancer(make_config([s.url for s in llama_fleet], **{"policy.name": "round_robin"})) as balancer:
 
         def sync_calls() -> tuple[str, str]:
             with openai.OpenAI(**_client_kwargs(balancer.url)) as client:  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ import aiohttp
 
 from llmbalancer.backend import BackendState
 from llmbalancer.proxy import Access
+from llmbalancer.testing.fake_llama import run_fake_llama
 from tests.support import LlamaServer, free_port, get_json, make_config, run_balancer, start_llama_server, wait_ready
 
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}
@@ -48,7 +49,9 @@ async def test_refused_backend_is_retried_on_the_other_marked_unhealthy_and_rejo
 ) -> None:
     dead_port = free_port()
     dead_url = f"http://127.0.0.1:{dead_port}"
-    config = make_config([llama_fleet[0].url, f"{dead_url}=dead"], **{"health.interval": 5.0})
+    config = make_config(
+        [llama_fleet[0].url, f"{dead_url}=dead"], **{"health.interval": 5.0, "policy.name": "round_robin"}
+    )
     async with run_balancer(config) as balancer, aiohttp.ClientSession() as session:
         registry = balancer.components.registry
         dead = registry.get("dead")
@@ -93,3 +96,40 @@ async def test_stale_pooled_connection_never_surfaces_as_a_client_error(llama_fl
             async with session.post(balancer.url + "/v1/chat/completions", json=CHAT) as reply:
                 assert reply.status == 200, await reply.text()
                 assert (await reply.json())["choices"]
+
+
+async def test_forwarding_headers_request_id_and_hop_by_hop_stripping() -> None:
+    async with (
+        run_fake_llama() as fake,
+        run_balancer(make_config([fake.url])) as balancer,
+        aiohttp.ClientSession() as session,
+    ):
+        sent = {
+            "X-Request-ID": "client-chosen-42",
+            "X-Forwarded-For": "10.9.9.9",
+            "Connection": "keep-alive, X-Drop-Me",
+            "X-Drop-Me": "hop",
+            "Keep-Alive": "timeout=30",
+            "Proxy-Authorization": "Basic c2VjcmV0",
+            "TE": "trailers",
+            "X-Keep-Me": "end-to-end",
+        }
+        async with session.post(balancer.url + "/v1/chat/completions", json=CHAT, headers=sent) as reply:
+            assert reply.status == 200
+            assert reply.headers["X-Request-ID"] == "client-chosen-42"
+            # The backend's own hop-by-hop headers do not pass either.
+            assert reply.headers.get("Keep-Alive") is None
+        seen = fake.stats["last_request"]["headers"]
+        assert seen["x-request-id"] == "client-chosen-42"
+        assert seen["x-forwarded-for"] == "10.9.9.9, 127.0.0.1"
+        assert seen["x-forwarded-proto"] == "http"
+        assert seen["x-keep-me"] == "end-to-end"
+        for hop in ("x-drop-me", "keep-alive", "proxy-authorization", "te"):
+            assert hop not in seen, hop
+        assert "x-drop-me" not in seen.get("connection", "").lower()
+
+        async with session.get(balancer.url + "/v1/models") as reply:
+            assert reply.status == 200
+            generated = reply.headers["X-Request-ID"]
+        assert len(generated) >= 16
+        assert fake.stats["last_request"]["headers"]["x-request-id"] == generated
