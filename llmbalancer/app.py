@@ -17,6 +17,8 @@ from llmbalancer.proxy import Proxy
 from llmbalancer.registry import Registry
 from llmbalancer.selectors import make_selector
 from llmbalancer.service import Service, running
+from llmbalancer.supervisor import Supervisor
+from llmbalancer.web.admin import add_admin_routes
 from llmbalancer.web.health import health_handler
 
 log = structlog.get_logger("llmbalancer.app")
@@ -32,6 +34,7 @@ class Components:
     proxy: Proxy
     poller: HealthPoller
     services: list[Service]
+    supervisor: Supervisor | None = None
 
 
 COMPONENTS = web.AppKey("components", Components)
@@ -43,7 +46,12 @@ def build_components(config: Config) -> Components:
     proxy = Proxy(config, registry, dispatcher)
     poller = HealthPoller(registry, config.health, config.timeouts)
     services: list[Service] = [poller]
-    return Components(config, registry, dispatcher, proxy, poller, services)
+    components = Components(config, registry, dispatcher, proxy, poller, services)
+    if config.instances:
+        # Last in the list, so stopped first: the proxy has drained by then (cleanup runs after it).
+        components.supervisor = Supervisor(config.supervisor, config.instances, registry)
+        services.append(components.supervisor)
+    return components
 
 
 def build_app(config: Config) -> web.Application:
@@ -51,6 +59,7 @@ def build_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.server.max_body_bytes)
     app[COMPONENTS] = components
     app.router.add_get("/health", health_handler(components.registry))
+    add_admin_routes(app, components.supervisor)
     # Everything that is not the balancer's own goes to a backend, whatever the method.
     app.router.add_route("*", "/{tail:.*}", components.proxy.handle)
     app.cleanup_ctx.append(_lifecycle)

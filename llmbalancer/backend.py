@@ -32,6 +32,8 @@ class Backend:
     state: BackendState = BackendState.STARTING
     state_reason: str = ""
     state_since: float = field(default_factory=time.time)
+    # A supervised process is alive and has not yet been ready: refused connections mean "starting".
+    launching: bool = False
     # Requests this balancer has sent and not yet finished (kept by Claim, never directly).
     in_flight: int = 0
     # From the health poller, when the backend reports them (llama.cpp /slots).

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from llmbalancer import __version__
-from llmbalancer.config import LOG_FORMATS, LOG_LEVELS, Config, ConfigError, build_config
+from llmbalancer.config import DEFAULT_COMMANDS_FILE, LOG_FORMATS, LOG_LEVELS, Config, ConfigError, build_config
 from llmbalancer.selectors import POLICIES
 
 
@@ -65,7 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
     from llmbalancer.logs import configure_logging
     from llmbalancer.server import serve
 
-    config = build_config(overrides=_overrides(args))
+    config = build_config(overrides=_overrides(args), default_commands_file=DEFAULT_COMMANDS_FILE)
     configure_logging(config.logging)
     try:
         import uvloop

@@ -8,8 +8,10 @@ reads raw dicts or the environment.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import shlex
 import types
 import typing
 from collections.abc import Mapping
@@ -70,6 +72,10 @@ class InstanceConfig:
     ready_timeout: float = field(default=120.0, metadata=_at_least(0))
 
 
+# Launched by `serve` when no fleet source is given at all (as the original llamafile balancer did).
+DEFAULT_COMMANDS_FILE = "llamafile_commands.txt"
+
+
 @dataclass(frozen=True)
 class SupervisorConfig:
     commands_file: str | None = None
@@ -77,6 +83,17 @@ class SupervisorConfig:
     stop_grace: float = field(default=10.0, metadata=_at_least(0))
     log_max_bytes: int = field(default=10 * 1024 * 1024, metadata=_at_least(1024))
     log_backups: int = field(default=3, metadata=_at_least(0))
+    # Admin stop/restart: how long to wait for an instance's in-flight requests before signalling it.
+    drain_timeout: float = field(default=30.0, metadata=_at_least(0))
+    # Restart delay: `restart_backoff` seconds, doubling per crash up to `restart_backoff_max`; back to
+    # the start once an instance has stayed ready for `backoff_reset` seconds.
+    restart_backoff: float = field(default=1.0, metadata=_at_least(0))
+    restart_backoff_max: float = field(default=60.0, metadata=_at_least(0))
+    backoff_reset: float = field(default=30.0, metadata=_at_least(0))
+    # More than `max_restarts` crashes within `restart_window` seconds: the instance is marked failed.
+    max_restarts: int = field(default=5, metadata=_at_least(0))
+    restart_window: float = field(default=300.0, metadata=_at_least(0))
+
 
 
 @dataclass(frozen=True)
@@ -399,13 +416,69 @@ def _check_backends(config: Config, v: _Validator) -> Config:
     return dataclasses.replace(config, backends=tuple(backends))
 
 
+def _normalise_instances(raw: dict[str, Any]) -> None:
+    """An instance's ``command`` may be one string, split as a shell would (but never run by one)."""
+    instances = raw.get("instances")
+    if not isinstance(instances, list):
+        return
+    for instance in instances:
+        if isinstance(instance, dict) and isinstance(instance.get("command"), str):
+            with contextlib.suppress(ValueError):  # an unclosed quote: reported as the string it is
+                instance["command"] = shlex.split(instance["command"])
+
+
+def _names_fleet_source(raw: Mapping[str, Any]) -> bool:
+    supervisor = raw.get("supervisor")
+    return bool(
+        raw.get("backends")
+        or raw.get("backends_file")
+        or raw.get("instances")
+        or (isinstance(supervisor, Mapping) and supervisor.get("commands_file"))
+    )
+
+
+def _resolve_instances(config: Config, v: _Validator, environ: Mapping[str, str]) -> Config:
+    """Add the commands file's instances to the YAML's, then give each its URL and name (one port each)."""
+    from llmbalancer.commands_file import read_commands_file, resolve_instances  # late: it imports this module
+
+    instances = list(config.instances)
+    if config.supervisor.commands_file:
+        try:
+            instances += read_commands_file(config.supervisor.commands_file, environ)
+        except ConfigError as exc:
+            v.problems.extend(exc.problems)
+    resolved, problems = resolve_instances(instances)
+    for problem in problems:
+        v.problem(problem.key, problem.message)
+    return dataclasses.replace(config, instances=resolved)
+
+
+def fleet_sources(config: Config) -> list[str]:
+    """Where this configuration's backends come from, for the start-up log."""
+    sources = []
+    if config.backends:
+        sources.append(f"backends ({len(config.backends)})")
+    if config.backends_file:
+        sources.append(f"backends_file {config.backends_file}")
+    if config.supervisor.commands_file:
+        sources.append(f"commands_file {config.supervisor.commands_file}")
+    if config.instances:
+        sources.append(f"supervised instances ({len(config.instances)})")
+    return sources
+
+
 def build_config(
     *,
     config_file: str | None = None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    default_commands_file: str | None = None,
 ) -> Config:
-    """Merge the layers and validate them once; raises ConfigError listing every problem."""
+    """Merge the layers and validate them once; raises ConfigError listing every problem.
+
+    ``default_commands_file`` (``serve`` passes ``llamafile_commands.txt``) is launched only when no
+    fleet source is given at all and the file exists.
+    """
     environ = os.environ if environ is None else environ
     env = environment_overrides(environ)
     config_file = (overrides or {}).get("config") or env.pop("config", None) or config_file
@@ -427,6 +500,9 @@ def build_config(
     _normalise_backends(raw)
     if cli_backends:
         raw["backends"] = [parse_backend_spec(b) for b in cli_backends]
+    _normalise_instances(raw)
+    if default_commands_file and not _names_fleet_source(raw) and Path(default_commands_file).is_file():
+        _set_dotted(raw, "supervisor.commands_file", default_commands_file)
 
     v = _Validator(lines)
     backends_file = raw.get("backends_file")
@@ -439,6 +515,7 @@ def build_config(
     config = v.build(Config, raw, "")
     if config is not None:
         config = _check_backends(config, v)
+        config = _resolve_instances(config, v, environ)
         if config.policy.hash_key != "client" and not config.policy.hash_key.startswith("header:"):
             v.problem("policy.hash_key", f"must be 'client' or 'header:<Name>', got {config.policy.hash_key!r}")
         from llmbalancer.selectors import policy_problems  # late: selectors import backend types

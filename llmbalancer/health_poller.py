@@ -61,6 +61,8 @@ class HealthPoller:
             return  # set by an operator or the supervisor; a probe does not undo it
         if observation.state is BackendState.HEALTHY and backend.state is BackendState.BUSY:
             return  # BUSY is healthy; the scheduling layer decides when it frees
+        if backend.launching and observation.state is BackendState.UNHEALTHY:
+            return  # a supervised process still booting refuses connections until it binds its port
         self._registry.set_state(backend, observation.state, observation.reason)
 
     async def run(self) -> None:

@@ -14,7 +14,7 @@ import structlog
 from aiohttp import web
 
 from llmbalancer.app import COMPONENTS, build_app
-from llmbalancer.config import Config
+from llmbalancer.config import Config, fleet_sources
 
 log = structlog.get_logger("llmbalancer.server")
 
@@ -52,6 +52,7 @@ async def serve(config: Config) -> int:
             url=f"http://{config.server.host}:{config.server.port}",
             policy=config.policy.name,
             backends=[b.name for b in registry],
+            fleet_sources=fleet_sources(config),
         )
         await stop.wait()
         in_flight = sum(b.in_flight for b in registry)
