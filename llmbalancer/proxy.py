@@ -149,6 +149,7 @@ class Proxy:
     ) -> web.StreamResponse:
         excluded: list[Backend] = []
         last_error = ""
+        dropped_once = False
         for attempt in range(1, self._attempts + 1):
             try:
                 claim = await self._dispatcher.claim(facts, excluded)
@@ -164,6 +165,11 @@ class Proxy:
                     upstream = await self._open(request, backend, body, access.request_id)
                 except _AttemptFailed as failure:
                     last_error = f"{backend.name}: {failure.reason}"
+                    if not failure.unreachable and body.replayable and not dropped_once:
+                        # Most likely a pooled connection the backend closed (its idle keep-alive timeout)
+                        # just as we reused it: try once more, this backend included, before blaming it.
+                        dropped_once = True
+                        continue
                     self._registry.record_failure(backend, failure.reason, unreachable=failure.unreachable)
                     excluded.append(backend)
                     if failure.body_sent and not body.replayable:

@@ -193,3 +193,29 @@ async def test_mid_stream_error_event_is_the_last_thing_on_a_cleanly_closed_conn
         error = json.loads(last.split(b"data: ", 1)[1])["error"]
         assert error["code"] == "upstream_stream_broken" and error["type"] and error["message"]
         assert b"[DONE]" not in body
+
+
+async def test_backend_dropping_the_connection_before_any_byte_is_retried_on_the_other() -> None:
+    async with run_fake_fleet(2) as (dropping, sound):
+        dropping.set_fault("close_immediately")
+        config = make_config([dropping.url, sound.url], **{"policy.name": "round_robin"})
+        async with run_balancer(config) as balancer, aiohttp.ClientSession() as session:
+            for _ in range(4):
+                async with session.post(balancer.url + "/v1/chat/completions", json=CHAT) as reply:
+                    assert reply.status == 200, await reply.text()
+            assert dropping.stats["faults_applied"] >= 1
+            assert sound.stats["completed"] == 4
+
+
+async def test_a_connection_dropped_before_any_byte_is_tried_again_even_on_a_lone_backend() -> None:
+    # What a pooled keep-alive connection closed by the backend just as it is reused looks like.
+    async with run_fake_llama() as fake:
+        fake.set_fault("close_immediately", count=1)
+        async with (
+            run_balancer(make_config([fake.url])) as balancer,
+            aiohttp.ClientSession() as session,
+            session.post(balancer.url + "/v1/chat/completions", json=CHAT) as reply,
+        ):
+            assert reply.status == 200, await reply.text()
+            assert fake.stats["faults_applied"] == 1
+            assert balancer.components.registry.backends[0].errors_total == 0
