@@ -13,6 +13,7 @@ from aiohttp import web
 from llmbalancer.config import Config
 from llmbalancer.dispatch import Dispatcher
 from llmbalancer.health_poller import HealthPoller
+from llmbalancer.model_routing import ModelRouter
 from llmbalancer.proxy import Proxy
 from llmbalancer.registry import Registry
 from llmbalancer.selectors import make_selector
@@ -20,6 +21,8 @@ from llmbalancer.service import Service, running
 from llmbalancer.supervisor import Supervisor
 from llmbalancer.web.admin import add_admin_routes
 from llmbalancer.web.health import health_handler
+from llmbalancer.web.models import add_model_routes
+from llmbalancer.web.ollama import add_ollama_routes
 
 log = structlog.get_logger("llmbalancer.app")
 
@@ -42,7 +45,7 @@ COMPONENTS = web.AppKey("components", Components)
 
 def build_components(config: Config) -> Components:
     registry = Registry.from_configs(config.backends)
-    dispatcher = Dispatcher(registry, make_selector(config.policy))
+    dispatcher = Dispatcher(registry, make_selector(config.policy), routing=ModelRouter(config.routing))
     proxy = Proxy(config, registry, dispatcher)
     poller = HealthPoller(registry, config.health, config.timeouts)
     services: list[Service] = [poller]
@@ -60,6 +63,8 @@ def build_app(config: Config) -> web.Application:
     app[COMPONENTS] = components
     app.router.add_get("/health", health_handler(components.registry))
     add_admin_routes(app, components.supervisor)
+    add_model_routes(app, components)
+    add_ollama_routes(app, components)
     # Everything that is not the balancer's own goes to a backend, whatever the method.
     app.router.add_route("*", "/{tail:.*}", components.proxy.handle)
     app.cleanup_ctx.append(_lifecycle)

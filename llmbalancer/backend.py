@@ -39,6 +39,8 @@ class Backend:
     # From the health poller, when the backend reports them (llama.cpp /slots).
     slots_total: int | None = None
     slots_busy: int | None = None
+    # Models the backend says it serves (/v1/models, Ollama /api/ps), from the poller.
+    served_models: tuple[str, ...] = ()
     # Counters and last outcome, for /health, the snapshot and metrics.
     requests_total: int = 0
     errors_total: int = 0

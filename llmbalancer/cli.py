@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
         help="a backend to balance over (repeatable), e.g. http://10.0.0.5:8080=gpu1",
     )
     serve.add_argument("--backends-file", help="file with one URL[=NAME] per line, # comments")
+    serve.add_argument("--server-list", help="llama-balancer's server-list.json (servers, model routes, fallback)")
     serve.add_argument("--commands", help="llamafile_commands.txt-style file of servers to launch")
     serve.add_argument("--policy", help=f"routing policy: {', '.join(POLICIES)}")
     serve.add_argument("--log-format", choices=LOG_FORMATS)
@@ -54,6 +55,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "server.port": args.port,
         "backends": args.backends,
         "backends_file": args.backends_file,
+        "server_list": args.server_list,
         "supervisor.commands_file": args.commands,
         "policy.name": args.policy,
         "logging.format": args.log_format,

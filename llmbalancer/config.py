@@ -122,6 +122,22 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class ModelRoute:
+    """Requests whose model matches ``pattern`` in full go to ``backends`` (see model_routing.py)."""
+
+    pattern: str
+    backends: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    # Ordered, first full match wins; written in YAML as a mapping `pattern: [backend, ...]`.
+    models: tuple[ModelRoute, ...] = ()
+    # The backend for a model that no route matches and no backend is known to serve.
+    fallback: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -133,6 +149,9 @@ class Config:
     retries: RetryConfig = field(default_factory=RetryConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    # llama-balancer's server-list.json, imported as backends and routes (llmbalancer/server_list.py).
+    server_list: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -220,6 +239,9 @@ def environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """``LLMBALANCER_*`` variables as dotted keys; ``LLMBALANCER_TIMEOUTS__CONNECT`` reaches any key."""
     overrides: dict[str, Any] = {}
     for name, value in environ.items():
+        if name == "SERVER_LIST_JSON":  # llama-balancer's own variable, for drop-in compatibility
+            overrides["server_list"] = value
+            continue
         if not name.startswith("LLMBALANCER_") or name == "LLMBALANCER_CACHE_DIR":
             continue
         if name in ENV_KEYS:
@@ -432,6 +454,7 @@ def _names_fleet_source(raw: Mapping[str, Any]) -> bool:
     return bool(
         raw.get("backends")
         or raw.get("backends_file")
+        or raw.get("server_list")
         or raw.get("instances")
         or (isinstance(supervisor, Mapping) and supervisor.get("commands_file"))
     )
@@ -501,10 +524,14 @@ def build_config(
     if cli_backends:
         raw["backends"] = [parse_backend_spec(b) for b in cli_backends]
     _normalise_instances(raw)
+    from llmbalancer.server_list import merge_server_list, normalise_routes  # late: they import config
+
+    normalise_routes(raw)
     if default_commands_file and not _names_fleet_source(raw) and Path(default_commands_file).is_file():
         _set_dotted(raw, "supervisor.commands_file", default_commands_file)
 
     v = _Validator(lines)
+    v.problems.extend(merge_server_list(raw))
     backends_file = raw.get("backends_file")
     if backends_file:
         try:
@@ -521,6 +548,10 @@ def build_config(
         from llmbalancer.selectors import policy_problems  # late: selectors import backend types
 
         for key, message in policy_problems(config.policy):
+            v.problem(key, message)
+        from llmbalancer.model_routing import routing_problems
+
+        for key, message in routing_problems(config):
             v.problem(key, message)
     if v.problems or config is None:
         raise ConfigError(v.problems or [Problem("", "invalid configuration")])

@@ -6,20 +6,24 @@ from collections.abc import Collection
 
 from llmbalancer import errors
 from llmbalancer.backend import Backend, BackendState
+from llmbalancer.model_routing import ModelRouter
 from llmbalancer.registry import Claim, Registry
 from llmbalancer.selectors import RequestFacts, Selector
 
 
 class Dispatcher:
-    def __init__(self, registry: Registry, selector: Selector) -> None:
+    def __init__(self, registry: Registry, selector: Selector, *, routing: ModelRouter | None = None) -> None:
         self.registry = registry
         self.selector = selector
+        self.routing = routing or ModelRouter()
 
     def candidates(self, excluded: Collection[Backend]) -> list[Backend]:
         return [b for b in self.registry if b.routable and b not in excluded]
 
     async def claim(self, facts: RequestFacts, excluded: Collection[Backend] = ()) -> Claim:
         """A claim on the chosen backend; the caller must release it (``with`` or ``finally``)."""
+        # Only backends that serve the request's model are candidates (unknown model: 404 here).
+        excluded = self.routing.exclusion(facts, self.registry, excluded)
         candidates = self.candidates(excluded)
         backend = self.selector.select(candidates, facts) if candidates else None
         if backend is None:

@@ -88,3 +88,11 @@ def not_found(message: str) -> ProxyError:
 
 def forbidden(message: str) -> ProxyError:
     return ProxyError(403, message, "permission_error", "forbidden")
+
+
+def model_not_found(model: str, available: list[str]) -> ProxyError:
+    served = ", ".join(available) if available else "none"
+    return ProxyError(
+        404, f"The model '{model}' is not served by any backend; available models: {served}",
+        "invalid_request_error", "model_not_found",
+    )

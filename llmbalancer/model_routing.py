@@ -1,0 +1,189 @@
+"""Model-aware routing: which backends may take a request for a model, and the name each knows it by.
+
+A backend's models are those declared in config (``backends[].models``) and those discovered from
+it (``served_models``, filled by the health poller). A backend with neither is *open*: it may take
+any model, because a single-model llama.cpp server ignores the request's ``model``. For a model M:
+
+1. The first route (``routing.models``, regex matched in full, in order) that matches M decides:
+   its backends that serve M or are open, or all of its backends if none of them is known to.
+2. Else the backends known to serve M.
+3. Else the ``routing.fallback`` backend, when configured.
+4. Else the open backends; when there are none either, M is unknown: 404 listing what is served.
+
+Instance aliases: ``name``, ``name-2``, ``name-3`` (llama-balancer's convention for several copies
+of one model) are one model to clients. A backend serving ``name-2`` serves ``name``; the proxy
+rewrites the body's ``model`` to the backend's own name for it. ``/v1/models`` hides the aliases.
+Ollama's implicit ``:latest`` tag is honoured both ways (``llama3`` is ``llama3:latest``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Collection, Iterable, Iterator
+from typing import Any
+
+from llmbalancer import errors
+from llmbalancer.backend import Backend
+from llmbalancer.config import Config, RoutingConfig
+from llmbalancer.inbound import InboundBody
+from llmbalancer.registry import Registry
+from llmbalancer.selectors import RequestFacts
+
+# The routes whose body's `model` picks the backend (OpenAI, llama.cpp native, Ollama).
+MODEL_ROUTES = frozenset(
+    {
+        "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/completion",
+        "/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show",
+    }
+)
+_ALIAS = re.compile(r"(?P<base>.+)-(?P<n>[2-9]|[1-9][0-9]+)")
+_LATEST = ":latest"
+
+
+def served_names(backend: Backend) -> tuple[str, ...]:
+    """Declared then discovered model names, de-duplicated; empty means the backend is open."""
+    return tuple(dict.fromkeys((*backend.models, *backend.served_models)))
+
+
+def _bare(name: str) -> str:
+    return name.removesuffix(_LATEST)
+
+
+def instances(model: str, names: Iterable[str]) -> list[str]:
+    """The names in ``names`` that are ``model`` or one of its ``-N`` instances, ``model`` first."""
+    wanted = _bare(model)
+    found: list[tuple[int, str]] = []
+    for name in names:
+        bare = _bare(name)
+        if bare == wanted:
+            found.append((1, name))
+            continue
+        alias = _ALIAS.fullmatch(bare)
+        if alias is not None and alias["base"] == wanted:
+            found.append((int(alias["n"]), name))
+    return [name for _, name in sorted(found)]
+
+
+def client_names(names: Iterable[str]) -> list[str]:
+    """What clients are shown: every name once, ``-N`` instances hidden where their base is served."""
+    unique = list(dict.fromkeys(names))
+    bases = {_bare(n) for n in unique}
+    shown = []
+    for name in unique:
+        alias = _ALIAS.fullmatch(_bare(name))
+        if alias is not None and alias["base"] in bases:
+            continue
+        shown.append(name)
+    return shown
+
+
+class ModelRouter:
+    def __init__(self, routing: RoutingConfig | None = None) -> None:
+        routing = routing or RoutingConfig()
+        self._routes = [(re.compile(route.pattern), frozenset(route.backends)) for route in routing.models]
+        self._fallback = routing.fallback
+        # Several instances on one backend take turns (the backend sees each by its own name).
+        self._turns: dict[tuple[str, str], Iterator[int]] = {}
+
+    @staticmethod
+    def model_of(facts: RequestFacts) -> str | None:
+        """The model that routes this request, or None where routing by model does not apply."""
+        return facts.model if facts.path in MODEL_ROUTES else None
+
+    def route_for(self, model: str) -> frozenset[str] | None:
+        for pattern, backends in self._routes:
+            if pattern.fullmatch(model):
+                return backends
+        return None
+
+    def eligible(self, model: str, backends: Iterable[Backend]) -> list[Backend]:
+        """The backends that may take ``model``, whatever their state (the dispatcher checks that)."""
+        pool = list(backends)
+        route = self.route_for(model)
+        if route is not None:
+            chosen = [b for b in pool if b.name in route]
+            serving = [b for b in chosen if not served_names(b) or instances(model, served_names(b))]
+            return serving or chosen
+        known = [b for b in pool if instances(model, served_names(b))]
+        if known:
+            return known
+        if self._fallback is not None:
+            return [b for b in pool if b.name == self._fallback]
+        return [b for b in pool if not served_names(b)]
+
+    def exclusion(
+        self, facts: RequestFacts, backends: Registry, excluded: Collection[Backend]
+    ) -> Collection[Backend]:
+        """``excluded`` plus every backend that may not take this request's model (re-judged on each
+        look, so a backend that joins or learns its models later counts). Unknown model: 404."""
+        model = self.model_of(facts)
+        if model is None:
+            return excluded
+        if backends and not self.eligible(model, backends):
+            raise errors.model_not_found(model, client_names(n for b in backends for n in served_names(b)))
+        return _Exclusion(self, model, backends, excluded)
+
+    def instance_for(self, model: str, backend: Backend) -> str:
+        """The name ``backend`` knows ``model`` by (its own, when it serves it under an alias)."""
+        names = instances(model, served_names(backend))
+        if not names:
+            return model
+        if len(names) == 1:
+            return names[0]
+        turns = self._turns.setdefault((backend.name, model), itertools.count())
+        return names[next(turns) % len(names)]
+
+    def body_for(self, body: InboundBody, facts: RequestFacts, backend: Backend) -> InboundBody:
+        """The body to send to ``backend``: re-encoded only when the model's name must change."""
+        model = self.model_of(facts)
+        if model is None or body.parsed is None:
+            return body
+        name = self.instance_for(model, backend)
+        if name == model:
+            return body
+        parsed: dict[str, Any] = {**body.parsed, "model": name}
+        return InboundBody(json.dumps(parsed, ensure_ascii=False).encode(), None, parsed)
+
+
+class _Exclusion(Collection[Backend]):
+    """A lazy ``excluded`` collection: membership asks the router at the moment of the look."""
+
+    def __init__(self, router: ModelRouter, model: str, backends: Registry, excluded: Collection[Backend]) -> None:
+        self._router = router
+        self._model = model
+        self._backends = backends
+        self._excluded = excluded
+
+    def __contains__(self, backend: object) -> bool:
+        if backend in self._excluded:
+            return True
+        return backend not in self._router.eligible(self._model, self._backends)
+
+    def __iter__(self) -> Iterator[Backend]:
+        return (b for b in self._backends if b in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def routing_problems(config: Config) -> list[tuple[str, str]]:
+    """Routes whose pattern is no regex or that name no configured backend; an unknown fallback."""
+    names = {b.name for b in config.backends} | {i.name for i in config.instances}
+    problems = []
+    for index, route in enumerate(config.routing.models):
+        key = f"routing.models[{index}]"
+        try:
+            re.compile(route.pattern)
+        except re.error as exc:
+            problems.append((f"{key}.pattern", f"is not a valid regular expression ({exc}): {route.pattern!r}"))
+        unknown = [n for n in route.backends if n not in names]
+        if unknown:
+            problems.append((f"{key}.backends", f"names unknown backend(s) {', '.join(unknown)} for {route.pattern!r}"))
+        if not route.backends:
+            problems.append((f"{key}.backends", f"must name at least one backend for {route.pattern!r}"))
+    fallback = config.routing.fallback
+    if fallback is not None and fallback not in names:
+        problems.append(("routing.fallback", f"names unknown backend {fallback!r}"))
+    return problems
