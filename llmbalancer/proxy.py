@@ -162,7 +162,9 @@ class Proxy:
             access.attempts = attempt
             try:
                 try:
-                    upstream = await self._open(request, backend, body, access.request_id)
+                    # The body names the model as this backend knows it (an instance alias, say).
+                    sent = self._dispatcher.routing.body_for(body, facts, backend)
+                    upstream = await self._open(request, backend, sent, access.request_id)
                 except _AttemptFailed as failure:
                     last_error = f"{backend.name}: {failure.reason}"
                     if not failure.unreachable and body.replayable and not dropped_once:
