@@ -81,7 +81,7 @@ class Instance:
             "restarts": self.restarts,
             "uptime_s": round(time.monotonic() - self.started_at, 3) if self.alive and self.started_at else None,
             "last_exit": self.last_exit,
-            "log": str(self.output.path),
+            "log_path": str(self.output.path),
             "command": list(self.config.command),
         }
 
@@ -124,10 +124,17 @@ class Supervisor:
             await asyncio.Event().wait()
         finally:
             # Shutdown: the proxy has drained already (aiohttp finishes handlers before cleanup).
+            for instance in self.instances.values():
+                if self._registry.get(instance.name) is instance.backend:
+                    self._registry.set_state(instance.backend, BackendState.DRAINING, "shutting down")
             await asyncio.gather(*(self._halt(i) for i in self.instances.values()))
             for instance in self.instances.values():
                 instance.output.close()
             log.info("supervisor_stopped", instances=len(self.instances))
+
+    def describe(self) -> list[dict[str, object]]:
+        """Every instance, for the admin list and the snapshot."""
+        return [instance.describe() for instance in self.instances.values()]
 
     # --- operator actions (admin routes) ------------------------------------------------------
 

@@ -124,7 +124,7 @@ async def test_admin_stop_drains_in_flight_requests_first_and_start_and_restart_
         (entry,) = listed["instances"]
         assert entry["name"] == "slowpoke" and entry["state"] == "running" and entry["restarts"] == 0
         assert entry["pid"] == instance.process.pid if instance.process else False
-        assert entry["log"].endswith("slowpoke.log") and entry["uptime_s"] >= 0
+        assert entry["log_path"].endswith("slowpoke.log") and entry["uptime_s"] >= 0
         first_pid = entry["pid"]
 
         slow = asyncio.ensure_future(session.get(balancer.url + "/slow"))

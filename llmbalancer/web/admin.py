@@ -46,7 +46,7 @@ def add_admin_routes(app: web.Application, supervisor: Supervisor | None) -> Non
     instances: dict[str, Instance] = supervisor.instances if supervisor else {}
 
     async def list_instances(request: web.Request) -> web.Response:
-        return web.json_response({"instances": [i.describe() for i in instances.values()]})
+        return web.json_response({"instances": supervisor.describe() if supervisor else []})
 
     async def act(request: web.Request) -> web.Response:
         name, action = request.match_info["name"], request.match_info["action"]
