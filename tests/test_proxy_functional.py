@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from llmbalancer.backend import BackendState
 from llmbalancer.proxy import Access
-from llmbalancer.testing.fake_llama import run_fake_llama
-from tests.support import LlamaServer, free_port, get_json, make_config, run_balancer, start_llama_server, wait_ready
+from llmbalancer.testing.fake_llama import run_fake_fleet, run_fake_llama
+from tests.support import LlamaServer, get_json, make_config, run_balancer
 
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}
 
@@ -44,48 +43,44 @@ async def test_client_disconnect_mid_stream_frees_the_real_backend_slot_within_a
         assert [b.in_flight for b in balancer.components.registry] == [0]
 
 
-async def test_refused_backend_is_retried_on_the_other_marked_unhealthy_and_rejoins_when_ready(
-    llama_fleet: list[LlamaServer], tmp_path: Path
-) -> None:
-    dead_port = free_port()
-    dead_url = f"http://127.0.0.1:{dead_port}"
-    config = make_config(
-        [llama_fleet[0].url, f"{dead_url}=dead"], **{"health.interval": 5.0, "policy.name": "round_robin"}
-    )
-    async with run_balancer(config) as balancer, aiohttp.ClientSession() as session:
-        registry = balancer.components.registry
-        dead = registry.get("dead")
-        assert dead is not None and dead.state is BackendState.UNHEALTHY  # the start-up probe saw it
-        accesses: list[Access] = []
-        balancer.components.proxy.on_complete.append(accesses.append)
+async def test_refused_backend_is_retried_on_the_other_marked_unhealthy_and_rejoins_when_ready() -> None:
+    async with run_fake_fleet(2) as (sound, dying):
+        config = make_config(
+            [sound.url, f"{dying.url}=dying"], **{"health.interval": 1.0, "policy.name": "round_robin"}
+        )
+        async with run_balancer(config) as balancer, aiohttp.ClientSession() as session:
+            registry = balancer.components.registry
+            backend = registry.get("dying")
+            assert backend is not None and backend.state is BackendState.HEALTHY
+            accesses: list[Access] = []
+            balancer.components.proxy.on_complete.append(accesses.append)
 
-        # Pretend the balancer still believes in it; the health poller may win the race and mark it
-        # unhealthy first (then no request reaches it), so try a bounded number of times.
-        for _ in range(5):
-            registry.set_state(dead, BackendState.HEALTHY, "test")
-            for _ in range(2):
+            # Let the poller's own first probe finish: a crashed process resets every connection, but a
+            # probe caught half-accepted by the stopping fake would hang for timeouts.health instead.
+            for _ in range(100):
+                if dying.stats["requests"].get("/health", 0) >= 2:
+                    break
+                await asyncio.sleep(0.01)
+            # Gone, as a crashed process: its port refuses connections, and the balancer, whose next
+            # probe is up to a second away, still counts it routable.
+            await dying.stop()
+            for _ in range(4):
                 async with session.post(balancer.url + "/v1/chat/completions", json=CHAT) as reply:
                     assert reply.status == 200, await reply.text()
-                    assert (await reply.json())["choices"]
-            if dead.errors_total:
-                break
-        assert dead.errors_total >= 1
-        assert dead.state is BackendState.UNHEALTHY
-        retried = [a for a in accesses if a.attempts == 2]
-        assert retried and all(a.status == 200 and a.backend == llama_fleet[0].url.removeprefix("http://")
-                                for a in retried)
+                if backend.errors_total:
+                    break
+            assert backend.errors_total == 1
+            assert backend.state is BackendState.UNHEALTHY
+            retried = [a for a in accesses if a.attempts > 1]
+            assert len(retried) == 1 and retried[0].status == 200 and retried[0].backend == sound.url.split("//")[1]
 
-        replacement = start_llama_server(tmp_path, port=dead_port)
-        try:
-            await asyncio.to_thread(wait_ready, dead_url, 60.0)
+            await dying.start()  # the same port again
             ready = time.monotonic()
-            while dead.state is not BackendState.HEALTHY:
-                assert time.monotonic() - ready < 1.5, f"not back in rotation: {dead.state}"
+            while backend.state is not BackendState.HEALTHY:
+                assert time.monotonic() - ready < 1.5, f"not back in rotation: {backend.state}"
                 await asyncio.sleep(0.02)
             async with session.get(balancer.url + "/health") as reply:
                 assert (await reply.json())["backends_healthy"] == 2
-        finally:
-            replacement.stop()
 
 
 async def test_stale_pooled_connection_never_surfaces_as_a_client_error(llama_fleet: list[LlamaServer]) -> None:
@@ -128,7 +123,7 @@ async def test_forwarding_headers_request_id_and_hop_by_hop_stripping() -> None:
             assert hop not in seen, hop
         assert "x-drop-me" not in seen.get("connection", "").lower()
 
-        async with session.get(balancer.url + "/v1/models") as reply:
+        async with session.post(balancer.url + "/v1/chat/completions", json=CHAT) as reply:
             assert reply.status == 200
             generated = reply.headers["X-Request-ID"]
         assert len(generated) >= 16
