@@ -483,6 +483,8 @@ def fleet_sources(config: Config) -> list[str]:
         sources.append(f"backends ({len(config.backends)})")
     if config.backends_file:
         sources.append(f"backends_file {config.backends_file}")
+    if config.server_list:
+        sources.append(f"server_list {config.server_list}")
     if config.supervisor.commands_file:
         sources.append(f"commands_file {config.supervisor.commands_file}")
     if config.instances:
