@@ -6,8 +6,9 @@ any model, because a single-model llama.cpp server ignores the request's ``model
 
 1. The first route (``routing.models``, regex matched in full, in order) that matches M decides:
    its backends that serve M or are open, or all of its backends if none of them is known to.
-2. Else the backends known to serve M.
-3. Else the ``routing.fallback`` backend, when configured.
+2. Else the ``routing.fallback`` backend, when configured (as llama-balancer's ``fallback_server``:
+   every model no route matches goes there).
+3. Else the backends known to serve M.
 4. Else the open backends; when there are none either, M is unknown: 404 listing what is served.
 
 Instance aliases: ``name``, ``name-2``, ``name-3`` (llama-balancer's convention for several copies
@@ -106,11 +107,11 @@ class ModelRouter:
             chosen = [b for b in pool if b.name in route]
             serving = [b for b in chosen if not served_names(b) or instances(model, served_names(b))]
             return serving or chosen
+        if self._fallback is not None:
+            return [b for b in pool if b.name == self._fallback]
         known = [b for b in pool if instances(model, served_names(b))]
         if known:
             return known
-        if self._fallback is not None:
-            return [b for b in pool if b.name == self._fallback]
         return [b for b in pool if not served_names(b)]
 
     def exclusion(
