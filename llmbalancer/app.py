@@ -12,17 +12,23 @@ from aiohttp import web
 
 from llmbalancer.config import Config
 from llmbalancer.dispatch import Dispatcher
+from llmbalancer.gpu import GpuSampler
 from llmbalancer.health_poller import HealthPoller
+from llmbalancer.metrics import Metrics, metrics_handler
 from llmbalancer.model_routing import ModelRouter
 from llmbalancer.proxy import Proxy
+from llmbalancer.recent import RecentRequests
 from llmbalancer.registry import Registry
 from llmbalancer.selectors import make_selector
 from llmbalancer.service import Service, running
 from llmbalancer.supervisor import Supervisor
 from llmbalancer.web.admin import add_admin_routes
 from llmbalancer.web.health import health_handler
+from llmbalancer.web.llmhealth import llmhealth_handler
 from llmbalancer.web.models import add_model_routes
+from llmbalancer.web.monitor import monitor_handler
 from llmbalancer.web.ollama import add_ollama_routes
+from llmbalancer.web.snapshot import snapshot_handler
 
 log = structlog.get_logger("llmbalancer.app")
 
@@ -37,6 +43,9 @@ class Components:
     proxy: Proxy
     poller: HealthPoller
     services: list[Service]
+    gpu: GpuSampler
+    recent: RecentRequests
+    metrics: Metrics
     supervisor: Supervisor | None = None
 
 
@@ -48,8 +57,15 @@ def build_components(config: Config) -> Components:
     dispatcher = Dispatcher(registry, make_selector(config.policy), routing=ModelRouter(config.routing))
     proxy = Proxy(config, registry, dispatcher)
     poller = HealthPoller(registry, config.health, config.timeouts)
-    services: list[Service] = [poller]
-    components = Components(config, registry, dispatcher, proxy, poller, services)
+    gpu = GpuSampler(config.gpu)
+    services: list[Service] = [poller, gpu]
+    recent = RecentRequests(config.monitor.recent_requests)
+    metrics = Metrics()
+    proxy.on_complete += [metrics.observe, recent.observe]
+    components = Components(
+        config, registry, dispatcher, proxy, poller, services, gpu=gpu, recent=recent, metrics=metrics
+    )
+    metrics.watch(components)
     if config.instances:
         # Last in the list, so stopped first: the proxy has drained by then (cleanup runs after it).
         components.supervisor = Supervisor(config.supervisor, config.instances, registry)
@@ -62,6 +78,10 @@ def build_app(config: Config) -> web.Application:
     app = web.Application(client_max_size=config.server.max_body_bytes)
     app[COMPONENTS] = components
     app.router.add_get("/health", health_handler(components.registry))
+    app.router.add_get("/llmhealth", llmhealth_handler(components.gpu))
+    app.router.add_get("/llmhealth-snapshot", snapshot_handler(components))
+    app.router.add_get("/llmhealth-monitor", monitor_handler())
+    app.router.add_get("/metrics", metrics_handler(components.metrics))
     add_admin_routes(app, components.supervisor)
     add_model_routes(app, components)
     add_ollama_routes(app, components)

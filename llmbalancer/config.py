@@ -122,6 +122,20 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class GpuConfig:
+    # /llmhealth says busy when the highest GPU utilisation over `window` reaches this percentage.
+    busy_threshold: float = field(default=50.0, metadata={"min": 0, "max": 100})
+    interval: float = field(default=1.0, metadata=_at_least(0.05))
+    window: float = field(default=5.0, metadata=_at_least(0.05))
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    # Finished requests kept for the snapshot and the monitor page.
+    recent_requests: int = field(default=50, metadata=_at_least(0))
+
+
+@dataclass(frozen=True)
 class ModelRoute:
     """Requests whose model matches ``pattern`` in full go to ``backends`` (see model_routing.py)."""
 
@@ -149,6 +163,8 @@ class Config:
     retries: RetryConfig = field(default_factory=RetryConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    gpu: GpuConfig = field(default_factory=GpuConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     # llama-balancer's server-list.json, imported as backends and routes (llmbalancer/server_list.py).
     server_list: str | None = None

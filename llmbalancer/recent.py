@@ -1,0 +1,79 @@
+"""The last N finished requests, for the snapshot and the monitor; fed by ``Proxy.on_complete``."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from llmbalancer.proxy import Access
+
+
+@dataclass(frozen=True, slots=True)
+class RecentRequest:
+    time: float  # wall clock when the request arrived, seconds since the epoch
+    request_id: str
+    method: str
+    path: str
+    model: str | None
+    backend: str | None
+    status: int
+    attempts: int
+    ttft_s: float | None
+    duration_s: float
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    error: str | None
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "time": self.time,
+            "request_id": self.request_id,
+            "method": self.method,
+            "path": self.path,
+            "model": self.model,
+            "backend": self.backend,
+            "status": self.status,
+            "attempts": self.attempts,
+            "ttft_s": self.ttft_s,
+            "duration_s": self.duration_s,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "error": self.error,
+        }
+
+
+def from_access(access: Access) -> RecentRequest:
+    """Access times are monotonic; the arrival is turned into wall-clock time once, here."""
+    finished = access.finished or time.monotonic()
+    return RecentRequest(
+        time=time.time() - (time.monotonic() - access.started),
+        request_id=access.request_id,
+        method=access.method,
+        path=access.path,
+        model=access.model,
+        backend=access.backend,
+        status=access.status,
+        attempts=access.attempts,
+        ttft_s=None if access.ttfb is None else access.ttfb - access.started,
+        duration_s=finished - access.started,
+        prompt_tokens=access.prompt_tokens,
+        completion_tokens=access.completion_tokens,
+        error=access.error,
+    )
+
+
+class RecentRequests:
+    """A bounded ring: appending is O(1) and the oldest entry falls off."""
+
+    def __init__(self, size: int) -> None:
+        self._ring: deque[RecentRequest] = deque(maxlen=size)
+        self.observed = 0  # every request seen, kept or not
+
+    def observe(self, access: Access) -> None:
+        self.observed += 1
+        if self._ring.maxlen:
+            self._ring.append(from_access(access))
+
+    def newest_first(self) -> list[RecentRequest]:
+        return list(reversed(self._ring))
