@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -178,21 +179,44 @@ async def test_backend_dying_mid_stream_ends_it_with_an_error_event_never_replay
 async def test_mid_stream_error_event_is_the_last_thing_on_a_cleanly_closed_connection() -> None:
     async with run_fake_llama() as fake:
         fake.set_fault("crash_mid_stream", after_tokens=2)
-        async with (
-            run_balancer(make_config([fake.url])) as balancer,
-            aiohttp.ClientSession() as session,
-            session.post(balancer.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as reply,
-        ):
-            assert reply.status == 200
-            body = await reply.read()  # no ClientPayloadError: the chunked body was terminated properly
-            assert reply.headers.get("Connection", "").lower() != "keep-alive"
-        events = [e for e in body.split(b"\n\n") if e]
-        assert events[0].startswith(b"data: {")
-        last = events[-1]
-        assert last.startswith(b"event: error\ndata: ")
-        error = json.loads(last.split(b"data: ", 1)[1])["error"]
-        assert error["code"] == "upstream_stream_broken" and error["type"] and error["message"]
-        assert b"[DONE]" not in body
+        async with run_balancer(make_config([fake.url])) as balancer:
+            payload = json.dumps({**CHAT, "stream": True}).encode()
+            reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+            try:
+                writer.write(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload)
+                )
+                # The whole exchange up to the server closing the connection (EOF), bounded in time.
+                raw = await asyncio.wait_for(reader.read(-1), 10)
+            finally:
+                writer.close()
+                await writer.wait_closed()
+    head, _, chunked = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"transfer-encoding: chunked" in head.lower()
+    # Closed cleanly: the chunked body has its terminator, and then the balancer closed the connection.
+    assert chunked.endswith(b"\r\n0\r\n\r\n")
+    body = _dechunk(chunked)
+    events = [e for e in body.split(b"\n\n") if e]
+    assert events[0].startswith(b"data: {")
+    last = events[-1]
+    assert last.startswith(b"event: error\ndata: ")
+    error = json.loads(last.split(b"data: ", 1)[1])["error"]
+    assert error["code"] == "upstream_stream_broken" and error["type"] and error["message"]
+    assert b"[DONE]" not in body
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = []
+    while data:
+        size_line, _, rest = data.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        out.append(rest[:size])
+        data = rest[size + 2:]
+    return b"".join(out)
 
 
 async def test_backend_dropping_the_connection_before_any_byte_is_retried_on_the_other() -> None:
