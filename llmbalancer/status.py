@@ -1,0 +1,63 @@
+"""``llmbalancer status``: read a running balancer's snapshot and print it as a compact table."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+COLUMNS = ("BACKEND", "STATE", "SLOTS", "IN-FLIGHT", "QUEUED", "TTFT", "LATENCY", "REQUESTS", "ERRORS", "LAST ERROR")
+_MAX_ERROR = 60
+
+
+class StatusError(Exception):
+    pass
+
+
+def fetch_snapshot(url: str, timeout: float = 5.0) -> dict[str, Any]:
+    target = url.rstrip("/") + "/llmhealth-snapshot"
+    try:
+        with urllib.request.urlopen(target, timeout=timeout) as reply:
+            return dict(json.load(reply))
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise StatusError(f"cannot read {target}: {getattr(exc, 'reason', exc)}") from exc
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1000:.0f}ms" if value < 1 else f"{value:.2f}s"
+
+
+def _text(value: object) -> str:
+    if value is None:
+        return "-"
+    # Names and errors come from config and backends: keep control characters off the terminal.
+    return "".join(ch if ch.isprintable() else "?" for ch in str(value))
+
+
+def format_table(snapshot: dict[str, Any]) -> str:
+    rows = [COLUMNS]
+    for b in snapshot.get("backends", []):
+        total = b.get("slots_total") if b.get("slots_total") is not None else b.get("max_concurrency")
+        busy = b.get("slots_busy") if b.get("slots_busy") is not None else b.get("in_flight")
+        error = _text(b.get("last_error"))
+        rows.append((
+            _text(b.get("name")), _text(b.get("state")), f"{busy}/{'?' if total is None else total}",
+            _text(b.get("in_flight")), _text(b.get("queue_depth")), _seconds(b.get("ttft_avg_s")),
+            _seconds(b.get("latency_avg_s")), _text(b.get("requests_total")), _text(b.get("errors_total")),
+            error if len(error) <= _MAX_ERROR else error[: _MAX_ERROR - 3] + "...",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    queue = snapshot.get("queue") or {}
+    gpu = snapshot.get("gpu") or {}
+    up = sum(1 for b in snapshot.get("backends", []) if b.get("routable"))
+    summary = (
+        f"{up}/{len(snapshot.get('backends', []))} backends up  policy {_text(snapshot.get('policy'))}  "
+        f"queue {_text(queue.get('depth'))}/{_text(queue.get('capacity'))}  "
+        f"gpu {_text(gpu.get('status'))} {gpu.get('max_utilization_pct', 0):.0f}%"
+        + ("" if gpu.get("nvml_available") else " (NVML unavailable)")
+    )
+    return "\n".join([summary, *lines])
