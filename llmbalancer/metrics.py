@@ -12,7 +12,7 @@ share a series.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -207,7 +207,7 @@ def _circuit_metrics(components: Components) -> Iterator[Metric]:
     yield opens
 
 
-def metrics_handler(metrics: Metrics) -> web.Handler:
+def metrics_handler(metrics: Metrics) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handle(request: web.Request) -> web.Response:
         return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
 

@@ -7,6 +7,8 @@ are the fields llama-balancer reads; the rest is ours. Without NVML the load is 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
 
 from llmbalancer.gpu import GpuSampler
@@ -25,7 +27,7 @@ def llmhealth_body(sampler: GpuSampler) -> dict[str, object]:
     }
 
 
-def llmhealth_handler(sampler: GpuSampler) -> web.Handler:
+def llmhealth_handler(sampler: GpuSampler) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def llmhealth(request: web.Request) -> web.Response:
         return web.json_response(llmhealth_body(sampler), headers={"Cache-Control": "no-store"})
 

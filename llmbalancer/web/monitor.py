@@ -6,6 +6,7 @@ the Content-Security-Policy holds it to that, and to talking only to this balanc
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from importlib import resources
 
 from aiohttp import web
@@ -20,7 +21,7 @@ def monitor_page() -> str:
     return resources.files("llmbalancer.web").joinpath("monitor.html").read_text(encoding="utf-8")
 
 
-def monitor_handler() -> web.Handler:
+def monitor_handler() -> Callable[[web.Request], Awaitable[web.Response]]:
     page = monitor_page()  # read once, at start-up
 
     async def monitor(request: web.Request) -> web.Response:

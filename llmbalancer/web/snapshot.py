@@ -18,6 +18,7 @@ when present, so they show up here the moment they land:
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
@@ -138,7 +139,7 @@ def _state_name(value: object) -> str | None:
     return str(getattr(value, "value", value))
 
 
-def snapshot_handler(components: Components) -> web.Handler:
+def snapshot_handler(components: Components) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def snapshot(request: web.Request) -> web.Response:
         return web.json_response(build_snapshot(components), headers={"Cache-Control": "no-store"})
 
