@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -128,3 +129,30 @@ async def test_forwarding_headers_request_id_and_hop_by_hop_stripping() -> None:
             generated = reply.headers["X-Request-ID"]
         assert len(generated) >= 16
         assert fake.stats["last_request"]["headers"]["x-request-id"] == generated
+
+
+async def test_client_leaving_before_the_first_byte_releases_its_claim_and_aborts_the_upstream_request() -> None:
+    async with (
+        run_fake_llama() as fake,
+        run_balancer(make_config([fake.url])) as balancer,
+        aiohttp.ClientSession() as session,
+    ):
+        fake.set_fault("hang")  # the backend takes the request and sends nothing yet
+        backend = balancer.components.registry.backends[0]
+        waiting = asyncio.create_task(session.post(balancer.url + "/v1/chat/completions", json=CHAT))
+        for _ in range(200):
+            if fake.stats["requests"].get("/v1/chat/completions"):
+                break
+            await asyncio.sleep(0.01)
+        assert backend.in_flight == 1
+        waiting.cancel()  # the client hangs up before any byte came back
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        left = time.monotonic()
+        while backend.in_flight:
+            assert time.monotonic() - left < 1.0, "claim still held after the client left"
+            await asyncio.sleep(0.01)
+        # Had the upstream request stayed open, lifting the hang would let the backend answer it.
+        fake.clear_fault()
+        await asyncio.sleep(0.2)
+        assert fake.stats["completed"] == 0
