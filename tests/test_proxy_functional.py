@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import aiohttp
+import structlog
 
 from llmbalancer.backend import BackendState
 from llmbalancer.proxy import Access
@@ -156,3 +157,26 @@ async def test_client_leaving_before_the_first_byte_releases_its_claim_and_abort
         fake.clear_fault()
         await asyncio.sleep(0.2)
         assert fake.stats["completed"] == 0
+
+
+async def test_one_access_event_per_request_with_its_facts() -> None:
+    async with (
+        run_fake_llama() as fake,
+        run_balancer(make_config([fake.url])) as balancer,
+        aiohttp.ClientSession() as session,
+    ):
+        with structlog.testing.capture_logs() as logs:
+            async with session.post(
+                balancer.url + "/v1/chat/completions", json={**CHAT, "stream": True}, headers={"X-Request-ID": "r-1"}
+            ) as reply:
+                body = await reply.read()
+    events = [e for e in logs if e["event"] == "request"]
+    assert len(events) == 1
+    event = events[0]
+    assert event["request_id"] == "r-1"
+    assert (event["method"], event["path"], event["model"], event["status"]) == (
+        "POST", "/v1/chat/completions", "smollm2", 200
+    )
+    assert event["backend"] == fake.url.split("//")[1]
+    assert event["bytes"] == len(body)
+    assert 0 <= event["ttfb_ms"] <= event["duration_ms"]
