@@ -18,27 +18,30 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Recomputed by the client library for the body we send, or set by us.
-_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "x-request-id"}
+_REQUEST_DROP = HOP_BY_HOP | {
+    "host", "content-length", "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"
+}
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-request-id"}
 
 
-def _named_in_connection(headers: Mapping[str, str]) -> frozenset[str]:
+def _drop_set(headers: Mapping[str, str], base: frozenset[str]) -> frozenset[str]:
+    # Per request on the hot path: build a new set only when a Connection header names extra headers.
     value = headers.get("Connection")
     if not value:
-        return frozenset()
-    return frozenset(token.strip().lower() for token in value.split(","))
+        return base
+    named = {token.strip().lower() for token in value.split(",")}
+    return base if named <= base else base | named  # "keep-alive" and "close" are in every base
 
 
 def upstream_request_headers(
     headers: Mapping[str, str], items: Iterable[tuple[str, str]], client: str, scheme: str, host: str | None,
     request_id: str, keep_content_length: bool,
 ) -> list[tuple[str, str]]:
-    drop = _REQUEST_DROP | _named_in_connection(headers)
+    drop = _drop_set(headers, _REQUEST_DROP)
     out = [(k, v) for k, v in items if k.lower() not in drop]
     if keep_content_length and "Content-Length" in headers:
         out.append(("Content-Length", headers["Content-Length"]))
     previous = headers.get("X-Forwarded-For")
-    out = [(k, v) for k, v in out if k.lower() not in ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")]
     out.append(("X-Forwarded-For", f"{previous}, {client}" if previous else client))
     out.append(("X-Forwarded-Proto", scheme))
     if host:
@@ -48,5 +51,5 @@ def upstream_request_headers(
 
 
 def downstream_response_headers(headers: Mapping[str, str], items: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    drop = _RESPONSE_DROP | _named_in_connection(headers)
+    drop = _drop_set(headers, _RESPONSE_DROP)
     return [(k, v) for k, v in items if k.lower() not in drop]

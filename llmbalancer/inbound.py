@@ -62,6 +62,10 @@ async def read_body(request: web.Request, limit: int) -> InboundBody:
 
 
 async def _read_bounded(request: web.Request, limit: int) -> bytes:
+    declared = request.content_length
+    if declared and declared <= limit:
+        # The usual case, a declared length: one read instead of an async iterator's two.
+        return await request.content.readexactly(declared)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():
