@@ -19,7 +19,7 @@ def _write(tmp_path: Path, name: str, text: str) -> str:
 def test_defaults_without_any_source() -> None:
     config = build_config(environ={})
     assert config == Config()
-    assert (config.server.host, config.server.port, config.policy.name) == ("127.0.0.1", 8088, "round_robin")
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 8088)
 
 
 def test_flags_beat_environment_which_beats_the_file(tmp_path: Path) -> None:
