@@ -54,7 +54,9 @@ COMPONENTS = web.AppKey("components", Components)
 
 def build_components(config: Config) -> Components:
     registry = Registry.from_configs(config.backends)
-    dispatcher = Dispatcher(registry, make_selector(config.policy), routing=ModelRouter(config.routing))
+    dispatcher = Dispatcher(
+        registry, make_selector(config.policy), config.queue, routing=ModelRouter(config.routing)
+    )
     proxy = Proxy(config, registry, dispatcher)
     poller = HealthPoller(registry, config.health, config.timeouts)
     gpu = GpuSampler(config.gpu)

@@ -39,8 +39,16 @@ class Backend:
     # From the health poller, when the backend reports them (llama.cpp /slots).
     slots_total: int | None = None
     slots_busy: int | None = None
+    # Busy slots at the last poll that were not this balancer's requests (other clients).
+    slots_external: int = 0
+    # Requests waiting inside the backend for a slot (llama.cpp requests_deferred), when reported.
+    deferred: int | None = None
     # Models the backend says it serves (/v1/models, Ollama /api/ps), from the poller.
     served_models: tuple[str, ...] = ()
+    # Token counts from responses (usage or llama.cpp timings).
+    prompt_tokens_total: int = 0
+    completion_tokens_total: int = 0
+    cached_tokens_total: int = 0
     # Counters and last outcome, for /health, the snapshot and metrics.
     requests_total: int = 0
     errors_total: int = 0
@@ -69,4 +77,9 @@ class Backend:
             "ttfb_avg_s": self.ttfb_avg,
             "latency_avg_s": self.latency_avg,
             "models": list(self.models),
+            "served_models": list(self.served_models),
+            "deferred": self.deferred,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "completion_tokens_total": self.completion_tokens_total,
+            "cached_tokens_total": self.cached_tokens_total,
         }

@@ -46,10 +46,17 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    name: str = "round_robin"
+    name: str = "slot_aware"
     inner: str | None = None
     # What `hash` hashes: "client" (the client address) or "header:<Name>".
     hash_key: str = "client"
+    # `sticky`: how long a session stays pinned to its backend after its last request.
+    sticky_ttl: float = field(default=180.0, metadata=_at_least(0))
+    # `prefix`: see llmbalancer/selectors/prefix.py for what each does.
+    prefix_block_chars: int = field(default=64, metadata=_at_least(8))
+    prefix_min_match_blocks: int = field(default=4, metadata=_at_least(1))
+    prefix_max_imbalance: int = field(default=2, metadata=_at_least(0))
+    prefix_max_blocks: int = field(default=65536, metadata=_at_least(16))
 
 
 @dataclass(frozen=True)
@@ -95,7 +102,6 @@ class SupervisorConfig:
     restart_window: float = field(default=300.0, metadata=_at_least(0))
 
 
-
 @dataclass(frozen=True)
 class TimeoutsConfig:
     connect: float = field(default=5.0, metadata=_at_least(0.001))
@@ -113,6 +119,14 @@ class RetryConfig:
 class HealthConfig:
     interval: float = field(default=1.0, metadata=_at_least(0.05))
     window: float = field(default=5.0, metadata=_at_least(0))
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """The admission queue: requests wait here, per model, while every eligible backend is full."""
+
+    max_size: int = field(default=100, metadata=_at_least(0))
+    timeout: float = field(default=30.0, metadata=_at_least(0))
 
 
 @dataclass(frozen=True)
@@ -140,7 +154,10 @@ class ModelRoute:
     """Requests whose model matches ``pattern`` in full go to ``backends`` (see model_routing.py)."""
 
     pattern: str
-    backends: tuple[str, ...]
+    # Empty: every backend that serves the model (a route that only sets `race`).
+    backends: tuple[str, ...] = ()
+    # Send each request to this many backends at once and keep the first to answer (racing.py).
+    race: int = field(default=1, metadata=_at_least(1))
 
 
 @dataclass(frozen=True)
@@ -162,6 +179,7 @@ class Config:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     retries: RetryConfig = field(default_factory=RetryConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -287,7 +305,9 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 def parse_backend_spec(spec: str) -> dict[str, str]:
     """``URL`` or ``URL=name`` (as in ``http://10.0.0.5:8080=gpu1``)."""
     url, sep, name = spec.strip().rpartition("=")
-    if not sep or "/" in name or ":" in name:
+    # In `http://h/x?a=b` the `=` belongs to the query: a name follows only a complete query pair.
+    query_pair = url.partition("?")[2].rsplit("&", 1)[-1]
+    if not sep or "/" in name or ":" in name or "&" in name or ("?" in url and "=" not in query_pair):
         url, name = spec.strip(), ""
     return {"url": url, "name": name}
 

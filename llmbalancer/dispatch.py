@@ -1,34 +1,108 @@
-"""Select, then claim: turn a request into a hold on one backend, or an error decided here."""
+"""Select, then claim: turn a request into a hold on one backend, or an error decided here.
+
+Capacity is gated here, once, for every policy: a selector only ever sees routable backends with a
+free slot (``capacity.has_room``). When none has one, the request waits in the admission queue and
+binds to a backend when a slot frees; when none is routable and none is starting, it fails at once.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Collection
+from typing import TYPE_CHECKING
 
 from llmbalancer import errors
+from llmbalancer.admission import AdmissionQueue, priority_of
 from llmbalancer.backend import Backend, BackendState
+from llmbalancer.capacity import has_room
+from llmbalancer.config import QueueConfig
 from llmbalancer.model_routing import ModelRouter
 from llmbalancer.registry import Claim, Registry
 from llmbalancer.selectors import RequestFacts, Selector
+from llmbalancer.usage import read_usage
+
+if TYPE_CHECKING:
+    from llmbalancer.proxy import Access
 
 
 class Dispatcher:
-    def __init__(self, registry: Registry, selector: Selector, *, routing: ModelRouter | None = None) -> None:
+    def __init__(
+        self, registry: Registry, selector: Selector, queue: QueueConfig | None = None,
+        routing: ModelRouter | None = None,
+    ) -> None:
         self.registry = registry
         self.selector = selector
         self.routing = routing or ModelRouter()
+        queue = queue or QueueConfig()
+        self.admission = AdmissionQueue(queue.max_size, queue.timeout)
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a slot, all models together (the autoscaling signal)."""
+        return self.admission.depth()
 
     def candidates(self, excluded: Collection[Backend]) -> list[Backend]:
         return [b for b in self.registry if b.routable and b not in excluded]
+
+    def eligible(self, excluded: Collection[Backend] = ()) -> list[Backend]:
+        """Routable backends with a free slot: the only ones a policy is shown."""
+        return [b for b in self.registry if b.routable and b not in excluded and has_room(b)]
 
     async def claim(self, facts: RequestFacts, excluded: Collection[Backend] = ()) -> Claim:
         """A claim on the chosen backend; the caller must release it (``with`` or ``finally``)."""
         # Only backends that serve the request's model are candidates (unknown model: 404 here).
         excluded = self.routing.exclusion(facts, self.registry, excluded)
-        candidates = self.candidates(excluded)
-        backend = self.selector.select(candidates, facts) if candidates else None
+        model = facts.model or ""
+        if not self.admission.depth(model):  # no jumping ahead of those already waiting
+            claim = self._try_claim(facts, excluded)
+            if claim is not None:
+                return claim
+        self._fail_if_hopeless(excluded)
+        with self.admission.waiting(model, priority_of(facts.headers)) as waiter:
+            try:
+                async with asyncio.timeout(self.admission.timeout):
+                    while True:
+                        if self.admission.is_head(waiter):
+                            claim = self._try_claim(facts, excluded)
+                            if claim is not None:
+                                return claim
+                        self._fail_if_hopeless(excluded)
+                        await self.registry.wait_change()
+            except TimeoutError:
+                raise errors.queue_timeout(self.admission.timeout) from None
+            finally:
+                # The next in line re-checks now: it may be served by the slot this one did not take.
+                self.registry.notify_change()
+
+    def completed(self, backend: Backend, facts: RequestFacts, access: Access) -> None:
+        """A request finished well: record its token counts and let the policy learn from them."""
+        usage = read_usage(access.usage_tail) if access.usage_tail else None
+        access.usage_tail = b""
+        if usage is not None:
+            access.prompt_tokens = usage.prompt_tokens
+            access.completion_tokens = usage.completion_tokens
+            access.cached_tokens = usage.cached_tokens
+            backend.prompt_tokens_total += usage.prompt_tokens or 0
+            backend.completion_tokens_total += usage.completion_tokens or 0
+            backend.cached_tokens_total += usage.cached_tokens or 0
+        self.selector.completed(backend, facts, usage)
+
+    def _try_claim(self, facts: RequestFacts, excluded: Collection[Backend]) -> Claim | None:
+        eligible = self.eligible(excluded)
+        backend = self.selector.select(eligible, facts) if eligible else None
         if backend is None:
-            raise errors.no_backend(self._why_none(excluded))
-        return self.registry.claim(backend)
+            return None
+        claim = self.registry.claim(backend)
+        self.selector.claimed(backend, facts)
+        return claim
+
+    def _fail_if_hopeless(self, excluded: Collection[Backend]) -> None:
+        """No backend healthy and none starting: 503 at once; a dead fleet does not hold requests."""
+        if self.candidates(excluded):
+            return
+        if any(b.state is BackendState.STARTING for b in self.registry if b not in excluded):
+            return
+        raise errors.no_backend(self._why_none(excluded))
 
     def _why_none(self, excluded: Collection[Backend]) -> str:
         if not len(self.registry):

@@ -30,6 +30,7 @@ from llmbalancer.http_headers import downstream_response_headers, upstream_reque
 from llmbalancer.inbound import InboundBody, read_body, request_facts
 from llmbalancer.registry import Registry
 from llmbalancer.selectors import RequestFacts
+from llmbalancer.usage import Tail
 
 log = structlog.get_logger("llmbalancer.access")
 
@@ -59,6 +60,7 @@ class Access:
     completion_tokens: int | None = None
     cached_tokens: int | None = None
     finished: float = 0.0
+    usage_tail: Tail = b""  # the response's last chunks, for the usage reader (dispatcher.completed)
 
     def emit(self) -> None:
         now = self.finished = time.monotonic()
@@ -191,7 +193,10 @@ class Proxy:
                         self._registry.record_failure(backend, f"HTTP {upstream.status}")
                         excluded.append(backend)
                         continue
-                    return await self._relay(request, upstream, backend, access)
+                    response = await self._relay(request, upstream, backend, access)
+                    if access.error is None:
+                        self._dispatcher.completed(backend, facts, access)
+                    return response
                 finally:
                     upstream.close()
             finally:
@@ -265,6 +270,7 @@ class Proxy:
         loop = asyncio.get_running_loop()
         idle = self._idle_timeout
         sent = 0
+        previous = last = b""  # the tail, where token counts are; read once after the stream ends
         # Re-arming the timer costs a timer handle per chunk; re-arm only when it has drifted by 1 %
         # of the idle timeout, so the timeout fires after between 0.99 and 1.0 x idle of silence.
         slack = idle / 100
@@ -283,6 +289,7 @@ class Proxy:
                 while chunk:
                     await response.write(chunk)
                     sent += len(chunk)
+                    previous, last = last, chunk
                     now = loop.time()
                     if now - armed > slack:
                         deadline.reschedule(now + idle)
@@ -294,6 +301,7 @@ class Proxy:
             return f"no data for {idle:g} s"
         finally:
             access.bytes = sent
+        access.usage_tail = previous + last
         return None
 
 

@@ -2,7 +2,9 @@
 
 A selector is pure and synchronous: it gets the eligible backends and what it needs to know of the
 request, and returns one backend or none. It does no I/O, checks no health, starts no task and
-records no metric; claiming capacity is the dispatcher's separate step.
+records no metric; claiming capacity is the dispatcher's separate step. The candidates it sees are
+already routable and have a free slot (the dispatcher gates capacity for every policy). Policies that
+learn (``sticky``, ``prefix``) do so in the ``claimed`` / ``completed`` hooks, never in ``select``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from llmbalancer.backend import Backend
+from llmbalancer.usage import Usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,3 +37,11 @@ class Selector(ABC):
     @abstractmethod
     def select(self, candidates: Sequence[Backend], facts: RequestFacts) -> Backend | None:
         """Pick one of ``candidates`` (never empty) for this request, or None to decline all."""
+
+    def claimed(self, backend: Backend, facts: RequestFacts) -> None:
+        """The dispatcher claimed ``backend`` for this request (policies that learn record it here)."""
+        return None  # most policies learn nothing
+
+    def completed(self, backend: Backend, facts: RequestFacts, usage: Usage | None) -> None:
+        """The request finished well on ``backend``; ``usage`` is what the backend reported, if anything."""
+        return None

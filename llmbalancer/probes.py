@@ -1,0 +1,155 @@
+"""One health probe of one backend: what its own endpoints say about readiness, slots and models.
+
+llama.cpp: ``GET /health`` (200 ready; 503 "Loading model" starting), then ``GET /slots`` for slots
+total and processing; when ``/slots`` is disabled (501/404), ``GET /metrics``
+(``llamacpp:requests_processing``, ``requests_deferred``) with the slot count from ``/props``
+``total_slots``. llamafile's older server puts ``slots_idle`` / ``slots_processing`` in ``/health``.
+Ollama: ``GET /api/ps``. OpenAI-compatible or unknown servers without ``/health``: ``GET /v1/models``.
+Served models come from ``/v1/models`` (both its OpenAI ``data`` and Ollama-style ``models`` lists).
+A slow ``/slots`` (llama.cpp answers it between decode steps, late during a long prefill) leaves the
+slot figures unknown for that round; it never makes a ready backend unhealthy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from llmbalancer.backend import Backend
+
+_METRIC = re.compile(rb"^llamacpp:(requests_processing|requests_deferred)\s+([0-9.eE+-]+)", re.MULTILINE)
+# How often (in probes) the served-model list is re-read once known: models change rarely.
+_MODELS_EVERY = 30
+
+
+@dataclass(slots=True)
+class Observation:
+    ok: bool | None  # True ready, None starting, False failed
+    reason: str = ""
+    refused: bool = False  # nothing listens: no need to wait for a second failure
+    slots_total: int | None = None
+    slots_busy: int | None = None
+    deferred: int | None = None
+    models: tuple[str, ...] | None = None
+
+
+@dataclass(slots=True)
+class ProbeMemory:
+    """What a backend's earlier answers taught the poller (which endpoints exist)."""
+
+    slots_endpoint: bool = True
+    metrics_endpoint: bool = True
+    props_slots: int | None = None
+    health_endpoint: bool = True
+    probes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
+    async with session.get(url) as response:
+        return response.status, await response.read()
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def models_of(payload: Any) -> tuple[str, ...]:
+    """Model names from ``/v1/models`` (OpenAI ``data[].id``, Ollama-style ``models[].name``) or ``/api/ps``."""
+    names: list[str] = []
+    if isinstance(payload, dict):
+        for entry in payload.get("data") or ():
+            if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+                names.append(entry["id"])
+        for entry in payload.get("models") or ():
+            if isinstance(entry, dict):
+                name = entry.get("name") or entry.get("model")
+                if isinstance(name, str) and name not in names:
+                    names.append(name)
+    return tuple(names)
+
+
+async def probe(session: aiohttp.ClientSession, backend: Backend, memory: ProbeMemory) -> Observation:
+    memory.probes += 1
+    try:
+        if backend.kind == "ollama":
+            return await _probe_models(session, backend, "/api/ps")
+        if backend.kind == "openai" or not memory.health_endpoint:
+            return await _probe_models(session, backend, "/v1/models")
+        return await _probe_llamacpp(session, backend, memory)
+    except aiohttp.ClientConnectorError as exc:
+        return Observation(False, str(exc) or type(exc).__name__, refused=True)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return Observation(False, str(exc) or type(exc).__name__)
+
+
+async def _probe_models(session: aiohttp.ClientSession, backend: Backend, path: str) -> Observation:
+    status, body = await _get(session, backend.url + path)
+    if status != 200:
+        return Observation(False, f"{path} answered HTTP {status}")
+    return Observation(True, models=models_of(_json(body)))
+
+
+async def _probe_llamacpp(session: aiohttp.ClientSession, backend: Backend, memory: ProbeMemory) -> Observation:
+    status, body = await _get(session, backend.url + "/health")
+    if status == 503 and b"loading" in body.lower():
+        return Observation(None, "loading model")
+    if status == 404 and backend.kind == "auto":
+        memory.health_endpoint = False  # not llama.cpp: judge by /v1/models from now on
+        return await _probe_models(session, backend, "/v1/models")
+    if status != 200:
+        return Observation(False, f"/health answered HTTP {status}")
+    seen = Observation(True)
+    health = _json(body)
+    if isinstance(health, dict) and isinstance(health.get("slots_idle"), int):
+        busy = health.get("slots_processing")
+        seen.slots_busy = busy if isinstance(busy, int) else 0
+        seen.slots_total = health["slots_idle"] + seen.slots_busy
+    else:
+        await _read_slots(session, backend, memory, seen)
+    if not backend.served_models or memory.probes % _MODELS_EVERY == 0:
+        try:
+            status, body = await _get(session, backend.url + "/v1/models")
+            if status == 200:
+                seen.models = models_of(_json(body))
+        except (aiohttp.ClientError, TimeoutError):
+            pass  # the model list is a nicety; readiness was already decided
+    return seen
+
+
+async def _read_slots(
+    session: aiohttp.ClientSession, backend: Backend, memory: ProbeMemory, seen: Observation
+) -> None:
+    try:
+        if memory.slots_endpoint:
+            status, body = await _get(session, backend.url + "/slots")
+            slots = _json(body) if status == 200 else None
+            if isinstance(slots, list):
+                seen.slots_total = len(slots)
+                seen.slots_busy = sum(1 for s in slots if isinstance(s, dict) and s.get("is_processing"))
+                return
+            if status in (404, 501):
+                memory.slots_endpoint = False  # started without --slots; do not ask every second
+        if memory.metrics_endpoint:
+            status, body = await _get(session, backend.url + "/metrics")
+            if status != 200:
+                memory.metrics_endpoint = status not in (404, 501)
+                return
+            values = {m.group(1): int(float(m.group(2))) for m in _METRIC.finditer(body)}
+            seen.slots_busy = values.get(b"requests_processing")
+            seen.deferred = values.get(b"requests_deferred")
+            if memory.props_slots is None:
+                status, body = await _get(session, backend.url + "/props")
+                props = _json(body) if status == 200 else None
+                if isinstance(props, dict) and isinstance(props.get("total_slots"), int):
+                    memory.props_slots = props["total_slots"]
+            seen.slots_total = memory.props_slots
+    except (aiohttp.ClientError, TimeoutError):
+        pass  # slot figures unknown this round

@@ -1,0 +1,178 @@
+"""``prefix``: cache-aware routing; send a prompt to the server that most likely holds its prefix.
+
+Why: a llama.cpp server reuses the prompt prefix it already evaluated (per slot, plus a server-wide
+host-RAM prompt cache), so a follow-up chat turn sent back to the server that ran the previous turn
+skips re-reading the whole history. We route to servers, not slots: the server picks its own slot.
+
+Algorithm
+1. The request's prompt text (chat ``messages`` as role + content in order, or ``prompt``) is cut
+   into blocks of ``block_chars`` characters. Block i is named by a hash chained over blocks 0..i and
+   the model, so equal names mean equal prefixes (a radix tree's paths, stored flat). The last,
+   partial block is ignored.
+2. Per backend, an index of the block names of prompts recently sent there: an LRU map bounded to
+   ``max_blocks`` names (8 bytes of key each), so memory is bounded whatever the traffic.
+3. The match on a backend is the number of leading blocks of the request found in its index.
+4. Load gate, per candidate: only candidates whose busy count (requests in flight here plus slots
+   other clients held at the last poll) is at most ``max_imbalance`` above the least busy candidate's
+   may win on affinity. An overloaded holder of the prefix is skipped for this request only; the
+   other requests keep their affinity (no fleet-wide switch).
+5. Among those, the longest match wins when it is good enough: at least ``min_match_blocks`` blocks,
+   or the whole prompt when it is shorter than that. Otherwise the most free slots win (as
+   ``slot_aware``), and ties go to the backend that served fewest requests.
+6. On claim, the request's blocks are recorded (as most recent) in the chosen backend's index.
+7. Closing the loop: llama.cpp reports the tokens it actually reused (``timings.cache_n``). When the
+   index predicted at least half the prompt cached but the server reused under a quarter of what was
+   predicted, the server lost its cache (restart, eviction): its index is reset to just this prompt,
+   which it now does hold. A real hit re-marks the prompt's blocks as most recent.
+
+Parameters (``policy.prefix_*`` in the configuration)
+- ``block_chars`` (64): block size. Smaller finds shorter shared prefixes and costs more hashing;
+  64 characters is about 16 tokens, finer than a system prompt and cheap to hash.
+- ``min_match_blocks`` (4): the shortest match, in blocks (~256 characters), that beats load.
+- ``max_imbalance`` (2): how many more busy requests than the least busy candidate a backend may
+  carry and still win on affinity. 0 = only among the least busy; large = affinity at any load.
+- ``max_blocks`` (65536): per-backend index size (~4 MiB of prompts at 64 characters a block).
+The capacity gate (no backend is shown to a policy without a free slot) applies before all this.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from llmbalancer.backend import Backend
+from llmbalancer.selectors.base import RequestFacts, Selector
+from llmbalancer.selectors.slot_aware import slot_rank
+from llmbalancer.usage import Usage
+
+_MAX_PENDING = 10_000
+
+
+def prompt_text(body: Any) -> str:
+    """The prompt as the server will see it, in order, for prefix matching (not exact tokens)."""
+    if not isinstance(body, dict):
+        return ""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        parts = []
+        for message in messages:
+            if not isinstance(message, dict):
+                continue
+            content = message.get("content")
+            if isinstance(content, list):  # OpenAI content parts
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            parts.append(f"{message.get('role', '')}\x1f{content if isinstance(content, str) else ''}\x1e")
+        return "".join(parts)
+    prompt = body.get("prompt")
+    return prompt if isinstance(prompt, str) else ""
+
+
+def block_chain(text: str, model: str, block_chars: int) -> list[bytes]:
+    chain: list[bytes] = []
+    previous = model.encode()
+    for start in range(0, len(text) - block_chars + 1, block_chars):
+        previous = hashlib.blake2b(
+            previous + text[start : start + block_chars].encode(), digest_size=8
+        ).digest()
+        chain.append(previous)
+    return chain
+
+
+class _Index:
+    """One backend's recently sent prompt blocks, LRU-bounded."""
+
+    __slots__ = ("_blocks", "_max")
+
+    def __init__(self, max_blocks: int) -> None:
+        self._blocks: OrderedDict[bytes, None] = OrderedDict()
+        self._max = max_blocks
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def match(self, chain: Sequence[bytes]) -> int:
+        count = 0
+        for name in chain:
+            if name not in self._blocks:
+                break
+            count += 1
+        return count
+
+    def touch(self, chain: Iterable[bytes]) -> None:
+        blocks = self._blocks
+        for name in chain:
+            blocks[name] = None
+            blocks.move_to_end(name)
+        while len(blocks) > self._max:
+            blocks.popitem(last=False)
+
+    def clear(self) -> None:
+        self._blocks.clear()
+
+
+class Prefix(Selector):
+    name = "prefix"
+
+    def __init__(
+        self,
+        block_chars: int = 64,
+        min_match_blocks: int = 4,
+        max_imbalance: int = 2,
+        max_blocks: int = 65536,
+    ) -> None:
+        self.block_chars = block_chars
+        self.min_match_blocks = min_match_blocks
+        self.max_imbalance = max_imbalance
+        self.max_blocks = max_blocks
+        self._indexes: dict[str, _Index] = {}
+        # Per claimed request (by identity of its facts): its chain and the predicted match, until completed.
+        self._pending: OrderedDict[int, tuple[list[bytes], int]] = OrderedDict()
+        self.resets = 0  # indexes reset because the server had lost what we thought it held
+
+    def chain(self, facts: RequestFacts) -> list[bytes]:
+        return block_chain(prompt_text(facts.body), facts.model or "", self.block_chars)
+
+    def match(self, backend: Backend, chain: Sequence[bytes]) -> int:
+        index = self._indexes.get(backend.name)
+        return index.match(chain) if index is not None else 0
+
+    def select(self, candidates: Sequence[Backend], facts: RequestFacts) -> Backend | None:
+        chain = self.chain(facts)
+        if chain:
+            least_busy = min(b.in_flight + b.slots_external for b in candidates)
+            near = [b for b in candidates if b.in_flight + b.slots_external <= least_busy + self.max_imbalance]
+            best = max(near, key=lambda b: (self.match(b, chain), -slot_rank(b)[1]))
+            matched = self.match(best, chain)
+            if matched and matched >= min(self.min_match_blocks, len(chain)):
+                return best
+        return min(candidates, key=slot_rank)
+
+    def claimed(self, backend: Backend, facts: RequestFacts) -> None:
+        chain = self.chain(facts)
+        if not chain:
+            return
+        index = self._indexes.setdefault(backend.name, _Index(self.max_blocks))
+        self._pending[id(facts)] = (chain, index.match(chain))
+        while len(self._pending) > _MAX_PENDING:
+            self._pending.popitem(last=False)
+        index.touch(chain)
+
+    def completed(self, backend: Backend, facts: RequestFacts, usage: Usage | None) -> None:
+        pending = self._pending.pop(id(facts), None)
+        if pending is None:
+            return
+        chain, predicted = pending
+        index = self._indexes.get(backend.name)
+        if index is None or usage is None or not usage.prompt_tokens or usage.cached_tokens is None:
+            return
+        predicted_share = predicted / len(chain)
+        actual_share = usage.cached_tokens / usage.prompt_tokens
+        if predicted_share >= 0.5 and actual_share < predicted_share / 4:
+            index.clear()
+            self.resets += 1
+        index.touch(chain)
+
+    def forget(self, backend_name: str) -> None:
+        self._indexes.pop(backend_name, None)

@@ -1,0 +1,70 @@
+"""Token counts read from the tail of a response, without parsing (or re-encoding) what passed through.
+
+Where the counts are, in the last bytes of a response:
+- llama.cpp streamed chat, no ``stream_options``: the finish chunk's ``timings`` (``cache_n`` reused
+  prompt tokens, ``prompt_n`` evaluated ones, ``predicted_n`` generated); with ``include_usage``: a
+  ``usage`` chunk before ``[DONE]``. Non-streamed: both ``usage`` and ``timings`` at the end.
+- llama.cpp ``/completion``: ``tokens_cached``/``tokens_evaluated``/``tokens_predicted`` plus ``timings``.
+- OpenAI-compatible servers: ``usage`` (``prompt_tokens``, ``completion_tokens``,
+  ``prompt_tokens_details.cached_tokens``).
+- Ollama: ``prompt_eval_count`` and ``eval_count`` in the final object.
+The proxy keeps only the last two chunks it relayed and hands them here once, after the stream ends.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# The last bytes of a response, as the proxy keeps them (an alias: ``Access.bytes`` shadows ``bytes``).
+Tail = bytes
+
+# Enough for a finish chunk with timings and a usage chunk; the proxy keeps at most two chunks anyway.
+TAIL_BYTES = 8192
+
+_FIELDS = {
+    name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*(\d+)')
+    for name in (
+        "cache_n", "prompt_n", "predicted_n", "prompt_tokens", "completion_tokens", "cached_tokens",
+        "prompt_eval_count", "eval_count",
+    )
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+
+
+def _last(name: str, tail: bytes) -> int | None:
+    matches = _FIELDS[name].findall(tail)
+    return int(matches[-1]) if matches else None
+
+
+def read_usage(tail: bytes) -> Usage | None:
+    """The counts found in the response's last bytes, or None when it reported none."""
+    tail = tail[-TAIL_BYTES:]
+    if b'_n"' not in tail and b'tokens"' not in tail and b'count"' not in tail:
+        return None
+    prompt = _last("prompt_tokens", tail)
+    completion = _last("completion_tokens", tail)
+    cached = _last("cached_tokens", tail)
+    cache_n = _last("cache_n", tail)
+    if cache_n is not None:
+        # llama.cpp's timings: prompt_tokens = cache_n + prompt_n (and cached_tokens = cache_n).
+        prompt_n = _last("prompt_n", tail)
+        if prompt is None and prompt_n is not None:
+            prompt = cache_n + prompt_n
+        if completion is None:
+            completion = _last("predicted_n", tail)
+        if cached is None:
+            cached = cache_n
+    if prompt is None:
+        prompt = _last("prompt_eval_count", tail)
+        if completion is None:
+            completion = _last("eval_count", tail)
+    if prompt is None and completion is None:
+        return None
+    return Usage(prompt, completion, cached)

@@ -1,0 +1,173 @@
+"""The scheduling policies as pure functions of backends and request facts, plus the shared capacity gate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from llmbalancer.backend import Backend, BackendState
+from llmbalancer.capacity import free_slots, has_room
+from llmbalancer.config import PolicyConfig
+from llmbalancer.dispatch import Dispatcher
+from llmbalancer.registry import Registry
+from llmbalancer.selectors import make_selector, policy_problems
+from llmbalancer.selectors.base import RequestFacts
+from llmbalancer.selectors.least_connections import LeastConnections
+from llmbalancer.selectors.power_of_two import PowerOfTwo
+from llmbalancer.selectors.prefix import Prefix
+from llmbalancer.selectors.slot_aware import SlotAware
+from llmbalancer.selectors.sticky import Sticky, session_key
+from llmbalancer.usage import Usage, read_usage
+
+
+def backend(name: str, slots: int | None = 2, in_flight: int = 0, **extra: Any) -> Backend:
+    made = Backend(name=name, url=f"http://{name}", slots_total=slots, state=BackendState.HEALTHY, **extra)
+    made.in_flight = in_flight
+    return made
+
+
+def facts(
+    body: dict[str, Any] | None = None, headers: dict[str, str] | None = None, client: str = "10.0.0.1"
+) -> RequestFacts:
+    body = body or {}
+    return RequestFacts("POST", "/v1/chat/completions", client, headers or {}, body.get("model"), body)
+
+
+def conversation(turns: int, system: str = "You are a helpful assistant. " * 20) -> dict[str, Any]:
+    messages = [{"role": "system", "content": system}]
+    for turn in range(turns):
+        messages.append({"role": "user", "content": f"question {turn}: " + "tell me more about it " * 10})
+        messages.append({"role": "assistant", "content": f"answer {turn}: " + "here is more about it " * 10})
+    messages.append({"role": "user", "content": "and then?"})
+    return {"model": "m", "messages": messages}
+
+
+def test_free_slots_count_our_requests_and_other_clients() -> None:
+    b = backend("a", slots=4, in_flight=1, slots_external=2)
+    assert free_slots(b) == 1 and has_room(b)
+    b.in_flight = 2
+    assert free_slots(b) == 0 and not has_room(b)
+    assert has_room(backend("unknown", slots=None, in_flight=50))
+
+
+def test_max_concurrency_overrides_the_polled_slots() -> None:
+    b = backend("a", slots=8, in_flight=2, max_concurrency=2)
+    assert not has_room(b)
+
+
+def test_the_dispatcher_shows_policies_only_backends_with_a_free_slot() -> None:
+    registry = Registry()
+    full = registry.add(backend("full", slots=1, in_flight=1))
+    free = registry.add(backend("free", slots=1))
+    registry.set_state(registry.add(backend("down", slots=1)), BackendState.UNHEALTHY)
+    dispatcher = Dispatcher(registry, SlotAware())
+    assert dispatcher.eligible() == [free]
+    assert full not in dispatcher.eligible()
+
+
+def test_slot_aware_prefers_most_free_slots() -> None:
+    a, b = backend("a", slots=4, in_flight=3), backend("b", slots=2, in_flight=0)
+    assert SlotAware().select([a, b], facts()) is b
+
+
+def test_least_connections_prefers_fewest_in_flight() -> None:
+    a, b = backend("a", in_flight=2), backend("b", in_flight=1)
+    assert LeastConnections().select([a, b], facts()) is b
+
+
+def test_power_of_two_picks_the_less_loaded_of_two() -> None:
+    a, b = backend("a", in_flight=2), backend("b", in_flight=0)
+    assert all(PowerOfTwo(seed=s).select([a, b], facts()) is b for s in range(10))
+
+
+def test_session_key_order_header_then_user_then_system_name_then_client() -> None:
+    body = {"model": "m", "user": "bob", "messages": [{"role": "system", "content": "The user is carol."}]}
+    assert session_key(facts(body, {"X-Session-ID": "s1"})).endswith("session:s1")
+    assert session_key(facts(body)).endswith("user:bob")
+    body.pop("user")
+    assert session_key(facts(body)).endswith("user:carol")
+    assert session_key(facts({"model": "m"})).endswith("client:10.0.0.1")
+    assert session_key(facts({"model": "m"})) != session_key(facts({"model": "other"}))
+
+
+def test_sticky_keeps_a_session_on_its_backend_then_fails_over_and_repins() -> None:
+    clock = [0.0]
+    sticky = Sticky(SlotAware(), ttl=180, clock=lambda: clock[0])
+    a, b, c = backend("a"), backend("b"), backend("c")
+    request = facts({"model": "m"}, {"X-Session-ID": "alice"})
+    first = sticky.select([a, b, c], request)
+    assert first is not None
+    sticky.claimed(first, request)
+    first.in_flight = 1  # now the most loaded: slot_aware alone would go elsewhere
+    assert sticky.select([a, b, c], request) is first
+    others = [x for x in (a, b, c) if x is not first]
+    second = sticky.select(others, request)  # pinned backend unhealthy or full
+    assert second in others
+    assert second is not None
+    sticky.claimed(second, request)
+    assert sticky.select([a, b, c], request) is second
+    clock[0] += 181
+    assert sticky.pinned(request) is None
+
+
+def test_policy_names_and_sticky_wrapping() -> None:
+    assert isinstance(make_selector(PolicyConfig(name="sticky")), Sticky)
+    wrapped = make_selector(PolicyConfig(name="sticky:prefix"))
+    assert isinstance(wrapped, Sticky) and isinstance(wrapped.inner, Prefix)
+    assert policy_problems(PolicyConfig(name="sticky", inner="prefix")) == []
+    assert policy_problems(PolicyConfig(name="nope"))
+    assert policy_problems(PolicyConfig(name="slot_aware", inner="prefix"))
+
+
+def test_prefix_sends_a_follow_up_turn_to_the_backend_holding_its_history() -> None:
+    prefix = Prefix()
+    a, b = backend("a"), backend("b")
+    turn1 = facts(conversation(1))
+    chosen = prefix.select([a, b], turn1)
+    assert chosen is not None
+    prefix.claimed(chosen, turn1)
+    other = b if chosen is a else a
+    chosen.in_flight = 1  # slightly busier: affinity still wins within max_imbalance
+    assert prefix.select([a, b], facts(conversation(2))) is chosen
+    chosen.in_flight = 5  # far busier than the other candidate: load wins, for this request only
+    assert prefix.select([a, b], facts(conversation(2))) is other
+
+
+def test_prefix_sends_unrelated_prompts_to_the_least_loaded() -> None:
+    prefix = Prefix()
+    a, b = backend("a", in_flight=1), backend("b")
+    prefix.claimed(a, facts(conversation(1)))
+    unrelated = facts(conversation(1, system="Completely different instructions here. " * 20))
+    assert prefix.select([a, b], unrelated) is b
+
+
+def test_prefix_resets_a_backend_index_when_cache_n_shows_it_lost_its_cache() -> None:
+    prefix = Prefix()
+    a = backend("a")
+    turn1 = facts(conversation(1))
+    prefix.claimed(a, turn1)
+    turn2 = facts(conversation(2))
+    prefix.claimed(a, turn2)
+    prefix.completed(a, turn2, Usage(prompt_tokens=400, completion_tokens=4, cached_tokens=0))
+    assert prefix.resets == 1
+    healthy_hit = facts(conversation(3))
+    prefix.claimed(a, healthy_hit)
+    prefix.completed(a, healthy_hit, Usage(prompt_tokens=500, completion_tokens=4, cached_tokens=390))
+    assert prefix.resets == 1
+
+
+def test_usage_is_read_from_a_llama_cpp_finish_chunk_timings() -> None:
+    tail = (
+        b'data: {"choices":[{"finish_reason":"length","index":0,"delta":{}}],"object":"chat.completion.chunk",'
+        b'"timings":{"cache_n":24,"prompt_n":1,"prompt_ms":5.1,"predicted_n":4,"predicted_ms":30.0}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    assert read_usage(tail) == Usage(prompt_tokens=25, completion_tokens=4, cached_tokens=24)
+
+
+def test_usage_is_read_from_an_openai_usage_object() -> None:
+    tail = (
+        b'"usage":{"completion_tokens":8,"prompt_tokens":25,"total_tokens":33,'
+        b'"prompt_tokens_details":{"cached_tokens":3}}}'
+    )
+    assert read_usage(tail) == Usage(prompt_tokens=25, completion_tokens=8, cached_tokens=3)
+    assert read_usage(b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n') is None
