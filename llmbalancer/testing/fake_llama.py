@@ -818,11 +818,15 @@ class FakeLlama:
             return
         for site in list(runner.sites):
             await site.stop()
-        server = runner.server
-        if server is not None:
-            for conn in server.connections:
-                if conn.transport is not None:
-                    conn.transport.abort()
+        # A connection accepted just before the listener closed is handed to its protocol a few loop
+        # turns later; wait for it so it is aborted too instead of lingering as an unclosed socket.
+        for _ in range(3):
+            await asyncio.sleep(0.005)
+            server = runner.server
+            if server is not None:
+                for conn in server.connections:
+                    if conn.transport is not None:
+                        conn.transport.abort()
         await runner.cleanup()
 
     async def __aenter__(self) -> FakeLlama:
