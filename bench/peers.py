@@ -76,6 +76,21 @@ class Processes:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
+def group_cpu_seconds(group: int | None) -> float:
+    """User + system CPU time of every live process in a process group (a proxy and its workers)."""
+    if group is None:
+        return 0.0
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == group:  # pgrp; fields[11], fields[12]: utime, stime
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float, post: bytes | None = None) -> None:
     """Wait until ``url`` answers 200 (POST ``post`` if given), failing early if the process died."""
     deadline = time.monotonic() + timeout

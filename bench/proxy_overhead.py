@@ -49,6 +49,7 @@ class Figures:
     p50_ms: list[float] = field(default_factory=list)
     p99_ms: list[float] = field(default_factory=list)
     rps_c64: list[float] = field(default_factory=list)
+    cpu_us_c64: list[float] = field(default_factory=list)
     chunks_c64: list[float] = field(default_factory=list)
     ttfc_p50_ms: list[float] = field(default_factory=list)
     ttfc_p99_ms: list[float] = field(default_factory=list)
@@ -87,6 +88,7 @@ def run_wrk(wrk: str, script: Path, port: int, connections: int, duration: float
     )
     out = result.stdout
     rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    requests = re.search(r"^\s*(\d+) requests in", out, re.M)
     if result.returncode != 0 or not rps:
         raise RuntimeError(f"wrk failed ({result.returncode}): {out}{result.stderr}")
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
@@ -94,7 +96,10 @@ def run_wrk(wrk: str, script: Path, port: int, connections: int, duration: float
     errors = int(bad.group(1)) if bad else 0
     if socket_errors:
         errors += sum(int(g) for g in socket_errors.groups())
-    return {"p50": _wrk_ms(out, "50%"), "p99": _wrk_ms(out, "99%"), "rps": float(rps.group(1)), "errors": errors}
+    return {
+        "p50": _wrk_ms(out, "50%"), "p99": _wrk_ms(out, "99%"), "rps": float(rps.group(1)), "errors": errors,
+        "requests": int(requests.group(1)) if requests else 0,
+    }
 
 
 def write_wrk_script(workdir: Path) -> Path:
@@ -120,9 +125,9 @@ class Setup:
     notes: list[str]
 
 
-def start_proxies(setup: Setup, backend_port: int) -> dict[str, int]:
-    """Start every proxy in front of ``backend_port``; return target -> port (``direct`` included)."""
-    ports = {DIRECT: backend_port}
+def start_proxies(setup: Setup, backend_port: int) -> dict[str, tuple[int, int | None]]:
+    """Start every proxy in front of ``backend_port``; return target -> (port, process group or None)."""
+    ports: dict[str, tuple[int, int | None]] = {DIRECT: (backend_port, None)}
     core = setup.args.proxy_core
     starters: dict[str, Callable[[int], object]] = {
         LLMBALANCER: lambda p: peers.start_llmbalancer(setup.procs, p, backend_port, core),
@@ -139,7 +144,7 @@ def start_proxies(setup: Setup, backend_port: int) -> dict[str, int]:
             peers.wait_http(f"http://127.0.0.1:{port}{PATH}", process, 60, post=REQUEST)
         except RuntimeError as exc:
             raise RuntimeError(f"{target} did not start: {exc}\n{setup.procs.log_tail(target)}") from exc
-        ports[target] = port
+        ports[target] = (port, process.pid)
     return ports
 
 
@@ -155,17 +160,22 @@ def non_streaming_phase(setup: Setup, wrk: str) -> None:
     ports = start_proxies(setup, backend_port)
     script = write_wrk_script(setup.procs.workdir)
     for round_no in range(1, args.rounds + 1):
-        for target, port in ports.items():
+        for target, (port, group) in ports.items():
             figures = setup.figures[target]
             single = run_wrk(wrk, script, port, 1, args.duration, args.load_core)
+            cpu_before = peers.group_cpu_seconds(group)
             many = run_wrk(wrk, script, port, 64, args.duration, args.load_core)
+            if group is not None and many["requests"]:
+                # CPU per request is steadier than requests/s where other work shares the machine.
+                figures.cpu_us_c64.append((peers.group_cpu_seconds(group) - cpu_before) / many["requests"] * 1e6)
             figures.p50_ms.append(single["p50"])
             figures.p99_ms.append(single["p99"])
             figures.rps_c64.append(many["rps"])
             figures.errors += int(single["errors"] + many["errors"])
             print(
                 f"  round {round_no} {target:14} c1 p50 {single['p50']:.3f} ms p99 {single['p99']:.3f} ms"
-                f" | c64 {many['rps']:.0f} req/s",
+                f" | c64 {many['rps']:.0f} req/s"
+                + (f", {figures.cpu_us_c64[-1]:.0f} us CPU/req" if group is not None else ""),
                 flush=True,
             )
 
@@ -180,7 +190,7 @@ def streaming_phase(setup: Setup) -> None:
     )
     ports = start_proxies(setup, backend_port)
     for round_no in range(1, args.rounds + 1):
-        for target, port in ports.items():
+        for target, (port, _) in ports.items():
             figures = setup.figures[target]
             single = asyncio.run(run_streams("127.0.0.1", port, PATH, 1, args.duration))
             many = asyncio.run(run_streams("127.0.0.1", port, PATH, 64, args.duration))
@@ -213,9 +223,9 @@ def report(setup: Setup, command: str) -> str:
     figures = setup.figures
     direct_p50 = median(_get(figures, DIRECT).p50_ms)
     lines = [
-        "| target | p50 ms (c1) | p99 ms (c1) | added p50 ms | req/s (c64) | chunks/s (c64) | "
+        "| target | p50 ms (c1) | p99 ms (c1) | added p50 ms | req/s (c64) | proxy CPU us/req (c64) | chunks/s (c64) | "
         "first chunk p50 ms (c1) | first chunk p99 ms (c1) | first chunk p50 ms (c64) | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     added: dict[str, float | None] = {}
     for target in setup.targets:
@@ -224,7 +234,8 @@ def report(setup: Setup, command: str) -> str:
         added[target] = None if p50 is None or direct_p50 is None or target == DIRECT else p50 - direct_p50
         lines.append(
             f"| {target} | {_fmt(p50)} | {_fmt(median(f.p99_ms))} | {_fmt(added[target])} | "
-            f"{_fmt(median(f.rps_c64), 0)} | {_fmt(median(f.chunks_c64), 0)} | {_fmt(median(f.ttfc_p50_ms))} | "
+            f"{_fmt(median(f.rps_c64), 0)} | {_fmt(median(f.cpu_us_c64), 0)} | {_fmt(median(f.chunks_c64), 0)} | "
+            f"{_fmt(median(f.ttfc_p50_ms))} | "
             f"{_fmt(median(f.ttfc_p99_ms))} | {_fmt(median(f.ttfc_c64_p50_ms))} | {f.errors} |"
         )
     lines.append("")
@@ -245,6 +256,9 @@ def report(setup: Setup, command: str) -> str:
         lines.append(f"- Requests/s at c64, llmbalancer / nginx: {our_rps / ngx_rps:.2f}")
     if ours is not None and ngx_added:
         lines.append(f"- Added p50 latency, llmbalancer / nginx: {ours / ngx_added:.2f}x")
+    our_cpu, their_cpu = median(_get(figures, LLMBALANCER).cpu_us_c64), median(_get(figures, SGLANG).cpu_us_c64)
+    if our_cpu and their_cpu:
+        lines.append(f"- Proxy CPU per request at c64, llmbalancer / sglang-router: {our_cpu / their_cpu:.2f}x")
     our_chunks, their_chunks = median(_get(figures, LLMBALANCER).chunks_c64), median(_get(figures, SGLANG).chunks_c64)
     if our_chunks and their_chunks:
         lines.append(f"- Chunks/s at c64, llmbalancer / sglang-router: {our_chunks / their_chunks:.2f}")
