@@ -5,7 +5,8 @@ it (``served_models``, filled by the health poller). A backend with neither is *
 any model, because a single-model llama.cpp server ignores the request's ``model``. For a model M:
 
 1. The first route (``routing.models``, regex matched in full, in order) that matches M decides:
-   its backends that serve M or are open, or all of its backends if none of them is known to.
+   its backends that serve M or are open, or all of its backends if none of them is known to (a
+   route naming no backends narrows nothing: steps 3 and 4 decide; it only sets ``race``).
 2. Else the ``routing.fallback`` backend, when configured (as llama-balancer's ``fallback_server``:
    every model no route matches goes there).
 3. Else the backends known to serve M.
@@ -27,7 +28,7 @@ from typing import Any
 
 from llmbalancer import errors
 from llmbalancer.backend import Backend
-from llmbalancer.config import Config, RoutingConfig
+from llmbalancer.config import Config, ModelRoute, RoutingConfig
 from llmbalancer.inbound import InboundBody
 from llmbalancer.registry import Registry
 from llmbalancer.selectors import RequestFacts
@@ -83,7 +84,7 @@ def client_names(names: Iterable[str]) -> list[str]:
 class ModelRouter:
     def __init__(self, routing: RoutingConfig | None = None) -> None:
         routing = routing or RoutingConfig()
-        self._routes = [(re.compile(route.pattern), frozenset(route.backends)) for route in routing.models]
+        self._routes = [(re.compile(route.pattern), route) for route in routing.models]
         self._fallback = routing.fallback
         # Several instances on one backend take turns (the backend sees each by its own name).
         self._turns: dict[tuple[str, str], Iterator[int]] = {}
@@ -93,21 +94,27 @@ class ModelRouter:
         """The model that routes this request, or None where routing by model does not apply."""
         return facts.model if facts.path in MODEL_ROUTES else None
 
-    def route_for(self, model: str) -> frozenset[str] | None:
-        for pattern, backends in self._routes:
+    def route_for(self, model: str) -> ModelRoute | None:
+        for pattern, route in self._routes:
             if pattern.fullmatch(model):
-                return backends
+                return route
         return None
+
+    def race_for(self, facts: RequestFacts) -> int:
+        """How many backends this request is sent to at once (1: no racing)."""
+        model = self.model_of(facts)
+        route = self.route_for(model) if model is not None else None
+        return route.race if route is not None else 1
 
     def eligible(self, model: str, backends: Iterable[Backend]) -> list[Backend]:
         """The backends that may take ``model``, whatever their state (the dispatcher checks that)."""
         pool = list(backends)
         route = self.route_for(model)
-        if route is not None:
-            chosen = [b for b in pool if b.name in route]
+        if route is not None and route.backends:
+            chosen = [b for b in pool if b.name in route.backends]
             serving = [b for b in chosen if not served_names(b) or instances(model, served_names(b))]
             return serving or chosen
-        if self._fallback is not None:
+        if route is None and self._fallback is not None:
             return [b for b in pool if b.name == self._fallback]
         known = [b for b in pool if instances(model, served_names(b))]
         if known:
@@ -182,8 +189,6 @@ def routing_problems(config: Config) -> list[tuple[str, str]]:
         unknown = [n for n in route.backends if n not in names]
         if unknown:
             problems.append((f"{key}.backends", f"names unknown backend(s) {', '.join(unknown)} for {route.pattern!r}"))
-        if not route.backends:
-            problems.append((f"{key}.backends", f"must name at least one backend for {route.pattern!r}"))
     fallback = config.routing.fallback
     if fallback is not None and fallback not in names:
         problems.append(("routing.fallback", f"names unknown backend {fallback!r}"))

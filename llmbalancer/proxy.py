@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -28,6 +28,7 @@ from llmbalancer.dispatch import Dispatcher
 from llmbalancer.errors import ProxyError
 from llmbalancer.http_headers import downstream_response_headers, upstream_request_headers
 from llmbalancer.inbound import InboundBody, read_body, request_facts
+from llmbalancer.racing import Racing
 from llmbalancer.registry import Registry
 from llmbalancer.selectors import RequestFacts
 from llmbalancer.usage import Tail
@@ -99,6 +100,7 @@ class Proxy:
     def __init__(self, config: Config, registry: Registry, dispatcher: Dispatcher) -> None:
         self._registry = registry
         self._dispatcher = dispatcher
+        self._racing = Racing(dispatcher)
         self._max_body = config.server.max_body_bytes
         self._attempts = config.retries.attempts
         self._first_byte_timeout = config.timeouts.first_byte
@@ -151,6 +153,12 @@ class Proxy:
     ) -> web.StreamResponse:
         excluded: list[Backend] = []
         last_error = ""
+
+        def opener(backend: Backend) -> Awaitable[aiohttp.ClientResponse]:
+            # The body names the model as this backend knows it (an instance alias, say).
+            sent = self._dispatcher.routing.body_for(body, facts, backend)
+            return self._open(request, backend, sent, access.request_id)
+
         dropped_once = False
         for attempt in range(1, self._attempts + 1):
             try:
@@ -164,9 +172,10 @@ class Proxy:
             access.attempts = attempt
             try:
                 try:
-                    # The body names the model as this backend knows it (an instance alias, say).
-                    sent = self._dispatcher.routing.body_for(body, facts, backend)
-                    upstream = await self._open(request, backend, sent, access.request_id)
+                    # Racing (off unless configured) may hand back another racer's claim: the winner's.
+                    claim, upstream = await self._racing.open(claim, facts, excluded, body.replayable, opener)
+                    backend = claim.backend
+                    access.backend = backend.name
                 except _AttemptFailed as failure:
                     last_error = f"{backend.name}: {failure.reason}"
                     if not failure.unreachable and body.replayable and not dropped_once:

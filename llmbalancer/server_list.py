@@ -35,10 +35,14 @@ def normalise_routes(raw: dict[str, Any]) -> None:
 
 
 def routes_from_mapping(models: Mapping[Any, Any]) -> list[dict[str, Any]]:
-    return [
-        {"pattern": str(pattern), "backends": [backends] if isinstance(backends, str) else backends}
-        for pattern, backends in models.items()
-    ]
+    """``pattern: [backends]`` (or one name), or ``pattern: {backends: [...], race: N}``."""
+    routes = []
+    for pattern, value in models.items():
+        if isinstance(value, Mapping):
+            routes.append({"pattern": str(pattern), **value})
+        else:
+            routes.append({"pattern": str(pattern), "backends": [value] if isinstance(value, str) else value})
+    return routes
 
 
 def merge_server_list(raw: dict[str, Any]) -> list[Problem]:

@@ -126,3 +126,20 @@ def test_routes_in_yaml_keep_their_order_and_bad_ones_are_named(tmp_path: Path) 
         build_config(config_file=str(path), environ={})
     keys = {p.key for p in caught.value.problems}
     assert keys == {"routing.models[0].pattern", "routing.models[1].backends", "routing.fallback"}
+
+
+def test_a_route_may_only_set_race_and_then_narrows_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "backends: [http://127.0.0.1:1=a, http://127.0.0.1:2=b]\n"
+        "routing:\n  models:\n    'smol': {race: 2}\n    'big': {backends: [a], race: 3}\n  fallback: b\n"
+    )
+    config = build_config(config_file=str(path), environ={})
+    assert config.routing.models == (ModelRoute("smol", (), 2), ModelRoute("big", ("a",), 3))
+    router = ModelRouter(config.routing)
+    registry = _registry(a=(), b=())
+    assert _names(router.eligible("smol", registry)) == ["a", "b"]  # matched: the fallback is not used
+    assert _names(router.eligible("big", registry)) == ["a"]
+    assert router.race_for(_facts("smol")) == 2
+    assert router.race_for(_facts("other")) == 1
+    assert router.race_for(_facts("smol", "/tokenize")) == 1
