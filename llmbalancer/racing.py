@@ -31,10 +31,6 @@ Opener = Callable[[Backend], Awaitable[aiohttp.ClientResponse]]
 _RETRYABLE = 500
 
 
-def _has_room(backend: Backend) -> bool:
-    return backend.max_concurrency is None or backend.in_flight < backend.max_concurrency
-
-
 class Racing:
     def __init__(self, dispatcher: Dispatcher) -> None:
         self._dispatcher = dispatcher
@@ -57,7 +53,7 @@ class Racing:
         claims: list[Claim] = []
         for _ in range(count):
             allowed = dispatcher.routing.exclusion(facts, dispatcher.registry, taken)
-            candidates = [b for b in dispatcher.candidates(allowed) if _has_room(b)]
+            candidates = dispatcher.eligible(allowed)  # routable, serves the model, a free slot now
             backend = dispatcher.selector.select(candidates, facts) if candidates else None
             if backend is None:
                 break
