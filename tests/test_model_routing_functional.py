@@ -13,6 +13,7 @@ import pytest
 
 from llmbalancer.backend import BackendState
 from llmbalancer.config import Config
+from llmbalancer.testing.fake_llama import FakeLlamaConfig, run_fake_llama
 from tests.model_fleet import config_file, dead_url, fake_ollamas
 from tests.support import get_json, run_balancer, wait_for
 
@@ -131,3 +132,21 @@ async def test_v1_models_merges_backends_lists_once_each_and_drops_unhealthy_bac
             await wait_for(lambda: backend_b.state is BackendState.UNHEALTHY)
             listing = await get_json(session, balancer.url + "/v1/models")
             assert [m["id"] for m in listing["data"]] == ["alpha", "shared"]
+
+
+async def test_models_discovered_by_the_poller_route_llama_cpp_native_completion_too(tmp_path: Path) -> None:
+    # No models declared: each fake llama-server's /v1/models names its alias, and routing follows it.
+    async with run_fake_llama(FakeLlamaConfig(alias="alpha")) as a, run_fake_llama(FakeLlamaConfig(alias="beta")) as b:
+        config = config_file(tmp_path, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}])
+        async with run_balancer(config) as balancer, aiohttp.ClientSession() as session:
+            registry = balancer.components.registry
+            await wait_for(lambda: [backend.served_models for backend in registry] == [("alpha",), ("beta",)])
+            for _ in range(3):
+                async with session.post(
+                    balancer.url + "/completion", json={"model": "beta", "prompt": "Hi", "n_predict": 2}
+                ) as reply:
+                    assert reply.status == 200, await reply.text()
+            assert a.stats["requests"].get("/completion", 0) == 0
+            assert b.stats["requests"]["/completion"] == 3
+            async with openai.AsyncOpenAI(**_client_kwargs(balancer.url)) as client:
+                assert sorted([m.id async for m in client.models.list()]) == ["alpha", "beta"]

@@ -60,7 +60,7 @@ async def test_show_is_tried_on_the_backends_in_turn_until_one_knows_the_model(t
                 raise AssertionError("an unknown model was shown")
 
 
-async def test_chat_streaming_and_not_with_sync_and_async_clients_reaches_the_backend_serving_the_model(
+async def test_chat_generate_embed_with_sync_and_async_clients_reach_the_backend_serving_the_model(
     tmp_path: Path,
 ) -> None:
     async with fake_ollamas(["llama3:latest"], ["qwen:7b"]) as (a, b):
@@ -80,6 +80,8 @@ async def test_chat_streaming_and_not_with_sync_and_async_clients_reaches_the_ba
                 assert "".join(p.message.content or "" for p in parts) == "Hello from the fake Ollama."
                 generated = await client.generate(model="qwen:7b", prompt="Hi")
                 assert generated.response == "Hello from the fake Ollama."
+                embedded = await client.embed(model="qwen:7b", input=["a", "b"])
+                assert len(embedded.embeddings) == 2
 
             def sync_calls() -> list[str]:
                 with ollama.Client(host=balancer.url) as client:
@@ -90,7 +92,7 @@ async def test_chat_streaming_and_not_with_sync_and_async_clients_reaches_the_ba
             assert await asyncio.to_thread(sync_calls) == ["Hello from the fake Ollama."] * 2
             # llama3 is sent as the backend names it (llama3:latest); each backend saw only its own.
             assert dict(a.served) == {"llama3:latest": 2}
-            assert dict(b.served) == {"qwen:7b": 3}
+            assert dict(b.served) == {"qwen:7b": 4}
 
 
 async def test_ndjson_lines_reach_the_client_while_the_backend_is_still_generating(tmp_path: Path) -> None:
