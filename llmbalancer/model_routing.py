@@ -42,6 +42,7 @@ MODEL_ROUTES = frozenset(
 )
 _ALIAS = re.compile(r"(?P<base>.+)-(?P<n>[2-9]|[1-9][0-9]+)")
 _LATEST = ":latest"
+_CACHED_MODELS = 256
 
 
 def served_names(backend: Backend) -> tuple[str, ...]:
@@ -88,6 +89,7 @@ class ModelRouter:
         self._fallback = routing.fallback
         # Several instances on one backend take turns (the backend sees each by its own name).
         self._turns: dict[tuple[str, str], Iterator[int]] = {}
+        self._allowed: dict[str, tuple[tuple[Any, ...], frozenset[Backend]]] = {}
 
     @staticmethod
     def model_of(facts: RequestFacts) -> str | None:
@@ -121,6 +123,19 @@ class ModelRouter:
             return known
         return [b for b in pool if not served_names(b)]
 
+    def allowed(self, model: str, backends: Registry) -> frozenset[Backend]:
+        """``eligible`` as a set, cached per model until membership or a backend's model lists change
+        (an identity comparison of each backend's lists: the poller replaces them, never edits)."""
+        seen = tuple((b, b.models, b.served_models) for b in backends)
+        cached = self._allowed.get(model)
+        if cached is not None and cached[0] == seen:
+            return cached[1]
+        allowed = frozenset(self.eligible(model, backends))
+        if len(self._allowed) >= _CACHED_MODELS:
+            self._allowed.clear()  # clients naming ever new models must not grow it without bound
+        self._allowed[model] = (seen, allowed)
+        return allowed
+
     def exclusion(
         self, facts: RequestFacts, backends: Registry, excluded: Collection[Backend]
     ) -> Collection[Backend]:
@@ -129,9 +144,10 @@ class ModelRouter:
         model = self.model_of(facts)
         if model is None:
             return excluded
-        if backends and not self.eligible(model, backends):
+        exclusion = _Exclusion(self, model, backends, excluded)
+        if backends and not exclusion.allowed():
             raise errors.model_not_found(model, client_names(n for b in backends for n in served_names(b)))
-        return _Exclusion(self, model, backends, excluded)
+        return exclusion
 
     def instance_for(self, model: str, backend: Backend) -> str:
         """The name ``backend`` knows ``model`` by (its own, when it serves it under an alias)."""
@@ -156,18 +172,29 @@ class ModelRouter:
 
 
 class _Exclusion(Collection[Backend]):
-    """A lazy ``excluded`` collection: membership asks the router at the moment of the look."""
+    """A lazy ``excluded`` collection for one claim. The eligible set is taken when the claim starts
+    and taken again when a backend it has not seen is looked at (one that joined while the request
+    waited), so a dispatcher's look at each backend costs a set lookup."""
 
     def __init__(self, router: ModelRouter, model: str, backends: Registry, excluded: Collection[Backend]) -> None:
         self._router = router
         self._model = model
         self._backends = backends
         self._excluded = excluded
+        self._members: set[Backend] = set()
+        self._allowed: frozenset[Backend] = frozenset()
+
+    def allowed(self) -> frozenset[Backend]:
+        self._members = set(self._backends)
+        self._allowed = self._router.allowed(self._model, self._backends)
+        return self._allowed
 
     def __contains__(self, backend: object) -> bool:
         if backend in self._excluded:
             return True
-        return backend not in self._router.eligible(self._model, self._backends)
+        if backend not in self._members:
+            self.allowed()
+        return backend not in self._allowed
 
     def __iter__(self) -> Iterator[Backend]:
         return (b for b in self._backends if b in self)

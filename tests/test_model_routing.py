@@ -143,3 +143,15 @@ def test_a_route_may_only_set_race_and_then_narrows_nothing(tmp_path: Path) -> N
     assert router.race_for(_facts("smol")) == 2
     assert router.race_for(_facts("other")) == 1
     assert router.race_for(_facts("smol", "/tokenize")) == 1
+
+
+def test_a_backend_that_joins_or_learns_its_models_later_is_judged_on_what_it_serves_then() -> None:
+    registry = _registry(a=("alpha",))
+    router = ModelRouter()
+    excluded = router.exclusion(_facts("alpha"), registry, ())
+    late = registry.add(Backend(name="late", url="http://late", models=("beta",)))
+    assert late in excluded  # joined while the claim waited: judged, and it does not serve alpha
+    twin = registry.add(Backend(name="twin", url="http://twin", models=("alpha-2",)))
+    assert twin not in excluded
+    late.served_models = ("alpha",)  # the poller replaced its discovered list
+    assert late not in router.exclusion(_facts("alpha"), registry, ())
