@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
+from llmbalancer.circuit import Circuit
 from llmbalancer.config import Config
 from llmbalancer.dispatch import Dispatcher
 from llmbalancer.gpu import GpuSampler
@@ -54,6 +55,8 @@ COMPONENTS = web.AppKey("components", Components)
 
 def build_components(config: Config) -> Components:
     registry = Registry.from_configs(config.backends)
+    registry.circuit = Circuit(config.circuit)
+    registry.circuit.on_reopen = registry.notify_change
     dispatcher = Dispatcher(
         registry, make_selector(config.policy), config.queue, routing=ModelRouter(config.routing)
     )

@@ -16,6 +16,14 @@ class BackendState(StrEnum):
     FAILED = "failed"  # a supervised instance that gave up restarting
 
 
+class CircuitState(StrEnum):
+    """The passive-health circuit breaker's view (llmbalancer/circuit.py), beside the poller's state."""
+
+    CLOSED = "closed"
+    OPEN = "open"  # too many failed requests: none sent until the cooldown ends
+    HALF_OPEN = "half_open"  # one probe request in flight decides
+
+
 # States in which a backend may be handed a new request.
 ROUTABLE = frozenset({BackendState.HEALTHY, BackendState.BUSY})
 
@@ -49,6 +57,10 @@ class Backend:
     prompt_tokens_total: int = 0
     completion_tokens_total: int = 0
     cached_tokens_total: int = 0
+    # Passive health, kept by the circuit breaker.
+    circuit_state: CircuitState = CircuitState.CLOSED
+    circuit_opens: int = 0
+    health_score: float = 1.0
     # Counters and last outcome, for /health, the snapshot and metrics.
     requests_total: int = 0
     errors_total: int = 0
@@ -82,4 +94,6 @@ class Backend:
             "prompt_tokens_total": self.prompt_tokens_total,
             "completion_tokens_total": self.completion_tokens_total,
             "cached_tokens_total": self.cached_tokens_total,
+            "circuit_state": self.circuit_state.value,
+            "health_score": round(self.health_score, 3),
         }

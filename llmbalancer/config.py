@@ -122,6 +122,15 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class CircuitConfig:
+    """Passive health (llmbalancer/circuit.py): eject a backend whose requests keep failing."""
+
+    failures: int = field(default=3, metadata=_at_least(1))
+    cooldown: float = field(default=5.0, metadata=_at_least(0))
+    cooldown_max: float = field(default=60.0, metadata=_at_least(0))
+
+
+@dataclass(frozen=True)
 class QueueConfig:
     """The admission queue: requests wait here, per model, while every eligible backend is full."""
 
@@ -180,6 +189,7 @@ class Config:
     retries: RetryConfig = field(default_factory=RetryConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
+    circuit: CircuitConfig = field(default_factory=CircuitConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     gpu: GpuConfig = field(default_factory=GpuConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)

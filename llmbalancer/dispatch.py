@@ -45,8 +45,9 @@ class Dispatcher:
         return [b for b in self.registry if b.routable and b not in excluded]
 
     def eligible(self, excluded: Collection[Backend] = ()) -> list[Backend]:
-        """Routable backends with a free slot: the only ones a policy is shown."""
-        return [b for b in self.registry if b.routable and b not in excluded and has_room(b)]
+        """Routable backends with a free slot and a closed (or probing) circuit: all a policy is shown."""
+        allows = self.registry.circuit.allows
+        return [b for b in self.registry if b.routable and b not in excluded and has_room(b) and allows(b)]
 
     async def claim(self, facts: RequestFacts, excluded: Collection[Backend] = ()) -> Claim:
         """A claim on the chosen backend; the caller must release it (``with`` or ``finally``)."""
@@ -93,6 +94,7 @@ class Dispatcher:
         if backend is None:
             return None
         claim = self.registry.claim(backend)
+        self.registry.circuit.claimed(backend)
         self.selector.claimed(backend, facts)
         return claim
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import structlog
 
 from llmbalancer.backend import Backend, BackendState
+from llmbalancer.circuit import Circuit
 from llmbalancer.config import BackendConfig
 
 log = structlog.get_logger("llmbalancer.registry")
@@ -45,6 +46,8 @@ class Registry:
     def __init__(self) -> None:
         self._backends: dict[str, Backend] = {}
         self._change: asyncio.Future[None] | None = None
+        self.circuit = Circuit()
+        self.circuit.on_reopen = self.notify_change
 
     @classmethod
     def from_configs(cls, configs: tuple[BackendConfig, ...]) -> Registry:
@@ -116,12 +119,14 @@ class Registry:
         if ttfb is not None:
             backend.ttfb_avg = _ewma(backend.ttfb_avg, ttfb)
         backend.latency_avg = _ewma(backend.latency_avg, latency)
+        self.circuit.success(backend, self._backends.values())
 
     def record_failure(self, backend: Backend, error: str, *, unreachable: bool = False) -> None:
         """A proxy outcome went wrong; an unreachable backend leaves rotation until a probe says ready."""
         backend.errors_total += 1
         backend.consecutive_failures += 1
         backend.last_error = error
+        self.circuit.failure(backend)
         if unreachable and backend.state is not BackendState.DRAINING:
             self.set_state(backend, BackendState.UNHEALTHY, error)
 
