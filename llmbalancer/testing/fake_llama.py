@@ -104,6 +104,10 @@ def _dumps(obj: Any) -> bytes:
 
 LOADING_BODY = _dumps({"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}})
 NOT_FOUND_BODY = _dumps({"error": {"message": "File Not Found", "type": "not_found_error", "code": 404}})
+NO_SLOTS_ENDPOINT_BODY = _dumps({"error": {
+    "code": 501, "message": "This server does not support slots endpoint. Start it with `--slots`",
+    "type": "not_supported_error",
+}})
 NO_SLOT_BODY = _dumps({"error": {"code": 503, "message": "no slot available", "type": "unavailable_error"}})
 HEALTH_OK_BODY = b'{"status":"ok"}'
 SSE_HEADERS: Mapping[str, str] = {"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
@@ -152,6 +156,9 @@ class FakeLlamaConfig:
     keepalive_timeout: float = 5.0
     keepalive_max: int = 100
     ram_cache_entries: int = 32
+    # llamafile's older server: /health carries slots_idle / slots_processing and /slots is not served
+    # (501, as llama.cpp answers when started with --no-slots).
+    legacy_health: bool = False
 
     def __post_init__(self) -> None:
         if self.slots < 1:
@@ -979,6 +986,11 @@ class FakeLlama:
     # --- read-only endpoints
 
     async def _health(self, request: web.Request) -> web.StreamResponse:
+        if self.config.legacy_health:
+            eng = self._engine
+            return _json_response(
+                _dumps({"status": "ok", "slots_idle": len(eng.slots) - eng.busy, "slots_processing": eng.busy})
+            )
         return _json_response(HEALTH_OK_BODY)
 
     async def _not_found(self, request: web.Request) -> web.StreamResponse:
@@ -986,6 +998,8 @@ class FakeLlama:
 
     async def _slots(self, request: web.Request) -> web.StreamResponse:
         eng = self._engine
+        if self.config.legacy_health:
+            return _json_response(NO_SLOTS_ENDPOINT_BODY, 501)
         if request.query.get("fail_on_no_slot") not in (None, "", "0", "false") and eng.busy >= len(eng.slots):
             return _json_response(NO_SLOT_BODY, 503)
         return _json_response(_dumps([s.as_json(eng.n_ctx) for s in eng.slots]))
