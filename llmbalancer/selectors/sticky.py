@@ -68,6 +68,10 @@ class Sticky(Selector):
         self._clock = clock
         self._pins: OrderedDict[str, tuple[str, float]] = OrderedDict()  # key -> (backend, expiry)
 
+    def entries_count(self) -> int:
+        """Sessions pinned now (for the snapshot; expired pins are dropped as new ones are made)."""
+        return len(self._pins)
+
     def pinned(self, facts: RequestFacts) -> str | None:
         pin = self._pins.get(session_key(facts))
         if pin is None or pin[1] < self._clock():
