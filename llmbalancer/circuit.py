@@ -72,6 +72,10 @@ class Circuit:
             self._trips.pop(backend.name, None)
             self._probe_since.pop(backend.name, None)
 
+    def won_race(self, backend: Backend) -> None:
+        """``backend`` answered first of several sent the same request (racing.py): the fastest-response bonus."""
+        backend.health_score = min(1.0, backend.health_score + _FASTEST_BONUS)
+
     def failure(self, backend: Backend) -> None:
         backend.health_score *= _SCORE_LOSS
         if backend.circuit_state is CircuitState.HALF_OPEN or backend.consecutive_failures >= self._failures:

@@ -7,9 +7,10 @@ token when backends differ in speed or load. The request first claims its backen
 routable, may serve the model and have room (a race never waits for one). Each racer is sent the
 body with its own model name. "Answers" means response headers: llama.cpp and Ollama send them
 with the first token of a stream (and with the whole answer otherwise). The first status below
-500 wins; every other racer's request is cancelled or its response closed at once, so the
-backend sees the disconnect and frees its slot, and its claim is released. When no racer answers
-well, the first-claimed backend's outcome goes on to the proxy's usual retry logic.
+500 wins, and its backend's health score the fastest-response bonus; every other racer's request
+is cancelled or its response closed at once, so the backend sees the disconnect and frees its
+slot, and its claim is released. When no racer answers well, the first-claimed backend's outcome
+goes on to the proxy's usual retry logic.
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ class Racing:
         extras = self._extra_claims(racers - 1, primary, facts, excluded) if racers > 1 else []
         if not extras:
             return primary, await opener(primary.backend)
-        return await _first_answer([primary, *extras], opener)
+        claim, response = await _first_answer([primary, *extras], opener)
+        if response.status < _RETRYABLE:
+            self._dispatcher.registry.circuit.won_race(claim.backend)
+        return claim, response
 
     def _extra_claims(
         self, count: int, primary: Claim, facts: RequestFacts, excluded: Collection[Backend]
@@ -86,5 +90,6 @@ async def _first_answer(claims: list[Claim], opener: Opener) -> tuple[Claim, aio
             if not task.cancelled() and task.exception() is None:
                 task.result().close()  # drops the connection: the backend stops and frees its slot
             claims[i].release()
+    response = tasks[winner].result()  # the first-claimed backend's error, when none answered
     log.debug("race_decided", winner=claims[winner].backend.name, racers=len(claims))
-    return claims[winner], tasks[winner].result()
+    return claims[winner], response
