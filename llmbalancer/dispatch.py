@@ -52,9 +52,12 @@ class Dispatcher:
     async def claim(self, facts: RequestFacts, excluded: Collection[Backend] = ()) -> Claim:
         """A claim on the chosen backend; the caller must release it (``with`` or ``finally``)."""
         # Only backends that serve the request's model are candidates (unknown model: 404 here).
+        # A retry (some backend already excluded) has had its turn: it may take any free slot at once
+        # and never blocks the queue's head on a backend it may not use.
+        retry = bool(excluded)
         excluded = self.routing.exclusion(facts, self.registry, excluded)
         model = facts.model or ""
-        if not self.admission.depth(model):  # no jumping ahead of those already waiting
+        if retry or not self.admission.depth(model):  # no jumping ahead of those already waiting
             claim = self._try_claim(facts, excluded)
             if claim is not None:
                 return claim
@@ -63,7 +66,7 @@ class Dispatcher:
             try:
                 async with asyncio.timeout(self.admission.timeout):
                     while True:
-                        if self.admission.is_head(waiter):
+                        if retry or self.admission.is_head(waiter):
                             claim = self._try_claim(facts, excluded)
                             if claim is not None:
                                 return claim
