@@ -51,7 +51,7 @@ class Backend:
     slots_external: int = 0
     # Requests waiting inside the backend for a slot (llama.cpp requests_deferred), when reported.
     deferred: int | None = None
-    # Models the backend says it serves (/v1/models, Ollama /api/ps), from the poller.
+    # Models the backend says it serves (/v1/models, Ollama /api/tags), from the poller.
     served_models: tuple[str, ...] = ()
     # Token counts from responses (usage or llama.cpp timings).
     prompt_tokens_total: int = 0

@@ -4,7 +4,8 @@ llama.cpp: ``GET /health`` (200 ready; 503 "Loading model" starting), then ``GET
 total and processing; when ``/slots`` is disabled (501/404), ``GET /metrics``
 (``llamacpp:requests_processing``, ``requests_deferred``) with the slot count from ``/props``
 ``total_slots``. llamafile's older server puts ``slots_idle`` / ``slots_processing`` in ``/health``.
-Ollama: ``GET /api/ps``. OpenAI-compatible or unknown servers without ``/health``: ``GET /v1/models``.
+Ollama: ``GET /api/tags`` (the models it can serve; ``/api/ps`` lists only those loaded now, and
+Ollama loads on demand). OpenAI-compatible or unknown servers without ``/health``: ``GET /v1/models``.
 Served models come from ``/v1/models`` (both its OpenAI ``data`` and Ollama-style ``models`` lists).
 A slow ``/slots`` (llama.cpp answers it between decode steps, late during a long prefill) leaves the
 slot figures unknown for that round; it never makes a ready backend unhealthy.
@@ -80,7 +81,7 @@ async def probe(session: aiohttp.ClientSession, backend: Backend, memory: ProbeM
     memory.probes += 1
     try:
         if backend.kind == "ollama":
-            return await _probe_models(session, backend, "/api/ps")
+            return await _probe_models(session, backend, "/api/tags")
         if backend.kind == "openai" or not memory.health_endpoint:
             return await _probe_models(session, backend, "/v1/models")
         return await _probe_llamacpp(session, backend, memory)

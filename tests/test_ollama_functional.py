@@ -10,6 +10,7 @@ import aiohttp
 import ollama
 
 from llmbalancer.backend import BackendState
+from llmbalancer.testing.fake_ollama import FakeOllamaConfig, run_fake_ollama
 from tests.model_fleet import config_file, dead_url, fake_ollamas
 from tests.support import run_balancer, wait_for
 
@@ -120,3 +121,16 @@ async def test_root_answers_like_ollama_and_version_comes_from_a_backend(tmp_pat
                 assert reply.status == 200
             async with session.get(balancer.url + "/api/version") as reply:
                 assert await reply.json() == {"version": a.ollama.version}
+
+
+async def test_an_ollama_backend_routes_every_installed_model_not_only_those_loaded_now(tmp_path: Path) -> None:
+    installed = FakeOllamaConfig(models=("llama3:latest", "qwen:7b"), loaded=("llama3:latest",))
+    async with run_fake_ollama(installed) as a, run_fake_ollama(FakeOllamaConfig(models=("phi3:latest",))) as b:
+        config = config_file(tmp_path, [{"url": a.url, "name": "a", "kind": "ollama"}, {"url": b.url, "name": "b"}])
+        async with run_balancer(config) as balancer, ollama.AsyncClient(host=balancer.url) as client:
+            registry = balancer.components.registry
+            await wait_for(lambda: all(backend.served_models for backend in registry))
+            assert [m.model for m in (await client.ps()).models] == ["llama3:latest", "phi3:latest"]
+            reply = await client.chat(model="qwen:7b", messages=HELLO)  # installed on a, not loaded yet
+            assert reply.message.content == "Hello from the fake Ollama."
+            assert dict(a.served) == {"qwen:7b": 1} and not b.served

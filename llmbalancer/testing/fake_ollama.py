@@ -49,6 +49,8 @@ class FakeOllamaConfig:
     reply: str = "Hello from the fake Ollama."
     max_tokens_default: int = 16
     load_time: float = 0.0
+    # The models /api/ps shows as loaded now (None: all of them); any model is loaded on demand.
+    loaded: tuple[str, ...] | None = None
 
 
 def _now() -> str:
@@ -128,6 +130,7 @@ class FakeOllama(FakeLlama):
         loaded = [
             {**self._entry(m), "expires_at": "2099-01-01T00:00:00Z", "size_vram": 270_898_672, "context_length": 4096}
             for m in self.ollama.models
+            if self.ollama.loaded is None or m in self.ollama.loaded
         ]
         for entry in loaded:
             entry.pop("modified_at")
