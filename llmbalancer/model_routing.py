@@ -139,8 +139,8 @@ class ModelRouter:
     def exclusion(
         self, facts: RequestFacts, backends: Registry, excluded: Collection[Backend]
     ) -> Collection[Backend]:
-        """``excluded`` plus every backend that may not take this request's model (re-judged on each
-        look, so a backend that joins or learns its models later counts). Unknown model: 404."""
+        """``excluded`` plus every backend that may not take this request's model, judged when the claim
+        starts and again when a backend joins while it waits. Unknown model: 404."""
         model = self.model_of(facts)
         if model is None:
             return excluded
