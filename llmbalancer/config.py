@@ -317,7 +317,7 @@ def parse_backend_spec(spec: str) -> dict[str, str]:
     url, sep, name = spec.strip().rpartition("=")
     # In `http://h/x?a=b` the `=` belongs to the query: a name follows only a complete query pair.
     query_pair = url.partition("?")[2].rsplit("&", 1)[-1]
-    if not sep or "/" in name or ":" in name or "&" in name or ("?" in url and "=" not in query_pair):
+    if not sep or "/" in name or ":" in name or ("?" in url and "=" not in query_pair):
         url, name = spec.strip(), ""
     return {"url": url, "name": name}
 

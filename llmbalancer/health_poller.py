@@ -155,10 +155,20 @@ class HealthPoller:
 
     async def _watch(self, session: aiohttp.ClientSession, backend: Backend) -> None:
         if backend.name in self._windows:
-            await asyncio.sleep(self._delay(backend))  # the start-up round (poll_once) just saw it
+            await self._pause(backend)  # the start-up round (poll_once) just saw it
         while True:
             await self._check(session, backend)
-            await asyncio.sleep(self._delay(backend))
+            await self._pause(backend)
+
+    async def _pause(self, backend: Backend) -> None:
+        """Wait for the next probe, cut short when the proxy takes the backend out of rotation meanwhile:
+        its recovery is then noticed at the fast cadence, whatever ``health.interval`` is."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._delay(backend)
+        while (remaining := deadline - loop.time()) > 0:
+            await asyncio.sleep(min(remaining, _FAST_RECHECK))
+            if not backend.routable:
+                return
 
     def _delay(self, backend: Backend) -> float:
         return self._interval if backend.routable else min(self._interval, _FAST_RECHECK)

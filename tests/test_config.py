@@ -146,3 +146,12 @@ def test_the_example_config_is_valid_and_holds_the_defaults() -> None:
     config = build_config(config_file=str(REPO / "config.example.yaml"), environ={})
     assert config.server == Config().server
     assert config.timeouts == Config().timeouts
+
+
+def test_a_backend_spec_keeps_an_equals_sign_that_belongs_to_its_query() -> None:
+    from llmbalancer.config import parse_backend_spec
+
+    assert parse_backend_spec("http://h:1/x?a=b") == {"url": "http://h:1/x?a=b", "name": ""}
+    assert parse_backend_spec("http://h:1/x?a=b&c=d") == {"url": "http://h:1/x?a=b&c=d", "name": ""}
+    assert parse_backend_spec("http://h:1/x?a=b=gpu") == {"url": "http://h:1/x?a=b", "name": "gpu"}
+    assert parse_backend_spec("http://10.0.0.5:8080=gpu1") == {"url": "http://10.0.0.5:8080", "name": "gpu1"}
