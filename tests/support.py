@@ -132,7 +132,7 @@ async def run_balancer(config: Config) -> AsyncIterator[RunningBalancer]:
         await runner.cleanup()
 
 
-async def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> None:
+async def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> None:  # noqa: ASYNC109 - a bounded test poll, not an API
     """Await until predicate() is truthy (bounded in time)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -116,7 +116,7 @@ async def test_forwarding_headers_request_id_and_hop_by_hop_stripping() -> None:
             assert reply.headers["X-Request-ID"] == "client-chosen-42"
             # The backend's own hop-by-hop headers do not pass either.
             assert reply.headers.get("Keep-Alive") is None
-        seen = fake.stats["last_request"]["headers"]
+        seen = fake.stats["last_by_path"]["/v1/chat/completions"]["headers"]
         assert seen["x-request-id"] == "client-chosen-42"
         assert seen["x-forwarded-for"] == "10.9.9.9, 127.0.0.1"
         assert seen["x-forwarded-proto"] == "http"
@@ -129,7 +129,7 @@ async def test_forwarding_headers_request_id_and_hop_by_hop_stripping() -> None:
             assert reply.status == 200
             generated = reply.headers["X-Request-ID"]
         assert len(generated) >= 16
-        assert fake.stats["last_request"]["headers"]["x-request-id"] == generated
+        assert fake.stats["last_by_path"]["/v1/chat/completions"]["headers"]["x-request-id"] == generated
 
 
 async def test_client_leaving_before_the_first_byte_releases_its_claim_and_aborts_the_upstream_request() -> None:
