@@ -20,8 +20,11 @@ What it models:
   host-RAM prompt cache follow `get_available_slot` (similarity 0.10; LRU with ties to the highest id;
   save/restore when picked by LRU or keeping < 50%). Idle slots are not saved when a task starts.
 * **Timing**: `prefill_per_token` seconds per uncached prompt token before the first token, then
-  `token_delay` seconds between tokens (no continuous-batching slowdown). Stream headers are sent only
-  when the first token exists.
+  `token_delay * (1 + batch_slowdown * (busy_slots - 1))` seconds between tokens: decoding slows as
+  more slots share the batch (0, the default, is no slowdown). Stream headers are sent only when the
+  first token exists. `record_timeline` keeps (monotonic time, busy slots, deferred) at every change,
+  shown as `timeline` in the stats, so a benchmark can tell when requests waited here while another
+  server had a free slot (`time.monotonic` is system-wide, so timelines of several processes align).
 * **The reply** is `FakeLlamaConfig.reply`, one token per word (with its leading space). Generation ends
   with `finish_reason "stop"` when the reply runs out before the token limit, `"length"` otherwise; the
   request's `ignore_eos: true` (a real llama.cpp parameter) repeats the reply up to the limit. The limit
@@ -159,11 +162,14 @@ class FakeLlamaConfig:
     # llamafile's older server: /health carries slots_idle / slots_processing and /slots is not served
     # (501, as llama.cpp answers when started with --no-slots).
     legacy_health: bool = False
+    batch_slowdown: float = 0.0
+    record_timeline: bool = False
 
     def __post_init__(self) -> None:
         if self.slots < 1:
             raise ValueError("slots must be >= 1")
-        if min(self.token_delay, self.prefill_per_token, self.load_time, self.keepalive_timeout) < 0:
+        delays = (self.token_delay, self.prefill_per_token, self.load_time, self.keepalive_timeout, self.batch_slowdown)
+        if min(delays) < 0:
             raise ValueError("delays and timeouts must be >= 0")
         if not self.reply.strip():
             raise ValueError("reply must contain at least one word")
@@ -174,7 +180,9 @@ class FakeLlamaConfig:
 
 
 # Fields of the config that may change while the server runs (`update_config`, POST /_fake/config).
-RUNTIME_FIELDS = frozenset({"alias", "token_delay", "prefill_per_token", "load_time", "reply", "max_tokens_default"})
+RUNTIME_FIELDS = frozenset(
+    {"alias", "token_delay", "prefill_per_token", "load_time", "reply", "max_tokens_default", "batch_slowdown"}
+)
 
 
 @dataclass(frozen=True)
@@ -298,6 +306,7 @@ class _Engine:
         self.start_unix = int(time.time())
         self.ready_at = 0.0
         self.stats = stats
+        self.record_timeline = config.record_timeline
         # metrics counters
         self.prompt_tokens_total = 0
         self.prompt_tokens_cached_total = 0
@@ -319,10 +328,13 @@ class _Engine:
     async def acquire(self, tokens: tuple[str, ...]) -> tuple[_Slot, int]:
         """A slot (chosen like the real server) and the LCP of its cache with `tokens`; FIFO when full."""
         if not self.waiters and self.busy < len(self.slots):
-            return self._take(tokens)
+            taken = self._take(tokens)
+            self._mark()
+            return taken
         future: asyncio.Future[tuple[_Slot, int]] = asyncio.get_running_loop().create_future()
         self.waiters.append(_Waiter(future, tokens))
         self.stats.max_deferred = max(self.stats.max_deferred, len(self.waiters))
+        self._mark()
         try:
             return await future
         except asyncio.CancelledError:
@@ -342,6 +354,11 @@ class _Engine:
                 continue
             waiter.future.set_result(self._take(waiter.tokens))
             break
+        self._mark()
+
+    def _mark(self) -> None:
+        if self.record_timeline:
+            self.stats.timeline.append((time.monotonic(), self.busy, len(self.waiters)))
 
     def _take(self, tokens: tuple[str, ...]) -> tuple[_Slot, int]:
         idle = [s for s in self.slots if not s.busy]
@@ -498,6 +515,7 @@ class _Stats:
     max_deferred: int = 0
     last: _RequestRecord | None = None
     last_by_path: dict[str, _RequestRecord] = field(default_factory=dict)
+    timeline: list[tuple[float, int, int]] = field(default_factory=list)  # only with record_timeline
 
 
 # --------------------------------------------------------------------------------------------------
@@ -907,6 +925,7 @@ class FakeLlama:
             "last_by_path": {path: rec.as_dict() for path, rec in st.last_by_path.items()},
             "fault": self._fault.as_dict(),
             "running": self.running,
+            "timeline": list(st.timeline),
         }
 
     def reset_stats(self) -> None:
@@ -1231,11 +1250,12 @@ class FakeLlama:
             )
             reply_json = prep.reply_json
             token_delay = config.token_delay
+            slowdown = config.batch_slowdown
 
             for i in range(n_gen):
                 if i:
                     if token_delay > 0:
-                        await _pause(request, token_delay)
+                        await _pause(request, token_delay * (1.0 + slowdown * (eng.busy - 1)))
                     elif resp is not None and i % 64 == 0:
                         await asyncio.sleep(0)  # let others run on a long instant stream
                 if i == crash_at:
@@ -1492,6 +1512,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-tokens-default", type=int, default=defaults.max_tokens_default)
     p.add_argument("--n-ctx", type=int, default=defaults.n_ctx, help="context per slot")
     p.add_argument("--keepalive-timeout", type=float, default=defaults.keepalive_timeout)
+    p.add_argument(
+        "--batch-slowdown", type=float, default=defaults.batch_slowdown,
+        help="k in token_delay * (1 + k * (busy slots - 1))",
+    )
+    p.add_argument("--record-timeline", action="store_true", help="keep (time, busy, deferred) for /_fake/stats")
     p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio event loop")
     return p.parse_args(argv)
 
@@ -1507,6 +1532,8 @@ async def _serve(args: argparse.Namespace) -> None:
         max_tokens_default=args.max_tokens_default,
         n_ctx=args.n_ctx,
         keepalive_timeout=args.keepalive_timeout,
+        batch_slowdown=args.batch_slowdown,
+        record_timeline=args.record_timeline,
     )
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
