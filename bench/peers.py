@@ -35,7 +35,9 @@ class Processes:
         self.workdir = workdir
         self._running: list[tuple[str, subprocess.Popen[bytes]]] = []
 
-    def start(self, name: str, command: list[str], core: int | None) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, command: list[str], core: int | None, cwd: Path = ROOT
+    ) -> subprocess.Popen[bytes]:
         log = (self.workdir / f"{name}.log").open("wb")
 
         def pin() -> None:
@@ -45,7 +47,7 @@ class Processes:
         try:
             process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=pin, cwd=ROOT,
+                start_new_session=True, preexec_fn=pin, cwd=cwd,
             )
         finally:
             log.close()
@@ -166,6 +168,19 @@ def start_python_backend(procs: Processes, port: int, events: int, core: int | N
     wait_http(f"http://127.0.0.1:{port}/health", process, 10)
 
 
+def start_fake_llama(procs: Processes, port: int, events: int, core: int | None) -> None:
+    """The project's faithful fake (aiohttp), zero token delay and a slot per connection."""
+    process = procs.start(
+        f"fake-llama-{port}",
+        [
+            sys.executable, "-m", "llmbalancer.testing.fake_llama", "--port", str(port), "--slots", "128",
+            "--token-delay", "0", "--max-tokens-default", str(events),
+        ],
+        core,
+    )
+    wait_http(f"http://127.0.0.1:{port}/health", process, 20)
+
+
 def start_nginx_proxy(
     procs: Processes, nginx: str, port: int, backend_port: int, core: int | None
 ) -> subprocess.Popen[bytes]:
@@ -191,15 +206,19 @@ def start_nginx_proxy(
     return procs.start("nginx-proxy", [nginx, "-c", str(conf), "-e", str(base / "error.log")], core)
 
 
-def start_llmbalancer(procs: Processes, port: int, backend_port: int, core: int | None) -> subprocess.Popen[bytes]:
+def start_llmbalancer(
+    procs: Processes, port: int, backend_port: int, core: int | None, name: str = "llmbalancer", tree: Path = ROOT
+) -> subprocess.Popen[bytes]:
+    """``tree``: the checkout to run (``python -m`` imports the package from its working directory)."""
     # Default access logging stays on (one JSON line per request, to the log file): part of the real cost.
     return procs.start(
-        "llmbalancer",
+        name,
         [
             sys.executable, "-m", "llmbalancer", "serve", "--backend", f"http://127.0.0.1:{backend_port}",
             "--port", str(port), "--log-format", "json",
         ],
         core,
+        cwd=tree,
     )
 
 

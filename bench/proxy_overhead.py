@@ -134,6 +134,10 @@ def start_proxies(setup: Setup, backend_port: int) -> dict[str, tuple[int, int |
         NGINX: lambda p: peers.start_nginx_proxy(setup.procs, setup.nginx or "", p, backend_port, core),
         SGLANG: lambda p: peers.start_sglang_router(setup.procs, p, backend_port, core),
     }
+    for label, tree in setup.args.compare:
+        starters[label] = lambda p, label=label, tree=tree: peers.start_llmbalancer(
+            setup.procs, p, backend_port, core, name=label, tree=tree
+        )
     for target in setup.targets:
         if target == DIRECT:
             continue
@@ -183,11 +187,17 @@ def non_streaming_phase(setup: Setup, wrk: str) -> None:
 def streaming_phase(setup: Setup) -> None:
     args = setup.args
     backend_port = peers.free_port()
-    peers.start_python_backend(setup.procs, backend_port, args.events, args.load_core)
-    setup.notes.append(
-        f"streaming backend: bench/instant_backend.py (raw asyncio + uvloop, {args.events} chunks per stream,"
-        " zero token delay)"
-    )
+    if args.stream_backend == "fake":
+        peers.start_fake_llama(setup.procs, backend_port, args.events, args.load_core)
+        setup.notes.append(
+            f"streaming backend: llmbalancer.testing.fake_llama (--token-delay 0, {args.events} tokens per stream)"
+        )
+    else:
+        peers.start_python_backend(setup.procs, backend_port, args.events, args.load_core)
+        setup.notes.append(
+            f"streaming backend: bench/instant_backend.py (raw asyncio + uvloop, {args.events} chunks per stream,"
+            " zero token delay)"
+        )
     ports = start_proxies(setup, backend_port)
     for round_no in range(1, args.rounds + 1):
         for target, (port, _) in ports.items():
@@ -201,7 +211,7 @@ def streaming_phase(setup: Setup) -> None:
             figures.chunks_c64.append(many.events_per_s)
             figures.errors += single.errors + many.errors
             expected = args.events + 1
-            if many.streams and many.events != many.streams * expected:
+            if args.stream_backend == "instant" and many.streams and many.events != many.streams * expected:
                 setup.notes.append(
                     f"{target}: {many.events} chunks in {many.streams} streams, expected {expected} each"
                 )
@@ -295,7 +305,11 @@ def versions(nginx: str | None) -> str:
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=peers.ROOT, timeout=10
     ).stdout.strip()
-    parts.append(f"llmbalancer at {commit or 'unknown commit'}")
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "llmbalancer"], capture_output=True, text=True, cwd=peers.ROOT,
+        timeout=10,
+    ).stdout.strip()
+    parts.append(f"llmbalancer at {commit or 'unknown commit'}{' + uncommitted changes' if dirty else ''}")
     return ", ".join(parts)
 
 
@@ -305,9 +319,18 @@ def write_results(text: str) -> None:
     if SECTION_START in current and SECTION_END in current:
         head, rest = current.split(SECTION_START, 1)
         current = head + section + rest.split(SECTION_END, 1)[1]
+    elif "## Proxy overhead" in current:
+        current = current.replace("## Proxy overhead", "## Proxy overhead\n\n" + section, 1)
     else:
-        current = current.rstrip() + "\n\n" + section + "\n"
+        current = current.rstrip() + "\n\n## Proxy overhead\n\n" + section + "\n"
     RESULTS.write_text(current)
+
+
+def _labelled_tree(text: str) -> tuple[str, Path]:
+    label, sep, tree = text.partition("=")
+    if not sep or not (Path(tree) / "llmbalancer" / "__main__.py").exists():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=DIR, DIR a checkout holding llmbalancer/")
+    return label, Path(tree).resolve()
 
 
 def parse_args() -> argparse.Namespace:
@@ -319,6 +342,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--load-core", type=int, default=0, help="the core for load generators and backends")
     parser.add_argument("--targets", default=f"{DIRECT},{LLMBALANCER},{NGINX},{SGLANG}", help="comma-separated")
     parser.add_argument("--skip-streaming", action="store_true")
+    parser.add_argument(
+        "--compare", action="append", default=[], type=_labelled_tree, metavar="LABEL=DIR",
+        help="also measure llmbalancer from another checkout (e.g. a `git worktree` of an older commit)",
+    )
+    parser.add_argument(
+        "--stream-backend", choices=("instant", "fake"), default="instant",
+        help="SSE backend: bench/instant_backend.py (default, fastest) or the project's fake llama-server",
+    )
     parser.add_argument("--write-results", action="store_true", help=f"replace the proxy-overhead section of {RESULTS}")
     return parser.parse_args()
 
@@ -335,6 +366,8 @@ def main() -> int:
     wrk = shutil.which("wrk")
     nginx = peers.nginx_available()
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    at = targets.index(LLMBALANCER) + 1 if LLMBALANCER in targets else len(targets)
+    targets[at:at] = [label for label, _ in args.compare]
     if NGINX in targets and not nginx:
         print("skipping nginx: not installed (Debian: apt-get install -y nginx)")
         targets.remove(NGINX)
