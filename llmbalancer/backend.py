@@ -51,6 +51,8 @@ class Backend:
     slots_external: int = 0
     # Requests waiting inside the backend for a slot (llama.cpp requests_deferred), when reported.
     deferred: int | None = None
+    # A backend that is itself a balancer: its /llmhealth says its GPUs are busy (None: not reported).
+    gpu_busy: bool | None = None
     # Models the backend says it serves (/v1/models, Ollama /api/tags), from the poller.
     served_models: tuple[str, ...] = ()
     # Token counts from responses (usage or llama.cpp timings).
@@ -91,6 +93,7 @@ class Backend:
             "models": list(self.models),
             "served_models": list(self.served_models),
             "deferred": self.deferred,
+            "gpu_busy": self.gpu_busy,
             "prompt_tokens_total": self.prompt_tokens_total,
             "completion_tokens_total": self.completion_tokens_total,
             "cached_tokens_total": self.cached_tokens_total,

@@ -47,7 +47,11 @@ class Dispatcher:
     def eligible(self, excluded: Collection[Backend] = ()) -> list[Backend]:
         """Routable backends with a free slot and a closed (or probing) circuit: all a policy is shown."""
         allows = self.registry.circuit.allows
-        return [b for b in self.registry if b.routable and b not in excluded and has_room(b) and allows(b)]
+        eligible = [b for b in self.registry if b.routable and b not in excluded and has_room(b) and allows(b)]
+        if any(b.gpu_busy for b in eligible):
+            # Balancers behind us that report busy GPUs (/llmhealth) take work only when no idle one can.
+            return [b for b in eligible if not b.gpu_busy] or eligible
+        return eligible
 
     async def claim(self, facts: RequestFacts, excluded: Collection[Backend] = ()) -> Claim:
         """A claim on the chosen backend; the caller must release it (``with`` or ``finally``)."""

@@ -109,7 +109,8 @@ class HealthPoller:
 
     def _update_slots(self, backend: Backend, seen: Observation) -> None:
         """Write the polled figures in place; wake queued requests when capacity may have changed."""
-        before = (backend.slots_total, backend.slots_external)
+        before = (backend.slots_total, backend.slots_external, backend.gpu_busy)
+        backend.gpu_busy = seen.gpu_busy
         if seen.slots_total is not None:
             backend.slots_total = seen.slots_total
             backend.slots_busy = seen.slots_busy
@@ -119,7 +120,7 @@ class HealthPoller:
         backend.deferred = seen.deferred
         if seen.models is not None:
             backend.served_models = seen.models
-        if (backend.slots_total, backend.slots_external) != before:
+        if (backend.slots_total, backend.slots_external, backend.gpu_busy) != before:
             self._registry.notify_change()
 
     async def run(self) -> None:

@@ -100,9 +100,8 @@ class Metrics:
             self.prompt_tokens.labels(backend, model).inc(access.prompt_tokens)
         if access.completion_tokens:
             self.completion_tokens.labels(backend, model).inc(access.completion_tokens)
-        queue_wait = getattr(access, "queue_wait", None)  # recorded once the admission queue times it
-        if queue_wait is not None:
-            self.queue_wait.observe(queue_wait)
+        if access.queue_wait is not None:
+            self.queue_wait.observe(access.queue_wait)
 
     def watch(self, components: Components) -> None:
         self.registry.register(FleetCollector(components))
@@ -201,9 +200,7 @@ def _circuit_metrics(components: Components) -> Iterator[Metric]:
         "llmbalancer_circuit_opens", "Times a backend's circuit breaker opened.", labels=["backend"]
     )
     for backend in components.registry:
-        count = getattr(backend, "circuit_opens", None)  # kept by the circuit breaker once it lands
-        if count is not None:
-            opens.add_metric([backend.name], float(count))
+        opens.add_metric([backend.name], float(backend.circuit_opens))
     yield opens
 
 

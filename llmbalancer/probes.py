@@ -7,6 +7,9 @@ total and processing; when ``/slots`` is disabled (501/404), ``GET /metrics``
 Ollama: ``GET /api/tags`` (the models it can serve; ``/api/ps`` lists only those loaded now, and
 Ollama loads on demand). OpenAI-compatible or unknown servers without ``/health``: ``GET /v1/models``.
 Served models come from ``/v1/models`` (both its OpenAI ``data`` and Ollama-style ``models`` lists).
+A backend that is itself a balancer (``kind: llmbalancer``, or recognised by the fields of our own
+``/health``) is ready per its ``/health`` and reports its GPU load as ``idle``/``busy`` on
+``/llmhealth`` (llama-balancer's contract); that flag feeds selection (idle ones first).
 A slow ``/slots`` (llama.cpp answers it between decode steps, late during a long prefill) leaves the
 slot figures unknown for that round; it never makes a ready backend unhealthy.
 """
@@ -36,6 +39,7 @@ class Observation:
     slots_busy: int | None = None
     deferred: int | None = None
     models: tuple[str, ...] | None = None
+    gpu_busy: bool | None = None  # a balancer backend's /llmhealth verdict
 
 
 @dataclass(slots=True)
@@ -80,6 +84,8 @@ def models_of(payload: Any) -> tuple[str, ...]:
 async def probe(session: aiohttp.ClientSession, backend: Backend, memory: ProbeMemory) -> Observation:
     memory.probes += 1
     try:
+        if backend.kind == "llmbalancer":
+            return await _probe_balancer(session, backend, memory)
         if backend.kind == "ollama":
             return await _probe_models(session, backend, "/api/tags")
         if backend.kind == "openai" or not memory.health_endpoint:
@@ -109,20 +115,43 @@ async def _probe_llamacpp(session: aiohttp.ClientSession, backend: Backend, memo
         return Observation(False, f"/health answered HTTP {status}")
     seen = Observation(True)
     health = _json(body)
+    if isinstance(health, dict) and "backends_total" in health:
+        return await _probe_balancer(session, backend, memory)  # another llmbalancer's /health
     if isinstance(health, dict) and isinstance(health.get("slots_idle"), int):
         busy = health.get("slots_processing")
         seen.slots_busy = busy if isinstance(busy, int) else 0
         seen.slots_total = health["slots_idle"] + seen.slots_busy
     else:
         await _read_slots(session, backend, memory, seen)
-    if not backend.served_models or memory.probes % _MODELS_EVERY == 0:
-        try:
-            status, body = await _get(session, backend.url + "/v1/models")
-            if status == 200:
-                seen.models = models_of(_json(body))
-        except (aiohttp.ClientError, TimeoutError):
-            pass  # the model list is a nicety; readiness was already decided
+    await _read_models(session, backend, memory, seen)
     return seen
+
+
+async def _probe_balancer(session: aiohttp.ClientSession, backend: Backend, memory: ProbeMemory) -> Observation:
+    """Another llmbalancer (or llama-balancer, which may have no ``/health``): ready, and idle or busy."""
+    status, _ = await _get(session, backend.url + "/health")
+    if status not in (200, 404):
+        return Observation(False, f"/health answered HTTP {status}")
+    status, body = await _get(session, backend.url + "/llmhealth")
+    report = _json(body) if status == 200 else None
+    if not isinstance(report, dict) or report.get("status") not in ("idle", "busy"):
+        return Observation(False, f"/llmhealth answered HTTP {status} without an idle/busy status")
+    seen = Observation(True, gpu_busy=report["status"] == "busy")
+    await _read_models(session, backend, memory, seen)
+    return seen
+
+
+async def _read_models(
+    session: aiohttp.ClientSession, backend: Backend, memory: ProbeMemory, seen: Observation
+) -> None:
+    if backend.served_models and memory.probes % _MODELS_EVERY != 0:
+        return
+    try:
+        status, body = await _get(session, backend.url + "/v1/models")
+        if status == 200:
+            seen.models = models_of(_json(body))
+    except (aiohttp.ClientError, TimeoutError):
+        pass  # the model list is a nicety; readiness was already decided
 
 
 async def _read_slots(

@@ -61,6 +61,7 @@ class Access:
     completion_tokens: int | None = None
     cached_tokens: int | None = None
     finished: float = 0.0
+    queue_wait: float | None = None  # seconds the first claim waited (admission queue), when it got one
     usage_tail: Tail = b""  # the response's last chunks, for the usage reader (dispatcher.completed)
 
     def emit(self) -> None:
@@ -162,7 +163,10 @@ class Proxy:
         dropped_once = False
         for attempt in range(1, self._attempts + 1):
             try:
+                asked = time.monotonic()
                 claim = await self._dispatcher.claim(facts, excluded)
+                if attempt == 1:
+                    access.queue_wait = time.monotonic() - asked
             except ProxyError:
                 if last_error:
                     raise errors.upstream_unreachable(attempt - 1, last_error) from None

@@ -45,3 +45,7 @@ class Selector(ABC):
     def completed(self, backend: Backend, facts: RequestFacts, usage: Usage | None) -> None:
         """The request finished well on ``backend``; ``usage`` is what the backend reported, if anything."""
         return None
+
+    def entries_count(self) -> int | None:
+        """Sessions the policy holds pinned (sticky), or None for policies that pin nothing."""
+        return None

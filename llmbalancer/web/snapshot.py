@@ -35,7 +35,8 @@ BACKEND_FIELDS = (
     "name", "url", "kind", "state", "state_reason", "state_since", "routable",
     "slots_busy", "slots_total", "max_concurrency", "in_flight", "queue_depth",
     "circuit_state", "health_score", "models", "last_error", "requests_total", "errors_total",
-    "latency_avg_s", "ttft_avg_s", "prompt_tokens_total", "completion_tokens_total",
+    "latency_avg_s", "ttft_avg_s", "prompt_tokens_total", "completion_tokens_total", "cached_tokens_total",
+    "gpu_busy",
 )
 REQUEST_FIELDS = (
     "time", "request_id", "method", "path", "model", "backend", "status", "attempts",
@@ -46,13 +47,7 @@ TOP_LEVEL_FIELDS = (
 )
 
 
-def _later(source: object, name: str) -> Any:
-    """An attribute another part of the daemon adds later; None until it does."""
-    return getattr(source, name, None)
-
-
 def describe_backend(backend: Backend) -> dict[str, Any]:
-    served = _later(backend, "served_models") or ()
     return {
         "name": backend.name,
         "url": backend.url,
@@ -65,18 +60,20 @@ def describe_backend(backend: Backend) -> dict[str, Any]:
         "slots_total": backend.slots_total,
         "max_concurrency": backend.max_concurrency,
         "in_flight": backend.in_flight,
-        "queue_depth": _later(backend, "deferred"),
-        "circuit_state": _state_name(_later(backend, "circuit_state")),
-        "health_score": _later(backend, "health_score"),
-        "models": list(dict.fromkeys([*backend.models, *served])),
+        "queue_depth": backend.deferred,
+        "circuit_state": backend.circuit_state.value,
+        "health_score": backend.health_score,
+        "models": list(dict.fromkeys([*backend.models, *backend.served_models])),
         "last_error": backend.last_error,
         "requests_total": backend.requests_total,
         "errors_total": backend.errors_total,
         "latency_avg_s": backend.latency_avg,
         # Time to the first response byte: for a streamed completion, its first token.
         "ttft_avg_s": backend.ttfb_avg,
-        "prompt_tokens_total": _later(backend, "prompt_tokens_total"),
-        "completion_tokens_total": _later(backend, "completion_tokens_total"),
+        "prompt_tokens_total": backend.prompt_tokens_total,
+        "completion_tokens_total": backend.completion_tokens_total,
+        "cached_tokens_total": backend.cached_tokens_total,
+        "gpu_busy": backend.gpu_busy,
     }
 
 
@@ -97,9 +94,7 @@ def describe_gpu(sampler: GpuSampler) -> dict[str, Any]:
 
 
 def describe_queue(components: Components) -> dict[str, Any]:
-    admission = _later(components.dispatcher, "admission")
-    if admission is None:
-        return {"depth": None, "capacity": None, "timeout_s": None, "by_model": {}}
+    admission = components.dispatcher.admission
     return {
         "depth": admission.depth(),
         "capacity": admission.max_size,
@@ -109,15 +104,15 @@ def describe_queue(components: Components) -> dict[str, Any]:
 
 
 def build_snapshot(components: Components) -> dict[str, Any]:
-    supervisor = _later(components, "supervisor")
-    entries_count = _later(components.dispatcher.selector, "entries_count")
+    supervisor = components.supervisor
+    pinned = components.dispatcher.selector.entries_count()
     return {
         "schema_version": SCHEMA_VERSION,
         "time": time.time(),
         "policy": components.config.policy.name,
         "backends": [describe_backend(backend) for backend in components.registry],
         "instances": None if supervisor is None else [_instance(i) for i in supervisor.describe()],
-        "sticky_entries": None if entries_count is None else int(entries_count()),
+        "sticky_entries": pinned,
         "queue": describe_queue(components),
         "requests": [request.describe() for request in components.recent.newest_first()],
         "gpu": describe_gpu(components.gpu),
@@ -131,12 +126,6 @@ INSTANCE_FIELDS = ("name", "url", "state", "reason", "pid", "restarts", "uptime_
 
 def _instance(described: dict[str, Any]) -> dict[str, Any]:
     return {key: described.get(key) for key in INSTANCE_FIELDS}
-
-
-def _state_name(value: object) -> str | None:
-    if value is None:
-        return None
-    return str(getattr(value, "value", value))
 
 
 def snapshot_handler(components: Components) -> Callable[[web.Request], Awaitable[web.Response]]:
