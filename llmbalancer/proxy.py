@@ -78,6 +78,9 @@ class Access:
             ttfb_ms=None if self.ttfb is None else round((self.ttfb - self.started) * 1000, 2),
             duration_ms=round((now - self.started) * 1000, 2),
             bytes=self.bytes,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            cached_tokens=self.cached_tokens,
             error=self.error,
         )
 

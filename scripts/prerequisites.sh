@@ -18,6 +18,6 @@ install_system_packages() {
 
 ensure_venv() {
     [ -x .venv/bin/python ] || python3 -m venv .venv
-    echo "[setup] installing llmbalancer$1 into .venv" >&2
+    echo "[setup] pip install -e '$1' into .venv" >&2
     .venv/bin/python -m pip install -q -e "$1"
 }
