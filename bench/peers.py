@@ -174,7 +174,7 @@ def start_fake_llama(procs: Processes, port: int, events: int, core: int | None)
         f"fake-llama-{port}",
         [
             sys.executable, "-m", "llmbalancer.testing.fake_llama", "--port", str(port), "--slots", "128",
-            "--token-delay", "0", "--max-tokens-default", str(events),
+            "--token-delay", "0", "--max-tokens-default", str(events), "--alias", "bench",
         ],
         core,
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import functools
 import os
 import platform
 import re
@@ -125,6 +126,10 @@ class Setup:
     notes: list[str]
 
 
+def _start_compared(setup: Setup, backend_port: int, label: str, tree: Path, port: int) -> object:
+    return peers.start_llmbalancer(setup.procs, port, backend_port, setup.args.proxy_core, name=label, tree=tree)
+
+
 def start_proxies(setup: Setup, backend_port: int) -> dict[str, tuple[int, int | None]]:
     """Start every proxy in front of ``backend_port``; return target -> (port, process group or None)."""
     ports: dict[str, tuple[int, int | None]] = {DIRECT: (backend_port, None)}
@@ -135,9 +140,7 @@ def start_proxies(setup: Setup, backend_port: int) -> dict[str, tuple[int, int |
         SGLANG: lambda p: peers.start_sglang_router(setup.procs, p, backend_port, core),
     }
     for label, tree in setup.args.compare:
-        starters[label] = lambda p, label=label, tree=tree: peers.start_llmbalancer(
-            setup.procs, p, backend_port, core, name=label, tree=tree
-        )
+        starters[label] = functools.partial(_start_compared, setup, backend_port, label, tree)
     for target in setup.targets:
         if target == DIRECT:
             continue
