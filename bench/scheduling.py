@@ -12,9 +12,9 @@ slots are busy. Fleets: ``homogeneous`` (4 servers x 2 slots) and ``mixed`` (the
     python bench/scheduling.py --quick    # mixed fleet at 80 % only, a short window (~3 min)
     python bench/scheduling.py --real     # small run against two real llama-servers: prefix vs round_robin
 
-Figures per run (see bench/README.md): TTFT p50/p99 and end-to-end p99 (from sending the request to the
-first content token / the stream's end, as the client sees them), output tokens/s over the run, prompt-cache
-hit ratio (sum of ``timings.cache_n`` / sum of ``cache_n + prompt_n`` from each stream's finish chunk),
+Figures per run (``LEGEND`` is written with the table): TTFT p50/p99 and end-to-end p99 (from sending the
+request to the first content token / the stream's end, as the client sees them), output tokens/s over the run,
+prompt-cache hit ratio (sum of ``timings.cache_n`` / sum of ``cache_n + prompt_n`` from each stream's finish chunk),
 errors (non-200, broken or unfinished streams), and "misqueued": seconds requests spent deferred in one
 server's FIFO while another server had a free slot (from the fakes' busy/deferred timelines).
 """
@@ -52,6 +52,18 @@ FLEETS = {
     "homogeneous": [fleet.ServerSpec(2, 1.0)] * 4,
     "mixed": [fleet.ServerSpec(2, 1.0)] * 2 + [fleet.ServerSpec(2, 2.0)] * 2,
 }
+LEGEND = [
+    "Columns: **TTFT** from sending a request to its first content token, **e2e** to the stream's end (client "
+    "side, seconds); **out tok/s** content tokens received per second of the run; **cache hit** = sum of "
+    "`timings.cache_n` / sum of `cache_n + prompt_n` over the streams' finish chunks (prompt tokens the server "
+    "did not have to re-read); **errors** non-200, broken or unfinished streams; **misqueued s** seconds "
+    "requests spent deferred in one server's FIFO while another server had a free slot, summed over requests "
+    "(from the fakes' busy/deferred timelines), **deferred s** all seconds deferred in server FIFOs (llmbalancer "
+    "queues in its own admission queue instead, which neither column counts; it shows in TTFT); **slots busy** "
+    "share of the fleet's slot-seconds busy over the second half of the arrival window (the first half is "
+    "ramp-up), i.e. the load actually carried. Every run starts a fresh fleet (cold caches). Processes are not "
+    "pinned: on a small shared machine the figures carry scheduling noise of tens of milliseconds.",
+]
 DRAIN_CAP_S = 90.0  # after the arrival window, how long unfinished sessions may run before they count as errors
 
 
@@ -328,12 +340,13 @@ def verdict(rows: list[Row]) -> list[str]:
     return out
 
 
-def write_section(body: str) -> None:
+def write_section(body: str, start: str = SECTION_START, end: str = SECTION_END) -> None:
+    """Replace the text between ``start`` and ``end`` in bench/RESULTS.md (append it the first time)."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = f"{SECTION_START}\n{body.rstrip()}\n{SECTION_END}"
-    if SECTION_START in text and SECTION_END in text:
-        head, rest = text.split(SECTION_START, 1)
-        text = head + section + rest.split(SECTION_END, 1)[1]
+    section = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     RESULTS.write_text(text)
@@ -392,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     body = "\n".join([
         "## Scheduling",
         "",
-        f"`{command.strip()}` — {started:%Y-%m-%d %H:%M} UTC, {header}. How to read it: bench/README.md.",
+        f"`{command.strip()}` — {started:%Y-%m-%d %H:%M} UTC, {header}.",
+        "",
+        *LEGEND,
         "",
         f"Fleet simulation: fake llama-servers, 2 slots each, token_delay {SIM.token_delay * 1e3:g} ms, prefill "
         f"{SIM.prefill_per_token * 1e3:g} ms per uncached token, decode step "

@@ -1,0 +1,84 @@
+"""The scheduling workload, small and short, against two real llama-servers (SmolLM2, 2 slots each,
+``tests.support.start_llama_server``) through llmbalancer ``prefix`` and ``round_robin``: does cache-aware
+routing show in the real server's own ``timings.cache_n``? Servers are restarted (cold caches) per policy.
+
+    python bench/scheduling.py --real [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import sys
+import tempfile
+from pathlib import Path
+
+import fleet
+import peers
+import scheduling
+import workload
+
+sys.path.insert(0, str(peers.ROOT))
+
+from tests.support import start_llama_server, wait_ready  # the repository root, just added to the path
+
+START = "<!-- scheduling-real:start -->"
+END = "<!-- scheduling-real:end -->"
+# Small enough for one CPU thread per server and 2048 tokens of context per slot.
+SHAPE = workload.Shape(
+    system_prompts=2, system_words=(120, 200), turns=(3, 4), user_words=(10, 30), reply_tokens=(8, 16),
+    think_mean_s=0.3,
+)
+SESSION_RATE = 0.4  # sessions per second
+WINDOW_S = 12.0
+
+
+def run_policy(workdir: Path, policy: str, sessions: list[workload.Session]) -> scheduling.Row:
+    row = scheduling.Row("2 real llama-servers", 0.0, f"llmbalancer {policy}")
+    procs = peers.Processes(workdir)
+    servers = []
+    try:
+        servers = [start_llama_server(workdir) for _ in range(2)]
+        for server in servers:
+            wait_ready(server.url, timeout=120)
+        port = peers.free_port()
+        fleet.start_llmbalancer(procs, port, [s.port for s in servers], policy)
+        outcomes, wall, _ = asyncio.run(scheduling.drive(f"http://127.0.0.1:{port}", sessions, WINDOW_S))
+        scheduling.summarize(row, outcomes, wall)
+    except (RuntimeError, OSError, TimeoutError) as exc:
+        row.note = f"not run: {exc}".splitlines()[0][:200]
+    finally:
+        procs.stop_all()
+        for server in servers:
+            server.stop()
+    return row
+
+
+def main(args: argparse.Namespace) -> int:
+    sessions = workload.sessions(SHAPE, args.seed, SESSION_RATE, WINDOW_S)
+    started = datetime.datetime.now(datetime.UTC)
+    header = scheduling.machine()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="schedbench-real-") as tmp:
+        for policy in ("round_robin", "prefix"):
+            workdir = Path(tmp) / policy
+            workdir.mkdir()
+            rows.append(run_policy(workdir, policy, sessions))
+            print(scheduling.table(rows[-1:]).splitlines()[-1], flush=True)
+    body = "\n".join([
+        "### Two real llama-servers",
+        "",
+        f"`python bench/scheduling.py --real` — {started:%Y-%m-%d %H:%M} UTC, {header}. SmolLM2 (llama-server "
+        f"`-np 2 -t 1`), {len(sessions)} sessions, {sum(len(s.turns) for s in sessions)} requests "
+        f"({SESSION_RATE:g} sessions/s over {WINDOW_S:g} s, {SHAPE.turns[0]}-{SHAPE.turns[1]} turns, "
+        f"system prompts {SHAPE.system_words[0]}-{SHAPE.system_words[1]} words); cache hit ratio from the real "
+        "server's `timings.cache_n` / `prompt_n`. The load column does not apply.",
+        "",
+        scheduling.table(rows),
+    ])
+    print("\n" + body)
+    if not args.no_write:
+        scheduling.write_section(body, START, END)
+        print(f"\nwritten to {scheduling.RESULTS}")
+    return 0
