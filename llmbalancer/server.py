@@ -7,6 +7,7 @@ The first signal stops accepting and lets in-flight streams finish for up to
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 
@@ -46,6 +47,7 @@ async def serve(config: Config) -> int:
     try:
         site = web.TCPSite(runner, config.server.host, config.server.port, backlog=1024)
         await site.start()
+        _settle_garbage_collector()
         registry = app[COMPONENTS].registry
         log.info(
             "listening",
@@ -61,3 +63,17 @@ async def serve(config: Config) -> int:
         await runner.cleanup()
     log.info("stopped")
     return 0
+
+
+def _settle_garbage_collector() -> None:
+    """Everything built at start-up (config, modules, the app) lives as long as the process: move it out
+    of the collector's sight, so that each collection scans only what requests allocated. The default
+    gen-0 threshold (700 allocations) runs a collection every few requests; a proxy's per-request
+    objects are short-lived and mostly acyclic, so collecting less often costs little memory."""
+    gc.collect()
+    gc.freeze()
+    _, second, third = gc.get_threshold()
+    gc.set_threshold(_GEN0_THRESHOLD, second, third)
+
+
+_GEN0_THRESHOLD = 10_000
