@@ -2,7 +2,8 @@
 
 Two sources, so that nothing is added to the per-chunk loop:
 - per finished request, ``Metrics.observe`` (a ``Proxy.on_complete`` observer) moves the request
-  counters and histograms;
+  counters and histograms, kept as plain numbers and turned into families at scrape time
+  (``RequestCollector``);
 - at scrape time, ``FleetCollector`` reads the registry (through the snapshot builder, the one
   place that knows which fields exist yet) and turns the current state into gauges.
 
@@ -12,13 +13,16 @@ share a series.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from llmbalancer.backend import BackendState
 from llmbalancer.proxy import Access
@@ -40,40 +44,47 @@ MAX_MODEL_LABELS = 100
 OTHER_MODEL = "other"
 
 
+class _Histogram:
+    """Per-bucket counts (not yet cumulative), sum and count: one bisect and three adds per observation."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # le: a value equal to a bound is in its bucket
+        self.count += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out = []
+        running = 0
+        for bound, count in zip((*map(floatToGoString, self.bounds), "+Inf"), self.counts, strict=True):
+            running += count
+            out.append((bound, float(running)))
+        return out
+
+
 class Metrics:
+    """Request counters and histograms as plain ints and lists, moved per request without any label
+    lookup or lock (prometheus-client's cost per request); ``RequestCollector`` turns them into the
+    exposition's families at scrape time, under the same names, labels and buckets."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._models: set[str] = set()
-        by_request = ["backend", "model", "status"]
-        self.requests = Counter(
-            "llmbalancer_requests", "Requests finished, by backend, model and HTTP status.",
-            by_request, registry=self.registry,
-        )
-        self.duration = Histogram(
-            "llmbalancer_request_duration_seconds", "Time from request arrival to the end of the response.",
-            ["backend"], buckets=DURATION_BUCKETS, registry=self.registry,
-        )
-        self.ttft = Histogram(
-            "llmbalancer_time_to_first_token_seconds",
-            "Time from request arrival to the first response byte relayed (the first token when streaming).",
-            ["backend"], buckets=TTFT_BUCKETS, registry=self.registry,
-        )
-        self.queue_wait = Histogram(
-            "llmbalancer_queue_wait_seconds", "Time requests waited in the admission queue for a slot.",
-            buckets=QUEUE_BUCKETS, registry=self.registry,
-        )
-        self.prompt_tokens = Counter(
-            "llmbalancer_prompt_tokens", "Prompt (input) tokens the backends reported.",
-            ["backend", "model"], registry=self.registry,
-        )
-        self.completion_tokens = Counter(
-            "llmbalancer_completion_tokens", "Completion (output) tokens the backends reported.",
-            ["backend", "model"], registry=self.registry,
-        )
-        self.retries = Counter(
-            "llmbalancer_retries", "Attempts beyond the first: requests sent again to another backend.",
-            registry=self.registry,
-        )
+        self.requests: dict[tuple[str, str, int], int] = defaultdict(int)  # (backend, model, status)
+        self.duration: dict[str, _Histogram] = {}  # by backend
+        self.ttft: dict[str, _Histogram] = {}
+        self.queue_wait = _Histogram(QUEUE_BUCKETS)
+        self.prompt_tokens: dict[tuple[str, str], int] = defaultdict(int)  # (backend, model)
+        self.completion_tokens: dict[tuple[str, str], int] = defaultdict(int)
+        self.retries = 0
+        self.registry.register(RequestCollector(self))
 
     def _model_label(self, model: str | None) -> str:
         if not model:
@@ -89,17 +100,23 @@ class Metrics:
         """One finished request (``Proxy.on_complete``): a handful of dict updates, no I/O."""
         backend = access.backend or ""
         model = self._model_label(access.model)
-        self.requests.labels(backend, model, str(access.status)).inc()
-        finished = access.finished or access.started
-        self.duration.labels(backend).observe(max(0.0, finished - access.started))
+        self.requests[backend, model, access.status] += 1
+        started = access.started
+        duration = self.duration.get(backend)
+        if duration is None:
+            duration = self.duration[backend] = _Histogram(DURATION_BUCKETS)
+        duration.observe(max(0.0, (access.finished or started) - started))
         if access.ttfb is not None:
-            self.ttft.labels(backend).observe(max(0.0, access.ttfb - access.started))
+            ttft = self.ttft.get(backend)
+            if ttft is None:
+                ttft = self.ttft[backend] = _Histogram(TTFT_BUCKETS)
+            ttft.observe(max(0.0, access.ttfb - started))
         if access.attempts > 1:
-            self.retries.inc(access.attempts - 1)
+            self.retries += access.attempts - 1
         if access.prompt_tokens:
-            self.prompt_tokens.labels(backend, model).inc(access.prompt_tokens)
+            self.prompt_tokens[backend, model] += access.prompt_tokens
         if access.completion_tokens:
-            self.completion_tokens.labels(backend, model).inc(access.completion_tokens)
+            self.completion_tokens[backend, model] += access.completion_tokens
         if access.queue_wait is not None:
             self.queue_wait.observe(access.queue_wait)
 
@@ -108,6 +125,60 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RequestCollector(Collector):
+    """The request counters and histograms, as they are at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        requests = CounterMetricFamily(
+            "llmbalancer_requests", "Requests finished, by backend, model and HTTP status.",
+            labels=["backend", "model", "status"],
+        )
+        for (backend, model, status), count in list(m.requests.items()):
+            requests.add_metric([backend, model, str(status)], float(count))
+        yield requests
+        yield _histogram(
+            "llmbalancer_request_duration_seconds", "Time from request arrival to the end of the response.",
+            m.duration,
+        )
+        yield _histogram(
+            "llmbalancer_time_to_first_token_seconds",
+            "Time from request arrival to the first response byte relayed (the first token when streaming).",
+            m.ttft,
+        )
+        queue_wait = HistogramMetricFamily(
+            "llmbalancer_queue_wait_seconds", "Time requests waited in the admission queue for a slot."
+        )
+        queue_wait.add_metric([], m.queue_wait.buckets(), m.queue_wait.sum)
+        yield queue_wait
+        for name, documentation, counts in (
+            ("llmbalancer_prompt_tokens", "Prompt (input) tokens the backends reported.", m.prompt_tokens),
+            ("llmbalancer_completion_tokens", "Completion (output) tokens the backends reported.",
+             m.completion_tokens),
+        ):
+            family = CounterMetricFamily(name, documentation, labels=["backend", "model"])
+            for (backend, model), count in list(counts.items()):
+                family.add_metric([backend, model], float(count))
+            yield family
+        yield CounterMetricFamily(
+            "llmbalancer_retries", "Attempts beyond the first: requests sent again to another backend.",
+            value=float(m.retries),
+        )
+
+
+def _histogram(name: str, documentation: str, by_backend: dict[str, _Histogram]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=["backend"])
+    for backend, histogram in list(by_backend.items()):
+        family.add_metric([backend], histogram.buckets(), histogram.sum)
+    return family
 
 
 class FleetCollector(Collector):
