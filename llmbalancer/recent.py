@@ -43,11 +43,14 @@ class RecentRequest:
         }
 
 
-def from_access(access: Access) -> RecentRequest:
-    """Access times are monotonic; the arrival is turned into wall-clock time once, here."""
+def from_access(access: Access, wall_offset: float | None = None) -> RecentRequest:
+    """Access times are monotonic; the arrival is turned into wall-clock time here (``wall_offset``:
+    wall-clock minus monotonic time, taken once for a whole snapshot)."""
     finished = access.finished or time.monotonic()
+    if wall_offset is None:
+        wall_offset = time.time() - time.monotonic()
     return RecentRequest(
-        time=time.time() - (time.monotonic() - access.started),
+        time=access.started + wall_offset,
         request_id=access.request_id,
         method=access.method,
         path=access.path,
@@ -64,16 +67,18 @@ def from_access(access: Access) -> RecentRequest:
 
 
 class RecentRequests:
-    """A bounded ring: appending is O(1) and the oldest entry falls off."""
+    """A bounded ring: appending is O(1) and the oldest entry falls off. It keeps the finished requests'
+    ``Access`` records themselves (done with once observed) and makes ``RecentRequest``s only when read:
+    requests finish far more often than the snapshot is asked for."""
 
     def __init__(self, size: int) -> None:
-        self._ring: deque[RecentRequest] = deque(maxlen=size)
+        self._ring: deque[Access] = deque(maxlen=size)
         self.observed = 0  # every request seen, kept or not
 
     def observe(self, access: Access) -> None:
         self.observed += 1
-        if self._ring.maxlen:
-            self._ring.append(from_access(access))
+        self._ring.append(access)  # a deque of maxlen 0 keeps nothing
 
     def newest_first(self) -> list[RecentRequest]:
-        return list(reversed(self._ring))
+        wall_offset = time.time() - time.monotonic()
+        return [from_access(access, wall_offset) for access in reversed(self._ring)]
