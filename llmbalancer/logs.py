@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
+import orjson
 import structlog
 
 from llmbalancer.config import LoggingConfig
@@ -15,7 +19,7 @@ def configure_logging(config: LoggingConfig) -> None:
     renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
         if use_console
-        else structlog.processors.JSONRenderer()
+        else structlog.processors.JSONRenderer(serializer=_dumps)
     )
     level = getattr(logging, config.level.upper())
     structlog.configure(
@@ -31,3 +35,12 @@ def configure_logging(config: LoggingConfig) -> None:
     )
     # aiohttp's own loggers go through the standard library: keep them quiet but visible.
     logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr, format="%(name)s: %(message)s")
+
+
+def _dumps(event: dict[str, Any], default: Callable[[Any], Any] | None = None, **kw: Any) -> str:
+    """orjson, several times faster than json.dumps on the one access event every request writes; the
+    standard library for what orjson refuses (an integer over 64 bits, say)."""
+    try:
+        return orjson.dumps(event, default=default).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(event, default=default, **kw)
