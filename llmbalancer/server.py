@@ -16,6 +16,7 @@ from aiohttp import web
 
 from llmbalancer.app import COMPONENTS, build_app
 from llmbalancer.config import Config, fleet_sources
+from llmbalancer.logs import flush_logs
 
 log = structlog.get_logger("llmbalancer.server")
 
@@ -38,6 +39,7 @@ async def serve(config: Config) -> int:
     def on_signal(signum: int) -> None:
         if stop.is_set():
             log.warning("second_signal_exiting_now", signal=signal.Signals(signum).name)
+            flush_logs()
             os._exit(EXIT_ON_SECOND_SIGNAL)
         log.info("shutdown_requested", signal=signal.Signals(signum).name)
         stop.set()
