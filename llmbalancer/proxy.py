@@ -39,6 +39,7 @@ log = structlog.get_logger("llmbalancer.access")
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 CLIENT_CLOSED = 499  # nginx's convention, for the access log only
 _MAX_REQUEST_ID = 128
+_WHOLE_BODY_MAX = 65536  # a reply up to this size that arrived with its headers is relayed in one write
 
 
 @dataclass(slots=True)
@@ -252,7 +253,9 @@ class Proxy:
     async def _relay(
         self, request: web.Request, upstream: aiohttp.ClientResponse, backend: Backend, access: Access
     ) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        whole = _whole_body(upstream)
+        kind = web.StreamResponse if whole is None else _WholeResponse
+        response = kind(status=upstream.status, reason=upstream.reason)
         response.headers.extend(downstream_response_headers(upstream.headers, upstream.headers.items()))
         response.headers["X-Request-ID"] = access.request_id
         if upstream.content_length is not None:
@@ -260,9 +263,19 @@ class Proxy:
         access.status = upstream.status
         await response.prepare(request)
 
-        broken = await self._pump(upstream, response, access)
+        if whole is not None:
+            # Nothing left to wait for: no idle timer, no read loop; headers and body leave in one write.
+            if whole:
+                access.ttfb = time.monotonic()
+            await response.write_eof(whole)
+            access.bytes = len(whole)
+            access.usage_tail = whole
+            broken = None
+        else:
+            broken = await self._pump(upstream, response, access)
         if broken is None:
-            await response.write_eof()
+            if whole is None:
+                await response.write_eof()
             self._registry.record_success(backend, access.ttfb and access.ttfb - access.started,
                                           time.monotonic() - access.started)
             return response
@@ -291,14 +304,8 @@ class Proxy:
         # Re-arming the timer costs a timer handle per chunk; re-arm only when it has drifted by 1 %
         # of the idle timeout, so the timeout fires after between 0.99 and 1.0 x idle of silence.
         slack = idle / 100
-        # A small answer that came whole with its headers (the usual non-streamed reply) leaves nothing
-        # to wait for: arming an idle timer would cost more than relaying it.
-        whole = reader.is_eof() and upstream.content_length is not None and upstream.content_length <= 65536
-        timer: contextlib.AbstractAsyncContextManager[asyncio.Timeout | _NoDeadline] = (
-            contextlib.nullcontext(_NoDeadline()) if whole else asyncio.timeout_at(loop.time() + idle)
-        )
         try:
-            async with timer as deadline:
+            async with asyncio.timeout_at(loop.time() + idle) as deadline:
                 armed = loop.time()
                 chunk = await reader.readany()
                 if chunk:
@@ -322,11 +329,19 @@ class Proxy:
         return None
 
 
-class _NoDeadline:
-    """Stands in for the idle timer where the whole body is already here."""
+class _WholeResponse(web.StreamResponse):
+    """A response whose body is written at once: aiohttp holds its headers back to leave with the body
+    in one write, instead of sending them at ``prepare()`` in a packet of their own."""
 
-    def reschedule(self, when: float | None) -> None:
-        pass
+    _send_headers_immediately = False
+
+
+def _whole_body(upstream: aiohttp.ClientResponse) -> bytes | None:
+    """The body when it came whole with the headers (the usual non-streamed reply), else None."""
+    length = upstream.content_length
+    if length is None or length > _WHOLE_BODY_MAX or not upstream.content.is_eof():
+        return None
+    return upstream.content.read_nowait()
 
 
 def _describe(exc: BaseException) -> str:
