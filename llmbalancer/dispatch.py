@@ -59,12 +59,14 @@ class Dispatcher:
         # A retry (some backend already excluded) has had its turn: it may take any free slot at once
         # and never blocks the queue's head on a backend it may not use.
         retry = bool(excluded)
-        excluded = self.routing.exclusion(facts, self.registry, excluded)
+        given = excluded
+        excluded = self.routing.exclusion(facts, self.registry, given)
         model = facts.model or ""
         if retry or not self.admission.depth(model):  # no jumping ahead of those already waiting
             claim = self._try_claim(facts, excluded)
             if claim is not None:
                 return claim
+        excluded = self.routing.exclusion(facts, self.registry, given, waiting=True)
         self._fail_if_hopeless(excluded)
         with self.admission.waiting(model, priority_of(facts.headers)) as waiter:
             try:

@@ -87,6 +87,7 @@ class ModelRouter:
         routing = routing or RoutingConfig()
         self._routes = [(re.compile(route.pattern), route) for route in routing.models]
         self._fallback = routing.fallback
+        self._races = any(route.race > 1 for route in routing.models)
         # Several instances on one backend take turns (the backend sees each by its own name).
         self._turns: dict[tuple[str, str], Iterator[int]] = {}
         self._allowed: dict[str, tuple[tuple[Any, ...], frozenset[Backend]]] = {}
@@ -104,6 +105,8 @@ class ModelRouter:
 
     def race_for(self, facts: RequestFacts) -> int:
         """How many backends this request is sent to at once (1: no racing)."""
+        if not self._races:
+            return 1
         model = self.model_of(facts)
         route = self.route_for(model) if model is not None else None
         return route.race if route is not None else 1
@@ -137,12 +140,20 @@ class ModelRouter:
         return allowed
 
     def exclusion(
-        self, facts: RequestFacts, backends: Registry, excluded: Collection[Backend]
+        self, facts: RequestFacts, backends: Registry, excluded: Collection[Backend], *, waiting: bool = False
     ) -> Collection[Backend]:
         """``excluded`` plus every backend that may not take this request's model, judged when the claim
-        starts and again when a backend joins while it waits. Unknown model: 404."""
+        starts and again when a backend joins while it waits (``waiting``: for a claim that may wait).
+        Unknown model: 404."""
         model = self.model_of(facts)
         if model is None:
+            return excluded
+        if (
+            not waiting and not self._routes and self._fallback is None
+            and not any(b.models or b.served_models for b in backends)
+        ):
+            # No routes and every backend open (none names a model): all may take any model, as below.
+            # Not for a claim that waits: a backend naming models may join meanwhile.
             return excluded
         exclusion = _Exclusion(self, model, backends, excluded)
         if backends and not exclusion.allowed():
@@ -162,8 +173,8 @@ class ModelRouter:
     def body_for(self, body: InboundBody, facts: RequestFacts, backend: Backend) -> InboundBody:
         """The body to send to ``backend``: re-encoded only when the model's name must change."""
         model = self.model_of(facts)
-        if model is None or body.parsed is None:
-            return body
+        if model is None or body.parsed is None or not (backend.models or backend.served_models):
+            return body  # an open backend takes the model by the client's name
         name = self.instance_for(model, backend)
         if name == model:
             return body
