@@ -30,7 +30,7 @@ SHAPE = workload.Shape(
     system_prompts=2, system_words=(120, 200), turns=(3, 4), user_words=(10, 30), reply_tokens=(8, 16),
     think_mean_s=0.3,
 )
-SESSION_RATE = 0.4  # sessions per second
+SESSION_RATE = 0.8  # sessions per second
 WINDOW_S = 12.0
 
 
