@@ -12,6 +12,12 @@ slots are busy. Fleets: ``homogeneous`` (4 servers x 2 slots) and ``mixed`` (the
     python bench/scheduling.py --quick    # mixed fleet at 80 %, 4 targets, a short window (~3 min), own section
     python bench/scheduling.py --real     # small run against two real llama-servers: prefix vs round_robin
 
+Prerequisites (the script installs nothing; a missing peer's rows say "not run"): Linux, ``apt-get install -y
+nginx haproxy``, ``pip install sglang-router`` (0.3.2 measured), and for ``--real`` the llama-server
+binary and model (``python -m llmbalancer install-llama-server``). Every process runs in its own session and
+is stopped (SIGTERM, then SIGKILL) after its run whatever the outcome; a run's sessions are cut off
+``DRAIN_CAP_S`` after its arrival window (counted as errors).
+
 Figures per run (``LEGEND`` is written with the table): TTFT p50/p99 and end-to-end p99 (from sending the
 request to the first content token / the stream's end, as the client sees them), output tokens/s over the run,
 prompt-cache hit ratio (sum of ``timings.cache_n`` / sum of ``cache_n + prompt_n`` from each stream's finish chunk),
