@@ -9,4 +9,5 @@ install_system_packages cmake g++ chromium
 ensure_venv '.[test]'
 .venv/bin/python -m llmbalancer install-llama-server
 .venv/bin/ruff check .
+.venv/bin/mypy
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
