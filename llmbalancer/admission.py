@@ -4,6 +4,10 @@ The queue only orders waiters; it does not pick backends. A waiter at the head o
 queue binds to a backend when a slot frees (the dispatcher checks on every registry change), so a
 request queued while every server was full goes to whichever frees first, not to the one that
 looked best when it arrived.
+
+A waiter may be *held* for one backend (a cache-aware policy's ``hold_for``): it waits for that backend
+alone, so it does not stand in the way of the waiters behind it, which may take any other server; only
+waiters held for the same backend queue behind it. Held waiters still count in the depth.
 """
 
 from __future__ import annotations
@@ -12,8 +16,12 @@ import bisect
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from llmbalancer import errors
+
+if TYPE_CHECKING:
+    from llmbalancer.backend import Backend
 
 
 @dataclass(eq=False, slots=True)
@@ -22,6 +30,7 @@ class Waiter:
     priority: int
     seq: int
     sort_key: tuple[int, int] = field(init=False)
+    held_for: Backend | None = None  # waiting for this backend only (until the dispatcher clears it)
 
     def __post_init__(self) -> None:
         self.sort_key = (-self.priority, self.seq)  # higher priority first, then arrival
@@ -43,8 +52,14 @@ class AdmissionQueue:
         return {model: len(queue) for model, queue in self._queues.items() if queue}
 
     def is_head(self, waiter: Waiter) -> bool:
-        queue = self._queues.get(waiter.model)
-        return queue is not None and bool(queue) and queue[0] is waiter
+        """First in line for what it waits for: no waiter ahead of it waits for the same (held: any backend,
+        unheld: the one it is held for)."""
+        for ahead in self._queues.get(waiter.model, ()):
+            if ahead is waiter:
+                return True
+            if ahead.held_for is None or ahead.held_for is waiter.held_for:
+                return False
+        return False
 
     def waiting(self, model: str, priority: int) -> _Place:
         """Hold a place in ``model``'s queue for a ``with`` block; raises 503 ``queue_full`` when there is none."""

@@ -57,6 +57,7 @@ class PolicyConfig:
     prefix_min_match_blocks: int = field(default=4, metadata=_at_least(1))
     prefix_max_imbalance: int = field(default=2, metadata=_at_least(0))
     prefix_max_blocks: int = field(default=65536, metadata=_at_least(16))
+    prefix_max_wait: float = field(default=1.0, metadata=_at_least(0))
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,17 @@
 Capacity is gated here, once, for every policy: a selector only ever sees routable backends with a
 free slot (``capacity.has_room``). When none has one, the request waits in the admission queue and
 binds to a backend when a slot frees; when none is routable and none is starting, it fails at once.
+
+One exception, asked of the policy once per request (``Selector.hold_for``): a cache-aware policy may name
+a full backend worth waiting for (it holds the request's prompt prefix). The request then waits in the
+queue for that backend only, for at most the wait the policy gave, letting the waiters behind it take
+other servers, and afterwards takes any free backend like everyone else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
@@ -18,7 +24,7 @@ from llmbalancer.capacity import has_room
 from llmbalancer.config import QueueConfig
 from llmbalancer.model_routing import ModelRouter
 from llmbalancer.registry import Claim, Registry
-from llmbalancer.selectors import RequestFacts, Selector
+from llmbalancer.selectors import Hold, RequestFacts, Selector
 from llmbalancer.usage import read_usage
 
 if TYPE_CHECKING:
@@ -62,22 +68,34 @@ class Dispatcher:
         given = excluded
         excluded = self.routing.exclusion(facts, self.registry, given)
         model = facts.model or ""
-        if retry or not self.admission.depth(model):  # no jumping ahead of those already waiting
+        hold = None if retry else self._hold(facts, excluded)
+        if hold is None and (retry or not self.admission.depth(model)):  # no jumping ahead of those waiting
             claim = self._try_claim(facts, excluded)
             if claim is not None:
                 return claim
         excluded = self.routing.exclusion(facts, self.registry, given, waiting=True)
         self._fail_if_hopeless(excluded)
+        loop = asyncio.get_running_loop()
         with self.admission.waiting(model, priority_of(facts.headers)) as waiter:
+            hold_until = loop.time() + hold.wait if hold is not None else 0.0
+            waiter.held_for = hold.backend if hold is not None else None
             try:
                 async with asyncio.timeout(self.admission.timeout):
                     while True:
+                        held = waiter.held_for
+                        if held is not None and (loop.time() >= hold_until or held not in self.candidates(excluded)):
+                            waiter.held_for = held = None  # the affinity wait is over: any free backend now
                         if retry or self.admission.is_head(waiter):
-                            claim = self._try_claim(facts, excluded)
+                            claim = self._try_claim(facts, excluded, only=held)
                             if claim is not None:
                                 return claim
                         self._fail_if_hopeless(excluded)
-                        await self.registry.wait_change()
+                        if held is None:
+                            await self.registry.wait_change()
+                        else:
+                            with contextlib.suppress(TimeoutError):
+                                async with asyncio.timeout(hold_until - loop.time()):
+                                    await self.registry.wait_change()
             except TimeoutError:
                 raise errors.queue_timeout(self.admission.timeout) from None
             finally:
@@ -97,8 +115,18 @@ class Dispatcher:
             backend.cached_tokens_total += usage.cached_tokens or 0
         self.selector.completed(backend, facts, usage)
 
-    def _try_claim(self, facts: RequestFacts, excluded: Collection[Backend]) -> Claim | None:
+    def _hold(self, facts: RequestFacts, excluded: Collection[Backend]) -> Hold | None:
+        """The policy's choice of a full backend to wait for, if it wants one."""
+        allows = self.registry.circuit.allows
+        full = [b for b in self.registry if b.routable and b not in excluded and allows(b) and not has_room(b)]
+        return self.selector.hold_for(full, self.eligible(excluded), facts) if full else None
+
+    def _try_claim(
+        self, facts: RequestFacts, excluded: Collection[Backend], only: Backend | None = None
+    ) -> Claim | None:
         eligible = self.eligible(excluded)
+        if only is not None:
+            eligible = [b for b in eligible if b is only]
         backend = self.selector.select(eligible, facts) if eligible else None
         if backend is None:
             return None

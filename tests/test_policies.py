@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from llmbalancer.backend import Backend, BackendState
@@ -10,7 +11,7 @@ from llmbalancer.config import PolicyConfig
 from llmbalancer.dispatch import Dispatcher
 from llmbalancer.registry import Registry
 from llmbalancer.selectors import make_selector, policy_problems
-from llmbalancer.selectors.base import RequestFacts
+from llmbalancer.selectors.base import Hold, RequestFacts
 from llmbalancer.selectors.least_connections import LeastConnections
 from llmbalancer.selectors.power_of_two import PowerOfTwo
 from llmbalancer.selectors.prefix import Prefix
@@ -171,3 +172,69 @@ def test_usage_is_read_from_an_openai_usage_object() -> None:
     )
     assert read_usage(tail) == Usage(prompt_tokens=25, completion_tokens=8, cached_tokens=3)
     assert read_usage(b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n') is None
+
+
+def test_prefix_asks_to_wait_for_a_full_holder_only_when_no_free_server_has_the_prefix() -> None:
+    prefix = Prefix(max_wait=2.0)
+    holder, other = backend("holder", in_flight=2), backend("other")
+    prefix.claimed(holder, facts(conversation(1)))
+    follow_up = facts(conversation(2))
+    assert prefix.hold_for([holder], [other], follow_up) == Hold(holder, 2.0)
+    unrelated = facts(conversation(1, system="Completely different instructions here. " * 20))
+    assert prefix.hold_for([holder], [other], unrelated) is None  # nothing to save: no wait
+    prefix.claimed(other, facts(conversation(1)))
+    assert prefix.hold_for([holder], [other], follow_up) is None  # a free server saves as much at once
+    never = Prefix(max_wait=0.0)
+    never.claimed(holder, facts(conversation(1)))
+    assert never.hold_for([holder], [backend("free")], follow_up) is None
+
+
+def test_sticky_delegates_the_wait_to_its_inner_policy() -> None:
+    holder, other = backend("holder", in_flight=2), backend("other")
+    over_prefix = Sticky(Prefix(max_wait=1.0))
+    over_prefix.claimed(holder, facts(conversation(1)))
+    assert over_prefix.hold_for([holder], [other], facts(conversation(2))) == Hold(holder, 1.0)
+    over_slots = Sticky(SlotAware())
+    over_slots.claimed(holder, facts(conversation(1)))
+    assert over_slots.hold_for([holder], [other], facts(conversation(2))) is None
+
+
+def _held_dispatcher(max_wait: float) -> tuple[Dispatcher, Backend, Backend]:
+    registry = Registry()
+    holder = registry.add(backend("holder", slots=1))
+    other = registry.add(backend("other", slots=1))
+    prefix = Prefix(max_wait=max_wait)
+    prefix.claimed(holder, facts(conversation(1)))
+    return Dispatcher(registry, prefix), holder, other
+
+
+async def test_a_follow_up_waits_for_its_full_holder_when_it_frees_within_the_bound() -> None:
+    dispatcher, holder, _ = _held_dispatcher(max_wait=5.0)
+    busy = dispatcher.registry.claim(holder)
+    waiting = asyncio.create_task(dispatcher.claim(facts(conversation(2))))
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and dispatcher.queue_depth == 1  # other is free, yet it waits for holder
+    busy.release()
+    with await asyncio.wait_for(waiting, timeout=2) as claim:
+        assert claim.backend is holder
+
+
+async def test_a_follow_up_goes_elsewhere_when_its_holder_stays_full_past_the_bound() -> None:
+    dispatcher, holder, other = _held_dispatcher(max_wait=0.1)
+    with dispatcher.registry.claim(holder), await asyncio.wait_for(
+        dispatcher.claim(facts(conversation(2))), timeout=2
+    ) as claim:
+        assert claim.backend is other
+
+
+async def test_a_held_request_does_not_block_the_queue_behind_it() -> None:
+    dispatcher, holder, other = _held_dispatcher(max_wait=5.0)
+    with dispatcher.registry.claim(holder):
+        held = asyncio.create_task(dispatcher.claim(facts(conversation(2))))
+        await asyncio.sleep(0.02)
+        unrelated = facts(conversation(1, system="Completely different instructions here. " * 20))
+        with await asyncio.wait_for(dispatcher.claim(unrelated), timeout=2) as claim:
+            assert claim.backend is other  # went past the held waiter to the free server
+        assert not held.done()
+    with await asyncio.wait_for(held, timeout=2) as claim:
+        assert claim.backend is holder

@@ -207,3 +207,46 @@ async def test_sticky_sessions_stick_and_fail_over() -> None:
             assert (await post(session, bal.url, chat(), **{"X-Session-ID": "alice"}))[0] == 200
         now_served = [f for f in fakes if f.running and f.stats["requests"].get(CHAT)]
         assert len(now_served) == 1 and now_served[0].stats["requests"][CHAT] == 3
+
+
+def conversation(turns: int, max_tokens: int = 4) -> dict[str, Any]:
+    messages = [{"role": "system", "content": "You are a patient tutor who explains things slowly. " * 12}]
+    for turn in range(turns):
+        messages.append({"role": "user", "content": f"question {turn}: " + "tell me more about it " * 10})
+        messages.append({"role": "assistant", "content": f"answer {turn}: " + "here is more about it " * 10})
+    messages.append({"role": "user", "content": "and then?"})
+    return {"model": "smollm2", "messages": messages, "max_tokens": max_tokens}
+
+
+async def _follow_up_while_holder_busy(max_wait: float, blocker_tokens: int) -> tuple[int, list[int]]:
+    """Turn 1 lands on one server; a long request with the same history keeps it full; then turn 2 is sent.
+    Returns turn 2's ``timings.cache_n`` and the chat requests each fake served."""
+    config = FakeLlamaConfig(slots=1, token_delay=0.05, prefill_per_token=0.001)
+    async with (
+        run_fake_fleet(2, config) as fakes,
+        run_balancer(
+            make_config([f.url for f in fakes], **{"policy.name": "prefix", "policy.prefix_max_wait": max_wait})
+        ) as balancer,
+        aiohttp.ClientSession() as session,
+    ):
+        await wait_for(lambda: all(b.slots_total == 1 for b in balancer.components.registry), timeout=5)
+        status, _ = await post(session, balancer.url, conversation(1))
+        assert status == 200
+        blocker = asyncio.create_task(post(session, balancer.url, conversation(1, max_tokens=blocker_tokens)))
+        await wait_for(lambda: any(b.in_flight for b in balancer.components.registry), timeout=5)
+        status, body = await post(session, balancer.url, conversation(2))
+        assert status == 200, body
+        assert (await asyncio.wait_for(blocker, timeout=20))[0] == 200
+        return body["timings"]["cache_n"], [f.stats["requests"].get(CHAT, 0) for f in fakes]
+
+
+async def test_prefix_follow_up_waits_for_its_busy_server_when_it_frees_within_the_bound() -> None:
+    cache_n, served = await _follow_up_while_holder_busy(max_wait=10.0, blocker_tokens=10)  # busy ~0.5 s
+    assert sorted(served) == [0, 3]  # all three on the server holding the history
+    assert cache_n > 100  # the history was not re-read
+
+
+async def test_prefix_follow_up_goes_elsewhere_when_its_server_stays_busy_past_the_bound() -> None:
+    cache_n, served = await _follow_up_while_holder_busy(max_wait=0.2, blocker_tokens=60)  # busy ~3 s
+    assert sorted(served) == [1, 2]  # the follow-up went to the other, free server
+    assert cache_n == 0  # which had never seen the history

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from llmbalancer.config import PolicyConfig
-from llmbalancer.selectors.base import RequestFacts, Selector
+from llmbalancer.selectors.base import Hold, RequestFacts, Selector
 from llmbalancer.selectors.hash import Hash
 from llmbalancer.selectors.least_connections import LeastConnections
 from llmbalancer.selectors.power_of_two import PowerOfTwo
@@ -15,7 +15,7 @@ from llmbalancer.selectors.round_robin import RoundRobin
 from llmbalancer.selectors.slot_aware import SlotAware
 from llmbalancer.selectors.sticky import Sticky
 
-__all__ = ["POLICIES", "RequestFacts", "Selector", "make_selector", "policy_problems"]
+__all__ = ["POLICIES", "Hold", "RequestFacts", "Selector", "make_selector", "policy_problems"]
 
 STICKY_DEFAULT_INNER = "slot_aware"
 
@@ -26,6 +26,7 @@ def _prefix(config: PolicyConfig) -> Selector:
         min_match_blocks=config.prefix_min_match_blocks,
         max_imbalance=config.prefix_max_imbalance,
         max_blocks=config.prefix_max_blocks,
+        max_wait=config.prefix_max_wait,
     )
 
 

@@ -5,6 +5,10 @@ request, and returns one backend or none. It does no I/O, checks no health, star
 records no metric; claiming capacity is the dispatcher's separate step. The candidates it sees are
 already routable and have a free slot (the dispatcher gates capacity for every policy). Policies that
 learn (``sticky``, ``prefix``) do so in the ``claimed`` / ``completed`` hooks, never in ``select``.
+
+A cache-aware policy may also ask, through ``hold_for``, to wait briefly for a *full* backend that holds
+the request's prompt cache instead of being shown only the free ones: the dispatcher then waits for that
+backend alone (bounded by ``Hold.wait``) before falling back to ``select`` over any free backend.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from llmbalancer.backend import Backend
 from llmbalancer.usage import Usage
@@ -31,12 +35,24 @@ class RequestFacts:
     body: Mapping[str, Any] | None = None
 
 
+class Hold(NamedTuple):
+    """Wait up to ``wait`` seconds for a slot on ``backend`` (full now) rather than go elsewhere."""
+
+    backend: Backend
+    wait: float
+
+
 class Selector(ABC):
     name: ClassVar[str]
 
     @abstractmethod
     def select(self, candidates: Sequence[Backend], facts: RequestFacts) -> Backend | None:
         """Pick one of ``candidates`` (never empty) for this request, or None to decline all."""
+
+    def hold_for(self, full: Sequence[Backend], free: Sequence[Backend], facts: RequestFacts) -> Hold | None:
+        """Asked once per request, before it is placed: name one of ``full`` (routable, no free slot) worth
+        waiting for over every one of ``free`` (what ``select`` would be shown; may be empty), or None."""
+        return None  # most policies never wait for a particular backend
 
     def claimed(self, backend: Backend, facts: RequestFacts) -> None:
         """The dispatcher claimed ``backend`` for this request (policies that learn record it here)."""

@@ -19,8 +19,13 @@ Algorithm
 5. Among those, the longest match wins when it is good enough: at least ``min_match_blocks`` blocks,
    or the whole prompt when it is shorter than that. Otherwise the most free slots win (as
    ``slot_aware``), and ties go to the backend that served fewest requests.
-6. On claim, the request's blocks are recorded (as most recent) in the chosen backend's index.
-7. Closing the loop: llama.cpp reports the tokens it actually reused (``timings.cache_n``). When the
+6. Waiting for the holder (``hold_for``, asked before step 4): when a *full* server's match beats every
+   free server's by at least the good-enough length (step 5), the request waits up to ``max_wait`` for a
+   slot there (in the admission queue, letting others pass) rather than re-reading its history elsewhere;
+   after that, steps 4-5 over whatever is free. The saving is the prefill of the matched prefix on a
+   follow-up turn (the whole history); the cost, a wait bounded here, so the tail stays bounded too.
+7. On claim, the request's blocks are recorded (as most recent) in the chosen backend's index.
+8. Closing the loop: llama.cpp reports the tokens it actually reused (``timings.cache_n``). When the
    index predicted at least half the prompt cached but the server reused under a quarter of what was
    predicted, the server lost its cache (restart, eviction): its index is reset to just this prompt,
    which it now does hold. A real hit re-marks the prompt's blocks as most recent.
@@ -32,6 +37,7 @@ Parameters (``policy.prefix_*`` in the configuration)
 - ``max_imbalance`` (2): how many more busy requests than the least busy candidate a backend may
   carry and still win on affinity. 0 = only among the least busy; large = affinity at any load.
 - ``max_blocks`` (65536): per-backend index size (~4 MiB of prompts at 64 characters a block).
+- ``max_wait`` (1.0 s): the longest a request waits for a full server that holds its prefix; 0 never waits.
 The capacity gate (no backend is shown to a policy without a free slot) applies before all this.
 """
 
@@ -43,7 +49,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from llmbalancer.backend import Backend
-from llmbalancer.selectors.base import RequestFacts, Selector
+from llmbalancer.selectors.base import Hold, RequestFacts, Selector
 from llmbalancer.selectors.slot_aware import slot_rank
 from llmbalancer.usage import Usage
 
@@ -121,11 +127,13 @@ class Prefix(Selector):
         min_match_blocks: int = 4,
         max_imbalance: int = 2,
         max_blocks: int = 65536,
+        max_wait: float = 0.0,
     ) -> None:
         self.block_chars = block_chars
         self.min_match_blocks = min_match_blocks
         self.max_imbalance = max_imbalance
         self.max_blocks = max_blocks
+        self.max_wait = max_wait
         self._indexes: dict[str, _Index] = {}
         # Per claimed request (by identity of its facts): its chain and the predicted match, until completed.
         self._pending: OrderedDict[int, tuple[list[bytes], int]] = OrderedDict()
@@ -148,6 +156,21 @@ class Prefix(Selector):
             if matched and matched >= min(self.min_match_blocks, len(chain)):
                 return best
         return min(candidates, key=slot_rank)
+
+    def hold_for(self, full: Sequence[Backend], free: Sequence[Backend], facts: RequestFacts) -> Hold | None:
+        if self.max_wait <= 0 or not full:
+            return None
+        chain = self.chain(facts)
+        if not chain:
+            return None
+        holder = max(full, key=lambda b: (self.match(b, chain), -b.in_flight))
+        matched = self.match(holder, chain)
+        enough = min(self.min_match_blocks, len(chain))
+        best_free = max((self.match(b, chain) for b in free), default=0)
+        # A free server with (nearly) the same prefix saves as much without any wait.
+        if matched < enough or matched - best_free < enough:
+            return None
+        return Hold(holder, self.max_wait)
 
     def claimed(self, backend: Backend, facts: RequestFacts) -> None:
         chain = self.chain(facts)

@@ -7,8 +7,9 @@ address; always combined with the model, so one user's chats with two models pin
 
 A pin lasts ``ttl`` seconds (default 180) after the session's last request. When the pinned backend
 is not among the candidates (unhealthy, draining, gone, or with no free slot) the inner policy picks
-and the session is re-pinned there. Pins live in an LRU map bounded to ``max_sessions``; expired pins
-are dropped as new ones are made.
+and the session is re-pinned there; whether to wait for a full server instead is the inner policy's
+``hold_for`` (``sticky:prefix`` may wait). Pins live in an LRU map bounded to ``max_sessions``;
+expired pins are dropped as new ones are made.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 from llmbalancer.backend import Backend
-from llmbalancer.selectors.base import RequestFacts, Selector
+from llmbalancer.selectors.base import Hold, RequestFacts, Selector
 from llmbalancer.usage import Usage
 
 _USERNAME = re.compile(r"\b(?:user(?:name)?|user id|user_id)\s*(?:is|:|=)\s*[\"']?([\w.@-]{1,64})", re.IGNORECASE)
@@ -85,6 +86,14 @@ class Sticky(Selector):
                 if backend.name == name:
                     return backend
         return self.inner.select(candidates, facts)
+
+    def hold_for(self, full: Sequence[Backend], free: Sequence[Backend], facts: RequestFacts) -> Hold | None:
+        """The inner policy decides whether to wait for a full server (its cache, not the pin, is the saving);
+        a pin to a free server needs no wait: ``select`` takes it."""
+        name = self.pinned(facts)
+        if name is not None and any(b.name == name for b in free):
+            return None
+        return self.inner.hold_for(full, free, facts)
 
     def claimed(self, backend: Backend, facts: RequestFacts) -> None:
         now = self._clock()
