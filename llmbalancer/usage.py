@@ -36,6 +36,11 @@ class Usage:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     cached_tokens: int | None = None
+    # llama.cpp's timings.prompt_ms / prompt_n: seconds per prompt token evaluated (not cached), if reported.
+    prompt_token_seconds: float | None = None
+
+
+_PROMPT_MS = re.compile(rb'"prompt_ms"\s*:\s*([0-9.eE+-]+)')
 
 
 def _last(name: str, tail: bytes) -> int | None:
@@ -52,6 +57,7 @@ def read_usage(tail: bytes) -> Usage | None:
     completion = _last("completion_tokens", tail)
     cached = _last("cached_tokens", tail)
     cache_n = _last("cache_n", tail)
+    per_token = None
     if cache_n is not None:
         # llama.cpp's timings: prompt_tokens = cache_n + prompt_n (and cached_tokens = cache_n).
         prompt_n = _last("prompt_n", tail)
@@ -61,10 +67,21 @@ def read_usage(tail: bytes) -> Usage | None:
             completion = _last("predicted_n", tail)
         if cached is None:
             cached = cache_n
+        per_token = _per_token(tail, prompt_n)
     if prompt is None:
         prompt = _last("prompt_eval_count", tail)
         if completion is None:
             completion = _last("eval_count", tail)
     if prompt is None and completion is None:
         return None
-    return Usage(prompt, completion, cached)
+    return Usage(prompt, completion, cached, per_token)
+
+
+def _per_token(tail: bytes, prompt_n: int | None) -> float | None:
+    found = _PROMPT_MS.findall(tail)
+    if not found or not prompt_n:
+        return None
+    try:
+        return float(found[-1]) / 1000 / prompt_n
+    except ValueError:
+        return None

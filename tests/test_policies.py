@@ -162,7 +162,10 @@ def test_usage_is_read_from_a_llama_cpp_finish_chunk_timings() -> None:
         b'"timings":{"cache_n":24,"prompt_n":1,"prompt_ms":5.1,"predicted_n":4,"predicted_ms":30.0}}\n\n'
         b"data: [DONE]\n\n"
     )
-    assert read_usage(tail) == Usage(prompt_tokens=25, completion_tokens=4, cached_tokens=24)
+    usage = read_usage(tail)
+    assert usage is not None and usage.prompt_token_seconds is not None
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens) == (25, 4, 24)
+    assert abs(usage.prompt_token_seconds - 0.0051) < 1e-9  # prompt_ms / prompt_n, in seconds
 
 
 def test_usage_is_read_from_an_openai_usage_object() -> None:
@@ -174,8 +177,14 @@ def test_usage_is_read_from_an_openai_usage_object() -> None:
     assert read_usage(b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n') is None
 
 
+def learned(prefix: Prefix, token_seconds: float = 0.1) -> Prefix:
+    """As if it had seen completions: ~4 characters a token, ``token_seconds`` to evaluate one."""
+    prefix.tokens_per_char, prefix.token_seconds = 0.25, token_seconds
+    return prefix
+
+
 def test_prefix_asks_to_wait_for_a_full_holder_only_when_no_free_server_has_the_prefix() -> None:
-    prefix = Prefix(max_wait=2.0)
+    prefix = learned(Prefix(max_wait=2.0))
     holder, other = backend("holder", in_flight=2), backend("other")
     prefix.claimed(holder, facts(conversation(1)))
     follow_up = facts(conversation(2))
@@ -184,14 +193,29 @@ def test_prefix_asks_to_wait_for_a_full_holder_only_when_no_free_server_has_the_
     assert prefix.hold_for([holder], [other], unrelated) is None  # nothing to save: no wait
     prefix.claimed(other, facts(conversation(1)))
     assert prefix.hold_for([holder], [other], follow_up) is None  # a free server saves as much at once
-    never = Prefix(max_wait=0.0)
+    never = learned(Prefix(max_wait=0.0))
     never.claimed(holder, facts(conversation(1)))
     assert never.hold_for([holder], [backend("free")], follow_up) is None
 
 
+def test_prefix_waits_no_longer_than_the_prefill_it_saves_as_learned_from_timings() -> None:
+    prefix = Prefix(max_wait=30.0)
+    holder, other = backend("holder", in_flight=2), backend("other")
+    turn1 = facts(conversation(1))
+    prefix.claimed(holder, turn1)
+    assert prefix.hold_for([holder], [other], facts(conversation(2))) is None  # no cost known yet: no wait
+    prefix.completed(holder, turn1, Usage(prompt_tokens=300, completion_tokens=4, cached_tokens=0,
+                                          prompt_token_seconds=0.002))
+    hold = prefix.hold_for([holder], [other], facts(conversation(2)))
+    assert hold is not None and hold.backend is holder
+    matched = prefix.match(holder, prefix.chain(facts(conversation(2))))
+    assert hold.wait == prefix.prefill_seconds(matched) < 30.0
+    assert hold.wait < 300 * 0.002 * 2  # about the prompt it would re-read, far below the cap
+
+
 def test_sticky_delegates_the_wait_to_its_inner_policy() -> None:
     holder, other = backend("holder", in_flight=2), backend("other")
-    over_prefix = Sticky(Prefix(max_wait=1.0))
+    over_prefix = Sticky(learned(Prefix(max_wait=1.0)))
     over_prefix.claimed(holder, facts(conversation(1)))
     assert over_prefix.hold_for([holder], [other], facts(conversation(2))) == Hold(holder, 1.0)
     over_slots = Sticky(SlotAware())
@@ -203,7 +227,7 @@ def _held_dispatcher(max_wait: float) -> tuple[Dispatcher, Backend, Backend]:
     registry = Registry()
     holder = registry.add(backend("holder", slots=1))
     other = registry.add(backend("other", slots=1))
-    prefix = Prefix(max_wait=max_wait)
+    prefix = learned(Prefix(max_wait=max_wait))
     prefix.claimed(holder, facts(conversation(1)))
     return Dispatcher(registry, prefix), holder, other
 

@@ -220,8 +220,9 @@ def conversation(turns: int, max_tokens: int = 4) -> dict[str, Any]:
 
 async def _follow_up_while_holder_busy(max_wait: float, blocker_tokens: int) -> tuple[int, list[int]]:
     """Turn 1 lands on one server; a long request with the same history keeps it full; then turn 2 is sent.
-    Returns turn 2's ``timings.cache_n`` and the chat requests each fake served."""
-    config = FakeLlamaConfig(slots=1, token_delay=0.05, prefill_per_token=0.001)
+    Returns turn 2's ``timings.cache_n`` and the chat requests each fake served. Prefill is slow enough
+    (5 ms a token) that the history's re-read (~1 s) is worth the blocker's ~0.5 s."""
+    config = FakeLlamaConfig(slots=1, token_delay=0.05, prefill_per_token=0.005)
     async with (
         run_fake_fleet(2, config) as fakes,
         run_balancer(

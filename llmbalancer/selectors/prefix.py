@@ -20,10 +20,12 @@ Algorithm
    or the whole prompt when it is shorter than that. Otherwise the most free slots win (as
    ``slot_aware``), and ties go to the backend that served fewest requests.
 6. Waiting for the holder (``hold_for``, asked before step 4): when a *full* server's match beats every
-   free server's by at least the good-enough length (step 5), the request waits up to ``max_wait`` for a
-   slot there (in the admission queue, letting others pass) rather than re-reading its history elsewhere;
-   after that, steps 4-5 over whatever is free. The saving is the prefill of the matched prefix on a
-   follow-up turn (the whole history); the cost, a wait bounded here, so the tail stays bounded too.
+   free server's by at least the good-enough length (step 5), the request may wait for a slot there (in
+   the admission queue, letting others pass) rather than re-read that part of its history elsewhere;
+   after the wait, steps 4-5 over whatever is free. The wait is at most the prefill it would save
+   (the extra matched characters x prompt tokens per character x seconds per evaluated prompt token,
+   both learned from the servers' ``timings``; no estimate yet, no wait), and at most ``max_wait``. So a
+   wait that does not pay off costs no more than the miss it tried to avoid.
 7. On claim, the request's blocks are recorded (as most recent) in the chosen backend's index.
 8. Closing the loop: llama.cpp reports the tokens it actually reused (``timings.cache_n``). When the
    index predicted at least half the prompt cached but the server reused under a quarter of what was
@@ -37,7 +39,7 @@ Parameters (``policy.prefix_*`` in the configuration)
 - ``max_imbalance`` (2): how many more busy requests than the least busy candidate a backend may
   carry and still win on affinity. 0 = only among the least busy; large = affinity at any load.
 - ``max_blocks`` (65536): per-backend index size (~4 MiB of prompts at 64 characters a block).
-- ``max_wait`` (1.0 s): the longest a request waits for a full server that holds its prefix; 0 never waits.
+- ``max_wait`` (1.0 s): a cap on that wait, whatever the estimate; 0 never waits.
 The capacity gate (no backend is shown to a policy without a free slot) applies before all this.
 """
 
@@ -54,6 +56,14 @@ from llmbalancer.selectors.slot_aware import slot_rank
 from llmbalancer.usage import Usage
 
 _MAX_PENDING = 10_000
+# Prefill rates are learned only from requests that evaluated at least this many prompt tokens: below it,
+# fixed per-request overhead dominates prompt_ms.
+_MIN_EVALUATED = 32
+_EWMA_WEIGHT = 0.2
+
+
+def _ewma(previous: float | None, sample: float) -> float:
+    return sample if previous is None else previous + _EWMA_WEIGHT * (sample - previous)
 
 
 def prompt_text(body: Any) -> str:
@@ -138,6 +148,9 @@ class Prefix(Selector):
         # Per claimed request (by identity of its facts): its chain and the predicted match, until completed.
         self._pending: OrderedDict[int, tuple[list[bytes], int]] = OrderedDict()
         self.resets = 0  # indexes reset because the server had lost what we thought it held
+        # Learned from completions, fleet-wide: what re-reading one character of prompt costs.
+        self.tokens_per_char: float | None = None
+        self.token_seconds: float | None = None  # to evaluate one (uncached) prompt token
 
     def chain(self, facts: RequestFacts) -> list[bytes]:
         return block_chain(prompt_text(facts.body), facts.model or "", self.block_chars)
@@ -170,7 +183,16 @@ class Prefix(Selector):
         # A free server with (nearly) the same prefix saves as much without any wait.
         if matched < enough or matched - best_free < enough:
             return None
-        return Hold(holder, self.max_wait)
+        saved = self.prefill_seconds(matched - best_free)
+        if saved is None or saved <= 0:
+            return None
+        return Hold(holder, min(self.max_wait, saved))
+
+    def prefill_seconds(self, blocks: int) -> float | None:
+        """Estimated seconds to evaluate ``blocks`` prompt blocks, or None before anything was learned."""
+        if self.tokens_per_char is None or self.token_seconds is None:
+            return None
+        return blocks * self.block_chars * self.tokens_per_char * self.token_seconds
 
     def claimed(self, backend: Backend, facts: RequestFacts) -> None:
         chain = self.chain(facts)
@@ -187,6 +209,8 @@ class Prefix(Selector):
         if pending is None:
             return
         chain, predicted = pending
+        if usage is not None and usage.prompt_tokens:
+            self._learn_rates(len(chain), usage)
         index = self._indexes.get(backend.name)
         if index is None or usage is None or not usage.prompt_tokens or usage.cached_tokens is None:
             return
@@ -196,6 +220,13 @@ class Prefix(Selector):
             index.clear()
             self.resets += 1
         index.touch(chain)
+
+    def _learn_rates(self, blocks: int, usage: Usage) -> None:
+        assert usage.prompt_tokens
+        self.tokens_per_char = _ewma(self.tokens_per_char, usage.prompt_tokens / (blocks * self.block_chars))
+        evaluated = usage.prompt_tokens - (usage.cached_tokens or 0)
+        if usage.prompt_token_seconds is not None and evaluated >= _MIN_EVALUATED:
+            self.token_seconds = _ewma(self.token_seconds, usage.prompt_token_seconds)
 
     def forget(self, backend_name: str) -> None:
         self._indexes.pop(backend_name, None)
