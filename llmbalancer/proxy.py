@@ -169,7 +169,10 @@ class Proxy:
             return self._open(request, backend, sent, access.request_id)
 
         dropped_once = False
-        for attempt in range(1, self._attempts + 1):
+        limit = self._attempts
+        attempt = 0
+        while attempt < limit:
+            attempt += 1
             try:
                 asked = time.monotonic()
                 claim = await self._dispatcher.claim(facts, excluded)
@@ -194,6 +197,7 @@ class Proxy:
                         # Most likely a pooled connection the backend closed (its idle keep-alive timeout)
                         # just as we reused it: try once more, this backend included, before blaming it.
                         dropped_once = True
+                        limit += 1  # the pool's fault, not the backend's: this try does not use up an attempt
                         continue
                     self._registry.record_failure(backend, failure.reason, unreachable=failure.unreachable)
                     excluded.append(backend)
@@ -206,7 +210,7 @@ class Proxy:
                 try:
                     if (
                         upstream.status in RETRY_STATUSES
-                        and attempt < self._attempts
+                        and attempt < limit
                         and body.replayable
                         and self._dispatcher.candidates([*excluded, backend])
                     ):
@@ -222,7 +226,7 @@ class Proxy:
                     upstream.close()
             finally:
                 claim.release()
-        raise errors.upstream_unreachable(self._attempts, last_error)
+        raise errors.upstream_unreachable(attempt, last_error)
 
     async def _open(
         self, request: web.Request, backend: Backend, body: InboundBody, request_id: str

@@ -243,3 +243,26 @@ async def test_a_connection_dropped_before_any_byte_is_tried_again_even_on_a_lon
             assert reply.status == 200, await reply.text()
             assert fake.stats["faults_applied"] == 1
             assert balancer.components.registry.backends[0].errors_total == 0
+
+
+async def test_the_retry_of_a_dropped_pooled_connection_does_not_use_up_an_attempt() -> None:
+    # Two attempts, and the policy sends this user to the dropping backend twice (the free retry, then
+    # the attempt that blames it): the second attempt proper must still reach the sound backend.
+    from llmbalancer.selectors.hash import stable_weight
+
+    async with run_fake_fleet(2) as (dropping, sound):
+        dropping.set_fault("close_immediately")
+        config = make_config(
+            [f"{dropping.url}=dropping", f"{sound.url}=sound"],
+            **{"policy.name": "hash", "policy.hash_key": "header:X-User", "retries.attempts": 2},
+        )
+        users = (f"user{i}" for i in range(1000))
+        user = next(u for u in users if stable_weight(u, "dropping") > stable_weight(u, "sound"))
+        async with (
+            run_balancer(config) as balancer,
+            aiohttp.ClientSession() as session,
+            session.post(balancer.url + "/v1/chat/completions", json=CHAT, headers={"X-User": user}) as reply,
+        ):
+            assert reply.status == 200, await reply.text()
+            assert dropping.stats["faults_applied"] == 2
+            assert sound.stats["completed"] == 1
