@@ -88,30 +88,10 @@ def start_nginx(procs: peers.Processes, port: int, backends: list[int]) -> None:
     nginx = peers.nginx_available()
     if nginx is None:
         raise RuntimeError("nginx not installed (apt-get install -y nginx)")
-    servers = "\n".join(f"        server 127.0.0.1:{b};" for b in backends)
-    base = procs.workdir / "nginx-sched"
-    # What a user would write for SSE in front of llama-servers: least_conn, keep-alive upstream,
-    # no response buffering, long read timeout (a long prefill is silent).
-    conf = peers._nginx_conf(
-        procs.workdir, "nginx-sched",
-        f"""    access_log {base}/access.log;
-    upstream backends {{
-        least_conn;
-{servers}
-        keepalive 64;
-    }}
-    server {{
-        listen 127.0.0.1:{port} backlog=1024;
-        location / {{
-            proxy_pass http://backends;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-            proxy_read_timeout 300s;
-        }}
-    }}""",
+    # What a user would write for SSE in front of llama-servers; a long prefill is silent, hence the timeout.
+    process = peers.start_nginx_least_conn(
+        procs, nginx, "nginx-sched", port, backends, None, keepalive=64, read_timeout_s=300
     )
-    process = procs.start("nginx", [nginx, "-c", str(conf), "-e", str(base / "error.log")], None)
     peers.wait_http(f"http://127.0.0.1:{port}/health", process, 20)
 
 

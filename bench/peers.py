@@ -181,17 +181,22 @@ def start_fake_llama(procs: Processes, port: int, events: int, core: int | None)
     wait_http(f"http://127.0.0.1:{port}/health", process, 20)
 
 
-def start_nginx_proxy(
-    procs: Processes, nginx: str, port: int, backend_port: int, core: int | None
+def start_nginx_least_conn(
+    procs: Processes, nginx: str, name: str, port: int, backend_ports: list[int], core: int | None,
+    *, keepalive: int = 256, read_timeout_s: int | None = None,
 ) -> subprocess.Popen[bytes]:
-    base = procs.workdir / "nginx-proxy"
+    """nginx as a user configures it in front of streaming servers: least_conn, keep-alive upstream,
+    no response buffering (and, for silent prefills, a long read timeout)."""
+    base = procs.workdir / name
+    servers = "\n".join(f"        server 127.0.0.1:{b};" for b in backend_ports)
+    read_timeout = f"\n            proxy_read_timeout {read_timeout_s}s;" if read_timeout_s else ""
     conf = _nginx_conf(
-        procs.workdir, "nginx-proxy",
+        procs.workdir, name,
         f"""    access_log {base}/access.log;
     upstream backends {{
         least_conn;
-        server 127.0.0.1:{backend_port};
-        keepalive 256;
+{servers}
+        keepalive {keepalive};
     }}
     server {{
         listen 127.0.0.1:{port} backlog=1024;
@@ -199,11 +204,17 @@ def start_nginx_proxy(
             proxy_pass http://backends;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
-            proxy_buffering off;
+            proxy_buffering off;{read_timeout}
         }}
     }}""",
     )
-    return procs.start("nginx-proxy", [nginx, "-c", str(conf), "-e", str(base / "error.log")], core)
+    return procs.start(name, [nginx, "-c", str(conf), "-e", str(base / "error.log")], core)
+
+
+def start_nginx_proxy(
+    procs: Processes, nginx: str, port: int, backend_port: int, core: int | None
+) -> subprocess.Popen[bytes]:
+    return start_nginx_least_conn(procs, nginx, "nginx-proxy", port, [backend_port], core)
 
 
 def start_llmbalancer(
