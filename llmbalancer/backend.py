@@ -74,29 +74,3 @@ class Backend:
     @property
     def routable(self) -> bool:
         return self.state in ROUTABLE
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "url": self.url,
-            "kind": self.kind,
-            "state": self.state.value,
-            "state_reason": self.state_reason,
-            "in_flight": self.in_flight,
-            "slots_total": self.slots_total,
-            "slots_busy": self.slots_busy,
-            "requests_total": self.requests_total,
-            "errors_total": self.errors_total,
-            "last_error": self.last_error,
-            "ttfb_avg_s": self.ttfb_avg,
-            "latency_avg_s": self.latency_avg,
-            "models": list(self.models),
-            "served_models": list(self.served_models),
-            "deferred": self.deferred,
-            "gpu_busy": self.gpu_busy,
-            "prompt_tokens_total": self.prompt_tokens_total,
-            "completion_tokens_total": self.completion_tokens_total,
-            "cached_tokens_total": self.cached_tokens_total,
-            "circuit_state": self.circuit_state.value,
-            "health_score": round(self.health_score, 3),
-        }
