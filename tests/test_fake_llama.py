@@ -155,6 +155,23 @@ async def test_slots_shape_cache_and_non_streaming_reply(session: aiohttp.Client
     assert tokenize("<|im_start|>user\nHi there<|im_end|>") == ["<|im_start|>", "user", "Hi", "there", "<|im_end|>"]
 
 
+async def test_a_follow_up_turn_reuses_a_repeated_reply(session: aiohttp.ClientSession) -> None:
+    """With ignore_eos the reply repeats; sent back as history, every generated token but the last is reused,
+    as on the real server (the repetitions are separated by a space, so the text re-tokenizes the same)."""
+    async with run_fake_llama() as fake:
+        req: dict[str, Any] = {"messages": list(MESSAGES), "max_tokens": 15, "ignore_eos": True}
+        async with session.post(fake.url + CHAT, json=req) as r:
+            first = await r.json()
+        content = first["choices"][0]["message"]["content"]
+        assert "server. Hello" in content and len(tokenize(content)) == 15
+        follow_up = req["messages"] + [
+            {"role": "assistant", "content": content}, {"role": "user", "content": "And again?"}
+        ]
+        async with session.post(fake.url + CHAT, json={**req, "messages": follow_up}) as r:
+            second = await r.json()
+        assert second["timings"]["cache_n"] == first["usage"]["prompt_tokens"] + 15 - 1
+
+
 async def test_sse_stream_format_and_done(session: aiohttp.ClientSession) -> None:
     async with run_fake_llama() as fake:
         req = {"messages": MESSAGES, "stream": True, "max_tokens": 3}

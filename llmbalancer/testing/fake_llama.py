@@ -528,6 +528,10 @@ class _Prepared:
     alias_json: bytes
     reply_tokens: tuple[str, ...]  # with leading spaces, as streamed
     reply_json: tuple[bytes, ...]  # each token JSON-encoded
+    # The tokens of the second and later repetitions (``ignore_eos``): the first carries a leading space, so
+    # "server. Hello" re-tokenizes in a later prompt exactly as the slot cached it, as a real tokenizer's would.
+    repeat_tokens: tuple[str, ...]
+    repeat_json: tuple[bytes, ...]
     reply_plain: tuple[str, ...]  # as the tokenizer sees them in a later prompt
     models_body: bytes
     props_body: bytes
@@ -535,6 +539,7 @@ class _Prepared:
     @classmethod
     def build(cls, config: FakeLlamaConfig) -> _Prepared:
         tokens = tuple(_REPLY_TOKEN_RE.findall(config.reply))
+        repeat = (tokens[0] if tokens[0][:1].isspace() else " " + tokens[0], *tokens[1:])
         alias = config.alias
         models = {
             "models": [
@@ -601,6 +606,8 @@ class _Prepared:
             alias_json=_dumps(alias),
             reply_tokens=tokens,
             reply_json=tuple(_dumps(t) for t in tokens),
+            repeat_tokens=repeat,
+            repeat_json=tuple(_dumps(t) for t in repeat),
             reply_plain=tuple(t.strip() for t in tokens),
             models_body=_dumps(models),
             props_body=_dumps(props),
@@ -1249,6 +1256,7 @@ class FakeLlama:
                 b'"tokens_predicted":%d,"tokens_evaluated":%d}\n\n'
             )
             reply_json = prep.reply_json
+            repeat_json = prep.repeat_json
             token_delay = config.token_delay
             slowdown = config.batch_slowdown
 
@@ -1267,7 +1275,7 @@ class FakeLlama:
                 slot.n_decoded = generated
                 slot.n_prompt_tokens = n_prompt + generated
                 if stream:
-                    tok = reply_json[i % reply_len]
+                    tok = reply_json[i] if i < reply_len else repeat_json[i % reply_len]
                     if kind == "native":
                         chunk = native_tpl % (tok, 1000 + i % reply_len, generated, n_prompt)
                     else:
@@ -1288,7 +1296,9 @@ class FakeLlama:
                 b'{"completion_tokens":%d,"prompt_tokens":%d,"total_tokens":%d,'
                 b'"prompt_tokens_details":{"cached_tokens":%d}}' % (generated, n_prompt, generated + n_prompt, cache_n)
             )
-            text = "".join(prep.reply_tokens[i % reply_len] for i in range(generated))
+            text = "".join(prep.reply_tokens[:generated]) + "".join(
+                prep.repeat_tokens[i % reply_len] for i in range(reply_len, generated)
+            )
             if stream:
                 if resp is None:
                     resp = web.StreamResponse(headers=SSE_HEADERS)
