@@ -35,6 +35,8 @@ class Backend:
     name: str
     url: str
     kind: str = "auto"
+    # For kind "auto": what the health poller found it to be ("openai": no llama.cpp /health), else None.
+    detected_kind: str | None = None
     max_concurrency: int | None = None
     models: tuple[str, ...] = ()
     state: BackendState = BackendState.STARTING

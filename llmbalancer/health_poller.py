@@ -120,6 +120,8 @@ class HealthPoller:
         backend.deferred = seen.deferred
         if seen.models is not None:
             backend.served_models = seen.models
+        if seen.kind is not None:
+            backend.detected_kind = seen.kind
         if (backend.slots_total, backend.slots_external, backend.gpu_busy) != before:
             self._registry.notify_change()
 

@@ -40,6 +40,7 @@ class Observation:
     deferred: int | None = None
     models: tuple[str, ...] | None = None
     gpu_busy: bool | None = None  # a balancer backend's /llmhealth verdict
+    kind: str | None = None  # what an "auto" backend turned out to be, when the probe could tell
 
 
 @dataclass(slots=True)
@@ -89,7 +90,7 @@ async def probe(session: aiohttp.ClientSession, backend: Backend, memory: ProbeM
         if backend.kind == "ollama":
             return await _probe_models(session, backend, "/api/tags")
         if backend.kind == "openai" or not memory.health_endpoint:
-            return await _probe_models(session, backend, "/v1/models")
+            return _plain_openai(await _probe_models(session, backend, "/v1/models"))
         return await _probe_llamacpp(session, backend, memory)
     except aiohttp.ClientConnectorError as exc:
         return Observation(False, str(exc) or type(exc).__name__, refused=True)
@@ -104,13 +105,18 @@ async def _probe_models(session: aiohttp.ClientSession, backend: Backend, path: 
     return Observation(True, models=models_of(_json(body)))
 
 
+def _plain_openai(seen: Observation) -> Observation:
+    seen.kind = "openai"  # only the OpenAI API: the proxy asks it for usage (usage_chunk.py)
+    return seen
+
+
 async def _probe_llamacpp(session: aiohttp.ClientSession, backend: Backend, memory: ProbeMemory) -> Observation:
     status, body = await _get(session, backend.url + "/health")
     if status == 503 and b"loading" in body.lower():
         return Observation(None, "loading model")
     if status == 404 and backend.kind == "auto":
         memory.health_endpoint = False  # not llama.cpp: judge by /v1/models from now on
-        return await _probe_models(session, backend, "/v1/models")
+        return _plain_openai(await _probe_models(session, backend, "/v1/models"))
     if status != 200:
         return Observation(False, f"/health answered HTTP {status}")
     seen = Observation(True)

@@ -33,6 +33,7 @@ from llmbalancer.racing import Racing
 from llmbalancer.registry import Registry
 from llmbalancer.selectors import RequestFacts
 from llmbalancer.usage import Tail
+from llmbalancer.usage_chunk import UsageCut, asks_usage_of, cut_whole, wants_usage, with_usage
 
 log = structlog.get_logger("llmbalancer.access")
 
@@ -162,10 +163,14 @@ class Proxy:
     ) -> web.StreamResponse:
         excluded: list[Backend] = []
         last_error = ""
+        # A streamed OpenAI completion without usage: asked of the backends that report it nowhere else.
+        ask_usage = wants_usage(facts.path, body.parsed)
 
         def opener(backend: Backend) -> Awaitable[aiohttp.ClientResponse]:
             # The body names the model as this backend knows it (an instance alias, say).
             sent = self._dispatcher.routing.body_for(body, facts, backend)
+            if ask_usage and asks_usage_of(backend):
+                sent = with_usage(sent)
             return self._open(request, backend, sent, access.request_id)
 
         dropped_once = False
@@ -218,7 +223,8 @@ class Proxy:
                         self._registry.record_failure(backend, f"HTTP {upstream.status}")
                         excluded.append(backend)
                         continue
-                    response = await self._relay(request, upstream, backend, access)
+                    cut_usage = ask_usage and asks_usage_of(backend)
+                    response = await self._relay(request, upstream, backend, access, cut_usage)
                     if access.error is None:
                         self._dispatcher.completed(backend, facts, access)
                     return response
@@ -258,15 +264,25 @@ class Proxy:
             raise _AttemptFailed(_describe(exc), unreachable=False, body_sent=True) from exc
 
     async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, backend: Backend, access: Access
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        backend: Backend,
+        access: Access,
+        cut_usage: bool = False,
     ) -> web.StreamResponse:
-        whole = _whole_body(upstream)
+        """Relay the response; ``cut_usage``: drop the usage event the balancer asked for (usage_chunk.py)."""
+        whole = usage_tail = _whole_body(upstream)
+        cut_usage = cut_usage and upstream.content_type == "text/event-stream"
         kind = web.StreamResponse if whole is None else _WholeResponse
         response = kind(status=upstream.status, reason=upstream.reason)
         response.headers.extend(downstream_response_headers(upstream.headers, upstream.headers.items()))
         response.headers["X-Request-ID"] = access.request_id
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
+        if cut_usage and whole is not None:  # a stream that came whole: cut here, not in the pump
+            whole = cut_whole(whole)
+            response.content_length = len(whole)
         access.status = upstream.status
         await response.prepare(request)
 
@@ -276,10 +292,10 @@ class Proxy:
                 access.ttfb = time.monotonic()
             await response.write_eof(whole)
             access.bytes = len(whole)
-            access.usage_tail = whole
+            access.usage_tail = usage_tail or whole
             broken = None
         else:
-            broken = await self._pump(upstream, response, access)
+            broken = await self._pump(upstream, response, access, UsageCut(response.write) if cut_usage else None)
         if broken is None:
             if whole is None:
                 await response.write_eof()
@@ -300,10 +316,12 @@ class Proxy:
         return response
 
     async def _pump(
-        self, upstream: aiohttp.ClientResponse, response: web.StreamResponse, access: Access
+        self, upstream: aiohttp.ClientResponse, response: web.StreamResponse, access: Access, cut: UsageCut | None
     ) -> str | None:
-        """Copy the body as it arrives; return why the backend broke off, or None when complete."""
+        """Copy the body as it arrives; return why the backend broke off, or None when complete.
+        With ``cut``, chunks go through it (it drops the usage event); the plain copy pays nothing for that."""
         reader = upstream.content
+        write = response.write if cut is None else cut.write
         loop = asyncio.get_running_loop()
         idle = self._idle_timeout
         sent = 0
@@ -318,7 +336,7 @@ class Proxy:
                 if chunk:
                     access.ttfb = time.monotonic()
                 while chunk:
-                    await response.write(chunk)
+                    await write(chunk)
                     sent += len(chunk)
                     previous, last = last, chunk
                     now = loop.time()
@@ -333,6 +351,10 @@ class Proxy:
         finally:
             access.bytes = sent
         access.usage_tail = previous + last
+        if cut is not None:
+            await cut.finish()
+            access.bytes = sent - cut.cut_bytes
+            access.usage_tail = cut.usage or access.usage_tail
         return None
 
 

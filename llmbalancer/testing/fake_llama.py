@@ -25,6 +25,7 @@ What it models:
   first token exists. `record_timeline` keeps (monotonic time, busy slots, deferred) at every change,
   shown as `timeline` in the stats, so a benchmark can tell when requests waited here while another
   server had a free slot (`time.monotonic` is system-wide, so timelines of several processes align).
+* **plain_openai** makes it a plain OpenAI-compatible server instead (see `FakeLlamaConfig.plain_openai`).
 * **The reply** is `FakeLlamaConfig.reply`, one token per word (with its leading space). Generation ends
   with `finish_reason "stop"` when the reply runs out before the token limit, `"length"` otherwise; the
   request's `ignore_eos: true` (a real llama.cpp parameter) repeats the reply up to the limit. The limit
@@ -87,6 +88,8 @@ GENERATION_PATHS: frozenset[str] = frozenset(
     {"/v1/chat/completions", "/chat/completions", "/completion", "/completions", "/v1/completions"}
 )
 CONTROL_PREFIX = "/_fake/"
+# llama.cpp's own endpoints, which a plain OpenAI-compatible server does not have.
+LLAMA_ONLY_PATHS: frozenset[str] = frozenset({"/health", "/v1/health", "/slots", "/metrics", "/props"})
 
 BUILD_INFO = "b1-0c1e570"
 JSON_CT = "application/json; charset=utf-8"
@@ -164,6 +167,10 @@ class FakeLlamaConfig:
     legacy_health: bool = False
     batch_slowdown: float = 0.0
     record_timeline: bool = False
+    # A plain OpenAI-compatible server (vLLM-like) instead of llama.cpp: no `timings` anywhere, `"usage":null`
+    # in every chunk of a stream that asked for usage (as the OpenAI spec says), and only the OpenAI API
+    # (/health, /slots, /metrics, /props answer 404).
+    plain_openai: bool = False
 
     def __post_init__(self) -> None:
         if self.slots < 1:
@@ -987,6 +994,8 @@ class FakeLlama:
         record = _RequestRecord(request.method, path, request.query_string, request.headers, body)
         st.last = record
         st.last_by_path[path] = record
+        if self.config.plain_openai and path in LLAMA_ONLY_PATHS:
+            return _json_response(NOT_FOUND_BODY, 404)
         if time.monotonic() < self._engine.ready_at:
             return _json_response(LOADING_BODY, 503)
         fault = self._take_fault(path) if self._fault is not NO_FAULT else None
@@ -1226,17 +1235,19 @@ class FakeLlama:
             created = int(time.time())
             stream = job.stream
             kind = job.kind
+            openai_only = config.plain_openai
             if kind == "chat":
                 cid = "chatcmpl-" + secrets.token_hex(16)
                 envelope = (
                     b'],"created":%d,"id":"%s","model":%s,"system_fingerprint":"%s",'
                     b'"object":"chat.completion.chunk"' % (created, cid.encode(), prep.alias_json, BUILD_INFO.encode())
                 )
+                chunk_envelope = envelope + b',"usage":null' if openai_only and job.include_usage else envelope
                 pre = b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"content":'
-                post = b"}}" + envelope + b"}\n\n"
+                post = b"}}" + chunk_envelope + b"}\n\n"
                 first_extra = (
                     b'data: {"choices":[{"finish_reason":null,"index":0,"delta":{"role":"assistant",'
-                    b'"content":null}}' + envelope + b"}\n\n"
+                    b'"content":null}}' + chunk_envelope + b"}\n\n"
                 )
             elif kind == "text":
                 cid = "cmpl-" + secrets.token_hex(16)
@@ -1244,12 +1255,13 @@ class FakeLlama:
                     b'],"created":%d,"model":%s,"system_fingerprint":"%s","object":"text_completion",'
                     b'"id":"%s"' % (created, prep.alias_json, BUILD_INFO.encode(), cid.encode())
                 )
+                chunk_envelope = envelope + b',"usage":null' if openai_only and job.include_usage else envelope
                 pre = b'data: {"choices":[{"text":'
-                post = b',"index":0,"logprobs":null,"finish_reason":null}' + envelope + b"}\n\n"
+                post = b',"index":0,"logprobs":null,"finish_reason":null}' + chunk_envelope + b"}\n\n"
                 first_extra = b""
             else:
                 cid = ""
-                envelope = b""
+                envelope = chunk_envelope = b""
                 pre = post = first_extra = b""
             native_tpl = (
                 b'data: {"index":0,"content":%s,"tokens":[%d],"stop":false,"id_slot":-1,'
@@ -1292,6 +1304,7 @@ class FakeLlama:
                 await self._hold(request)
             t_end = time.perf_counter()
             timings = _timings(cache_n, prompt_n, t_first - t_start, generated, t_end - t_first)
+            with_timings = b"" if openai_only else b',"timings":' + timings
             usage = (
                 b'{"completion_tokens":%d,"prompt_tokens":%d,"total_tokens":%d,'
                 b'"prompt_tokens_details":{"cached_tokens":%d}}' % (generated, n_prompt, generated + n_prompt, cache_n)
@@ -1321,18 +1334,10 @@ class FakeLlama:
                             b'"finish_reason":"%s"}' % finish.encode()
                         )
                     if job.include_usage:
-                        tail += finish_choice + envelope + b"}\n\n"
-                        tail += (
-                            b'data: {"choices":['
-                            + envelope
-                            + b',"usage":'
-                            + usage
-                            + b',"timings":'
-                            + timings
-                            + b"}\n\n"
-                        )
+                        tail += finish_choice + chunk_envelope + b"}\n\n"
+                        tail += b'data: {"choices":[' + envelope + b',"usage":' + usage + with_timings + b"}\n\n"
                     else:
-                        tail += finish_choice + envelope + b',"timings":' + timings + b"}\n\n"
+                        tail += finish_choice + envelope + with_timings + b"}\n\n"
                     tail += DONE
                 await resp.write(tail)
                 await resp.write_eof()
@@ -1342,7 +1347,7 @@ class FakeLlama:
                 body = (
                     b'{"choices":[{"finish_reason":"%s","index":0,"message":{"role":"assistant","content":%s}}],'
                     b'"created":%d,"model":%s,"system_fingerprint":"%s","object":"chat.completion",'
-                    b'"usage":%s,"id":"%s","timings":%s}'
+                    b'"usage":%s,"id":"%s"%s}'
                     % (
                         finish.encode(),
                         _dumps(text),
@@ -1351,14 +1356,14 @@ class FakeLlama:
                         BUILD_INFO.encode(),
                         usage,
                         cid.encode(),
-                        timings,
+                        with_timings,
                     )
                 )
             elif kind == "text":
                 body = (
                     b'{"choices":[{"text":%s,"index":0,"logprobs":null,"finish_reason":"%s"}],'
                     b'"created":%d,"model":%s,"system_fingerprint":"%s","object":"text_completion",'
-                    b'"usage":%s,"id":"%s","timings":%s}'
+                    b'"usage":%s,"id":"%s"%s}'
                     % (
                         _dumps(text),
                         finish.encode(),
@@ -1367,7 +1372,7 @@ class FakeLlama:
                         BUILD_INFO.encode(),
                         usage,
                         cid.encode(),
-                        timings,
+                        with_timings,
                     )
                 )
             else:
@@ -1527,6 +1532,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="k in token_delay * (1 + k * (busy slots - 1))",
     )
     p.add_argument("--record-timeline", action="store_true", help="keep (time, busy, deferred) for /_fake/stats")
+    p.add_argument("--plain-openai", action="store_true", help="act as a plain OpenAI-compatible server (no timings)")
     p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio event loop")
     return p.parse_args(argv)
 
@@ -1544,6 +1550,7 @@ async def _serve(args: argparse.Namespace) -> None:
         keepalive_timeout=args.keepalive_timeout,
         batch_slowdown=args.batch_slowdown,
         record_timeline=args.record_timeline,
+        plain_openai=args.plain_openai,
     )
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
