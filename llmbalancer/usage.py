@@ -6,7 +6,9 @@ Where the counts are, in the last bytes of a response:
   ``usage`` chunk before ``[DONE]``. Non-streamed: both ``usage`` and ``timings`` at the end.
 - llama.cpp ``/completion``: ``tokens_cached``/``tokens_evaluated``/``tokens_predicted`` plus ``timings``.
 - OpenAI-compatible servers: ``usage`` (``prompt_tokens``, ``completion_tokens``,
-  ``prompt_tokens_details.cached_tokens``).
+  ``prompt_tokens_details.cached_tokens``). A stream carries it only when asked for: for a plain
+  OpenAI-compatible backend the proxy asks (``stream_options.include_usage``) when the client did not,
+  and ``usage_chunk.UsageCut`` cuts that chunk from the client's stream and hands it here as the tail.
 - Ollama: ``prompt_eval_count`` and ``eval_count`` in the final object.
 The proxy keeps only the last two chunks it relayed and hands them here once, after the stream ends.
 """
