@@ -119,13 +119,16 @@ class UsageCut:
             ready, self._carry = data[:end], data[end:]
             if len(self._carry) > _MAX_CARRY:
                 ready, self._carry = data, b""
-        if ready:
-            out, self.usage = split_usage(ready)
-            if self.usage:  # cut: from here on nothing is held back
-                self.cut_bytes = len(self.usage)
-                out, self._carry = out + self._carry, b""
-            if out:
-                await self._write(out)
+        if b"[]" not in ready:  # one scan rules out the usual content chunk
+            if ready:
+                await self._write(ready)
+            return
+        out, self.usage = split_usage(ready)
+        if self.usage:  # cut: from here on nothing is held back
+            self.cut_bytes = len(self.usage)
+            out, self._carry = out + self._carry, b""
+        if out:
+            await self._write(out)
 
     async def finish(self) -> None:
         """The body ended: relay a held, never completed event as it came."""
