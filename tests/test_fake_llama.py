@@ -172,6 +172,36 @@ async def test_a_follow_up_turn_reuses_a_repeated_reply(session: aiohttp.ClientS
         assert second["timings"]["cache_n"] == first["usage"]["prompt_tokens"] + 15 - 1
 
 
+@pytest.mark.parametrize("cache_idle_slots", [True, False])
+async def test_idle_slots_are_saved_to_the_ram_cache_at_each_task(
+    session: aiohttp.ClientSession, cache_idle_slots: bool
+) -> None:
+    """As llama.cpp's --cache-idle-slots: chat X's slot, idle while another task starts, is saved to RAM; a later
+    chat with the same system prompt overwrites the slot (keeping >= 50 %, so no save then); X's follow-up
+    lands on that slot keeping < 50 % of it and gets X back from RAM. Without idle saving X is gone."""
+    system = {"role": "system", "content": " ".join(f"s{i}" for i in range(50))}
+    chat_x = [system, {"role": "user", "content": "x " * 10}]
+    chat_y = [system, {"role": "user", "content": "y " * 200}]
+    other = [{"role": "system", "content": "z " * 40}, {"role": "user", "content": "z"}]
+
+    async def ask(messages: list[dict[str, str]]) -> dict[str, Any]:
+        async with session.post(fake.url + CHAT, json={"messages": messages, "max_tokens": 4}) as r:
+            reply: dict[str, Any] = await r.json()
+            return reply
+
+    async with run_fake_llama(FakeLlamaConfig(cache_idle_slots=cache_idle_slots)) as fake:
+        first = await ask(chat_x)  # slot 1 (LRU ties to the highest id)
+        await ask(other)  # by LRU to slot 0; X's slot is idle as it starts
+        await ask(chat_y)  # by similarity to X's slot, keeping its system prompt: no save
+        x_reply = first["choices"][0]["message"]["content"]
+        follow_up = await ask([*chat_x, {"role": "assistant", "content": x_reply}, {"role": "user", "content": "?"}])
+    x_cached = first["usage"]["prompt_tokens"] + 4 - 1
+    if cache_idle_slots:
+        assert follow_up["timings"]["cache_n"] == x_cached
+    else:
+        assert follow_up["timings"]["cache_n"] < first["usage"]["prompt_tokens"] - 5  # only the system prompt
+
+
 async def test_sse_stream_format_and_done(session: aiohttp.ClientSession) -> None:
     async with run_fake_llama() as fake:
         req = {"messages": MESSAGES, "stream": True, "max_tokens": 3}

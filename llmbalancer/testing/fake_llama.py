@@ -18,7 +18,10 @@ What it models:
   the SmolLM2 chat template, including its default system prompt when the request has none.
 * **Prompt cache**: slot choice, LCP reuse (`cache_n = min(lcp, n_prompt - 1)`) and the server-wide
   host-RAM prompt cache follow `get_available_slot` (similarity 0.10; LRU with ties to the highest id;
-  save/restore when picked by LRU or keeping < 50%). Idle slots are not saved when a task starts.
+  save/restore when picked by LRU or keeping < 50%, as `server_prompt_cache::alloc`/`load`) and, as with
+  llama.cpp's default `--cache-idle-slots`, idle slots saved to it whenever a task starts. A follow-up whose
+  history is in RAM but that lands by similarity on a slot it keeps >= 50% of (another chat with the same
+  system prompt) is not restored: the real server does the same.
 * **Timing**: `prefill_per_token` seconds per uncached prompt token before the first token, then
   `token_delay * (1 + batch_slowdown * (busy_slots - 1))` seconds between tokens: decoding slows as
   more slots share the batch (0, the default, is no slowdown). Stream headers are sent only when the
@@ -162,6 +165,7 @@ class FakeLlamaConfig:
     keepalive_timeout: float = 5.0
     keepalive_max: int = 100
     ram_cache_entries: int = 32
+    cache_idle_slots: bool = True  # llama.cpp's default: idle slots are saved to the RAM cache at each task start
     # llamafile's older server: /health carries slots_idle / slots_processing and /slots is not served
     # (501, as llama.cpp answers when started with --no-slots).
     legacy_health: bool = False
@@ -308,6 +312,7 @@ class _Engine:
         self.busy = 0
         self.ram: deque[tuple[str, ...]] = deque(maxlen=config.ram_cache_entries or None)
         self.ram_enabled = config.ram_cache_entries > 0
+        self.cache_idle_slots = self.ram_enabled and config.cache_idle_slots
         self.task_seq = 0
         self.use_seq = 0
         self.start_unix = int(time.time())
@@ -372,6 +377,10 @@ class _Engine:
         slot, lcp = self._choose(idle, tokens)
         slot.busy = True
         self.busy += 1
+        if self.cache_idle_slots:  # llama.cpp's --cache-idle-slots (on by default): save idle slots at each task
+            for other in self.slots:
+                if not other.busy:
+                    self._save(other.cache)
         self.stats.max_processing = max(self.stats.max_processing, self.busy)
         return slot, lcp
 
@@ -394,16 +403,41 @@ class _Engine:
         else:
             slot, lcp = best, best_lcp
         if self.ram_enabled and (by_lru or lcp < 0.5 * len(slot.cache)):
-            if slot.cache and slot.cache not in self.ram:
-                self.ram.append(slot.cache)
-            restored: tuple[str, ...] | None = None
-            for saved in self.ram:
-                saved_lcp = _lcp(saved, tokens)
-                if saved_lcp > lcp and saved_lcp >= 0.25 * len(saved):
-                    restored, lcp = saved, saved_lcp
-            if restored is not None:
-                slot.cache = restored
+            self._save(slot.cache)
+            lcp = self._restore(slot, tokens, lcp)
         return slot, lcp
+
+    def _save(self, tokens: tuple[str, ...]) -> None:
+        """`server_prompt_cache::alloc`: skip a prompt some entry holds whole, drop entries it holds whole,
+        append it; the oldest entries leave beyond the limit."""
+        if not tokens:
+            return
+        ram = self.ram
+        n = len(tokens)
+        if any(_lcp(saved, tokens) == n for saved in ram):
+            return
+        for saved in [saved for saved in ram if _lcp(saved, tokens) == len(saved)]:
+            ram.remove(saved)
+        ram.append(tokens)  # the deque's maxlen drops the oldest
+
+    def _restore(self, slot: _Slot, tokens: tuple[str, ...], lcp: int) -> int:
+        """`server_prompt_cache::load`: the entry that keeps more of itself and covers more of the prompt than
+        the slot does (and keeps >= 25 % of itself) moves into the slot; return the LCP now cached."""
+        n = len(tokens)
+        keep_best = lcp / len(slot.cache) if slot.cache else -1.0
+        sim_best = lcp / n if n else 0.0
+        found: tuple[str, ...] | None = None
+        for saved in self.ram:
+            saved_lcp = _lcp(saved, tokens)
+            keep = saved_lcp / len(saved)
+            if keep < 0.25:
+                continue
+            if keep_best < keep and sim_best < saved_lcp / n:
+                keep_best, sim_best, found, lcp = keep, saved_lcp / n, saved, saved_lcp
+        if found is not None:
+            self.ram.remove(found)
+            slot.cache = found
+        return lcp
 
     # --- metrics
 
