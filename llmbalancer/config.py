@@ -58,6 +58,7 @@ class PolicyConfig:
     prefix_max_imbalance: int = field(default=2, metadata=_at_least(0))
     prefix_max_blocks: int = field(default=65536, metadata=_at_least(16))
     prefix_max_wait: float = field(default=1.0, metadata=_at_least(0))
+    prefix_protect_histories: bool = True
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from llmbalancer.dispatch import Dispatcher
 from llmbalancer.registry import Registry
 from llmbalancer.selectors import make_selector, policy_problems
 from llmbalancer.selectors.base import Hold, RequestFacts
+from llmbalancer.selectors.follow_ups import FollowUps
 from llmbalancer.selectors.least_connections import LeastConnections
 from llmbalancer.selectors.power_of_two import PowerOfTwo
 from llmbalancer.selectors.prefix import Prefix
@@ -262,3 +263,61 @@ async def test_a_held_request_does_not_block_the_queue_behind_it() -> None:
         assert not held.done()
     with await asyncio.wait_for(held, timeout=2) as claim:
         assert claim.backend is holder
+
+
+def chat(system: str, *turns: str) -> RequestFacts:
+    """A chat's request: the system prompt, then ``turns`` alternating user / assistant, ending with a user's."""
+    messages = [{"role": "system", "content": system}]
+    for i, text in enumerate(turns):
+        messages.append({"role": "user" if i % 2 == 0 else "assistant", "content": text})
+    return facts({"model": "m", "messages": messages})
+
+
+SYSTEM = "You are the support assistant of a large shop. " * 12
+DONE = Usage(prompt_tokens=300, completion_tokens=20, cached_tokens=None)
+
+
+def test_prefix_places_a_new_chat_away_from_waiting_chats_of_its_system_prompt() -> None:
+    """llama.cpp lets a new chat with the same system prompt take a waiting chat's slot and so lose its history:
+    a new chat goes where no chat of its family waits between turns; follow-ups and other families are unmoved."""
+    now = [100.0]
+    for protect in (True, False):
+        prefix = Prefix(protect_histories=protect)
+        if prefix.follow_ups is not None:
+            prefix.follow_ups = FollowUps(prefix.min_match_blocks, clock=lambda: now[0])
+        a, b = backend("a"), backend("b", in_flight=1)  # b slightly busier: load alone would pick a
+        z1 = chat(SYSTEM, "Do you ship to Norway and how long does it take? " * 3)
+        prefix.claimed(b, z1)
+        prefix.completed(b, z1, DONE)
+        now[0] += 60  # z's user left long ago; b still holds the system prompt
+        x1 = chat(SYSTEM, "My order 1234 has not arrived, where is it? " * 3)
+        prefix.claimed(a, x1)
+        prefix.completed(a, x1, DONE)  # x waits for its user on a
+        new_chat = chat(SYSTEM, "Can I return a gift without the receipt? " * 3)
+        assert prefix.select([a, b], new_chat) is (b if protect else a)
+        x2 = chat(SYSTEM, "My order 1234 has not arrived, where is it? " * 3, "It left on Monday. " * 5, "Thanks!")
+        assert prefix.select([a, b], x2) is a  # its history is on a
+        other_family = chat("You translate English to French, word for word, nothing else. " * 8, "Hello there")
+        assert prefix.select([a, b], other_family) is a  # nothing of its family waits anywhere: load decides
+
+
+def test_follow_ups_track_running_and_waiting_chats_until_they_return_or_expire() -> None:
+    now = [0.0]
+    follow_ups = FollowUps(family_blocks=2, min_horizon=2.0, clock=lambda: now[0])
+    family, other = b"f1", b"g1"
+    x = [b"f0", family, b"x2", b"x3"]  # 4 blocks, family block f1
+    follow_ups.started("a", x)
+    assert follow_ups.at_risk("a", family, shared=2) == 2  # running: its 2 blocks past the shared 2
+    follow_ups.finished("a", x)
+    assert follow_ups.at_risk("a", family, shared=2) == 2 and follow_ups.at_risk("b", family, shared=2) == 0
+    assert follow_ups.at_risk("a", other, shared=2) == 0
+    x_next = [*x, b"x4", b"x5"]
+    assert follow_ups.continues(x_next) == "a"
+    now[0] = 0.5
+    follow_ups.arrived(x_next)
+    assert follow_ups.mean_gap == 0.5 and follow_ups.at_risk("a", family, shared=2) == 0
+    follow_ups.started("b", x_next)
+    follow_ups.finished("b", x_next)
+    assert follow_ups.at_risk("b", family, shared=2) == 4
+    now[0] = 10.0  # past the horizon (max(2 s, 3 x 0.5 s)): the chat ended
+    assert follow_ups.at_risk("b", family, shared=2) == 0 and len(follow_ups) == 0

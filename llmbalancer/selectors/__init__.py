@@ -27,6 +27,7 @@ def _prefix(config: PolicyConfig) -> Selector:
         max_imbalance=config.prefix_max_imbalance,
         max_blocks=config.prefix_max_blocks,
         max_wait=config.prefix_max_wait,
+        protect_histories=config.prefix_protect_histories,
     )
 
 

@@ -16,14 +16,27 @@ Algorithm
    other clients held at the last poll) is at most ``max_imbalance`` above the least busy candidate's
    may win on affinity. An overloaded holder of the prefix is skipped for this request only; the
    other requests keep their affinity (no fleet-wide switch).
-5. Among those, the longest match wins when it is good enough: at least ``min_match_blocks`` blocks,
-   or the whole prompt when it is shorter than that. Otherwise the most free slots win (as
-   ``slot_aware``), and ties go to the backend that served fewest requests.
-6. Waiting for the holder (``hold_for``, asked before step 4): when a *full* server's match beats every
+5. Among those, the best *worth* wins when its match is good enough: at least ``min_match_blocks``
+   blocks, or the whole prompt when it is shorter than that. Worth is the match, less (with
+   ``protect_histories``) half the history the request may evict there, 5b below. Otherwise the most
+   free slots win (as ``slot_aware``) among the backends where it would evict nothing, and ties go to
+   the backend that served fewest requests.
+5b. Protecting histories (``follow_ups.py``). llama.cpp sends a prompt to the idle slot sharing most
+   with it, and restores a history from its RAM cache only when that slot would keep less than half of
+   what it holds. So a chat with the same system prompt as a chat between turns on that server takes
+   the waiting chat's slot, and the waiting chat's next turn lands on a slot it shares only the system
+   prompt with: its history is re-read (measured on a real llama-server, 2 slots, 4 chats taking turns:
+   follow-ups reused 53-70 % of their prompts with one system prompt, 84 % with four). So each
+   backend's chats running or between turns are tracked by *family* (the name of their first
+   ``min_match_blocks`` blocks: the system prompt), and a request that does not continue one of them
+   there is charged half (the chance it takes that chat's slot) of their blocks beyond what it shares
+   with them. New chats of one system prompt spread over the servers that hold it; a follow-up still
+   goes to the server holding its history.
+6. Waiting for the holder (``hold_for``, asked before step 4): when a *full* server's worth beats every
    free server's by at least the good-enough length (step 5), the request may wait for a slot there (in
    the admission queue, letting others pass) rather than re-read that part of its history elsewhere;
    after the wait, steps 4-5 over whatever is free. The wait is at most the prefill it would save
-   (the extra matched characters x prompt tokens per character x seconds per evaluated prompt token,
+   (the extra worth in characters x prompt tokens per character x seconds per evaluated prompt token,
    both learned from the servers' ``timings``; no estimate yet, no wait), and at most ``max_wait``. So a
    wait that does not pay off costs no more than the miss it tried to avoid.
 7. On claim, the request's blocks are recorded (as most recent) in the chosen backend's index.
@@ -40,6 +53,8 @@ Parameters (``policy.prefix_*`` in the configuration)
   carry and still win on affinity. 0 = only among the least busy; large = affinity at any load.
 - ``max_blocks`` (65536): per-backend index size (~4 MiB of prompts at 64 characters a block).
 - ``max_wait`` (1.0 s): a cap on that wait, whatever the estimate; 0 never waits.
+- ``protect_histories`` (on): step 5b. Off, new chats follow the longest match alone (as other
+  cache-aware routers do) and pile onto the server that first saw their system prompt.
 The capacity gate (no backend is shown to a policy without a free slot) applies before all this.
 """
 
@@ -47,11 +62,12 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from llmbalancer.backend import Backend
 from llmbalancer.selectors.base import Hold, RequestFacts, Selector
+from llmbalancer.selectors.follow_ups import FollowUps, family_of
 from llmbalancer.selectors.slot_aware import slot_rank
 from llmbalancer.usage import Usage
 
@@ -60,6 +76,9 @@ _MAX_PENDING = 10_000
 # fixed per-request overhead dominates prompt_ms.
 _MIN_EVALUATED = 32
 _EWMA_WEIGHT = 0.2
+# The chance that a new chat placed beside a waiting chat of its family overwrites that chat's slot: the new
+# one takes one of the (usually two) idle slots, and llama.cpp prefers the one that shares its prefix.
+_RISK_WEIGHT = 0.5
 
 
 def _ewma(previous: float | None, sample: float) -> float:
@@ -138,6 +157,7 @@ class Prefix(Selector):
         max_imbalance: int = 2,
         max_blocks: int = 65536,
         max_wait: float = 0.0,
+        protect_histories: bool = True,
     ) -> None:
         self.block_chars = block_chars
         self.min_match_blocks = min_match_blocks
@@ -145,6 +165,7 @@ class Prefix(Selector):
         self.max_blocks = max_blocks
         self.max_wait = max_wait
         self._indexes: dict[str, _Index] = {}
+        self.follow_ups = FollowUps(min_match_blocks) if protect_histories else None
         # Per claimed request (by identity of its facts): its chain and the predicted match, until completed.
         self._pending: OrderedDict[int, tuple[list[bytes], int]] = OrderedDict()
         self.resets = 0  # indexes reset because the server had lost what we thought it held
@@ -164,11 +185,30 @@ class Prefix(Selector):
         if chain:
             least_busy = min(b.in_flight + b.slots_external for b in candidates)
             near = [b for b in candidates if b.in_flight + b.slots_external <= least_busy + self.max_imbalance]
-            best = max(near, key=lambda b: (self.match(b, chain), -slot_rank(b)[1]))
-            matched = self.match(best, chain)
-            if matched and matched >= min(self.min_match_blocks, len(chain)):
+            worth = self._worth(chain)
+            best = max(near, key=lambda b: (worth(b), -slot_rank(b)[1]))
+            if self.match(best, chain) >= min(self.min_match_blocks, len(chain)) and worth(best) > 0:
                 return best
+            if self.follow_ups is not None:  # no good home: the least loaded of those it disturbs least
+                return min(candidates, key=lambda b: (-min(0.0, worth(b)), slot_rank(b)))
         return min(candidates, key=slot_rank)
+
+    def _worth(self, chain: Sequence[bytes]) -> Callable[[Backend], float]:
+        """What placing this prompt on a backend is worth, in blocks: its match there, less (step 5b) what it
+        may evict of conversations of its family waiting between turns there (not when it is one of them)."""
+        follow_ups = self.follow_ups
+        if follow_ups is None:
+            return lambda backend: self.match(backend, chain)
+        home = follow_ups.continues(chain)
+        family = family_of(chain, self.min_match_blocks)
+
+        def worth(backend: Backend) -> float:
+            matched = self.match(backend, chain)
+            if backend.name == home:
+                return matched
+            return matched - _RISK_WEIGHT * follow_ups.at_risk(backend.name, family, matched)
+
+        return worth
 
     def hold_for(self, full: Sequence[Backend], free: Sequence[Backend], facts: RequestFacts) -> Hold | None:
         if self.max_wait <= 0 or not full:
@@ -176,19 +216,20 @@ class Prefix(Selector):
         chain = self.chain(facts)
         if not chain:
             return None
-        holder = max(full, key=lambda b: (self.match(b, chain), -b.in_flight))
-        matched = self.match(holder, chain)
+        worth = self._worth(chain)
+        holder = max(full, key=lambda b: (worth(b), -b.in_flight))
         enough = min(self.min_match_blocks, len(chain))
-        best_free = max((self.match(b, chain) for b in free), default=0)
-        # A free server with (nearly) the same prefix saves as much without any wait.
-        if matched < enough or matched - best_free < enough:
+        # What the wait would buy over the best free server, in blocks (a free server with (nearly) the same
+        # prefix saves as much without any wait; a holder where it would evict others' histories buys less).
+        gain = worth(holder) - max((worth(b) for b in free), default=0.0)
+        if self.match(holder, chain) < enough or gain < enough:
             return None
-        saved = self.prefill_seconds(matched - best_free)
+        saved = self.prefill_seconds(gain)
         if saved is None or saved <= 0:
             return None
         return Hold(holder, min(self.max_wait, saved))
 
-    def prefill_seconds(self, blocks: int) -> float | None:
+    def prefill_seconds(self, blocks: float) -> float | None:
         """Estimated seconds to evaluate ``blocks`` prompt blocks, or None before anything was learned."""
         if self.tokens_per_char is None or self.token_seconds is None:
             return None
@@ -198,6 +239,9 @@ class Prefix(Selector):
         chain = self.chain(facts)
         if not chain:
             return
+        if self.follow_ups is not None:
+            self.follow_ups.arrived(chain)
+            self.follow_ups.started(backend.name, chain)
         index = self._indexes.setdefault(backend.name, _Index(self.max_blocks))
         self._pending[id(facts)] = (chain, index.match(chain))
         while len(self._pending) > _MAX_PENDING:
@@ -209,6 +253,8 @@ class Prefix(Selector):
         if pending is None:
             return
         chain, predicted = pending
+        if self.follow_ups is not None:
+            self.follow_ups.finished(backend.name, chain)
         if usage is not None and usage.prompt_tokens:
             self._learn_rates(len(chain), usage)
         index = self._indexes.get(backend.name)
@@ -230,3 +276,5 @@ class Prefix(Selector):
 
     def forget(self, backend_name: str) -> None:
         self._indexes.pop(backend_name, None)
+        if self.follow_ups is not None:
+            self.follow_ups.forget(backend_name)
