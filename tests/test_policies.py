@@ -210,7 +210,8 @@ def test_prefix_waits_no_longer_than_the_prefill_it_saves_as_learned_from_timing
     hold = prefix.hold_for([holder], [other], facts(conversation(2)))
     assert hold is not None and hold.backend is holder
     matched = prefix.match(holder, prefix.chain(facts(conversation(2))))
-    assert hold.wait == prefix.prefill_seconds(matched) < 30.0
+    expected = prefix.prefill_seconds(matched, holder)
+    assert expected is not None and abs(hold.wait - expected) < 1e-9 and hold.wait < 30.0
     assert hold.wait < 300 * 0.002 * 2  # about the prompt it would re-read, far below the cap
 
 
@@ -290,12 +291,12 @@ def test_prefix_places_a_new_chat_away_from_waiting_chats_of_its_system_prompt()
         prefix.claimed(b, z1)
         prefix.completed(b, z1, DONE)
         now[0] += 60  # z's user left long ago; b still holds the system prompt
-        x1 = chat(SYSTEM, "My order 1234 has not arrived, where is it? " * 3)
+        x1 = chat(SYSTEM, "My order 1234 has not arrived, where is it? " * 12)
         prefix.claimed(a, x1)
         prefix.completed(a, x1, DONE)  # x waits for its user on a
         new_chat = chat(SYSTEM, "Can I return a gift without the receipt? " * 3)
         assert prefix.select([a, b], new_chat) is (b if protect else a)
-        x2 = chat(SYSTEM, "My order 1234 has not arrived, where is it? " * 3, "It left on Monday. " * 5, "Thanks!")
+        x2 = chat(SYSTEM, "My order 1234 has not arrived, where is it? " * 12, "It left on Monday. " * 5, "Thanks!")
         assert prefix.select([a, b], x2) is a  # its history is on a
         other_family = chat("You translate English to French, word for word, nothing else. " * 8, "Hello there")
         assert prefix.select([a, b], other_family) is a  # nothing of its family waits anywhere: load decides

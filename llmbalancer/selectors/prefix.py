@@ -171,7 +171,8 @@ class Prefix(Selector):
         self.resets = 0  # indexes reset because the server had lost what we thought it held
         # Learned from completions, fleet-wide: what re-reading one character of prompt costs.
         self.tokens_per_char: float | None = None
-        self.token_seconds: float | None = None  # to evaluate one (uncached) prompt token
+        self.token_seconds: float | None = None  # to evaluate one (uncached) prompt token, fleet-wide
+        self._rates: dict[str, float] = {}  # the same, per backend (a slower server reads prompts slower)
 
     def chain(self, facts: RequestFacts) -> list[bytes]:
         return block_chain(prompt_text(facts.body), facts.model or "", self.block_chars)
@@ -185,30 +186,36 @@ class Prefix(Selector):
         if chain:
             least_busy = min(b.in_flight + b.slots_external for b in candidates)
             near = [b for b in candidates if b.in_flight + b.slots_external <= least_busy + self.max_imbalance]
-            worth = self._worth(chain)
-            best = max(near, key=lambda b: (worth(b), -slot_rank(b)[1]))
-            if self.match(best, chain) >= min(self.min_match_blocks, len(chain)) and worth(best) > 0:
-                return best
-            if self.follow_ups is not None:  # no good home: the least loaded of those it disturbs least
-                return min(candidates, key=lambda b: (-min(0.0, worth(b)), slot_rank(b)))
+            cost = self._cost(chain)
+            # Costs closer than the good-enough match count as equal: then load decides.
+            quantum = min(self.min_match_blocks, len(chain)) * self._block_seconds(None)
+            return min(near, key=lambda b: (cost(b) // quantum, slot_rank(b)))
         return min(candidates, key=slot_rank)
 
-    def _worth(self, chain: Sequence[bytes]) -> Callable[[Backend], float]:
-        """What placing this prompt on a backend is worth, in blocks: its match there, less (step 5b) what it
-        may evict of conversations of its family waiting between turns there (not when it is one of them)."""
+    def _cost(self, chain: Sequence[bytes]) -> Callable[[Backend], float]:
+        """What placing this prompt on a backend costs: its unmatched blocks at that backend's learned prompt
+        rate, plus (step 5b) half of what it may evict there of chats of its family (not when it is one)."""
         follow_ups = self.follow_ups
-        if follow_ups is None:
-            return lambda backend: self.match(backend, chain)
-        home = follow_ups.continues(chain)
+        home = follow_ups.continues(chain) if follow_ups is not None else None
         family = family_of(chain, self.min_match_blocks)
+        length = len(chain)
 
-        def worth(backend: Backend) -> float:
+        def cost(backend: Backend) -> float:
             matched = self.match(backend, chain)
-            if backend.name == home:
-                return matched
-            return matched - _RISK_WEIGHT * follow_ups.at_risk(backend.name, family, matched)
+            blocks = float(length - matched)
+            if follow_ups is not None and backend.name != home:
+                blocks += _RISK_WEIGHT * follow_ups.at_risk(backend.name, family, matched)
+            return blocks * self._block_seconds(backend)
 
-        return worth
+        return cost
+
+    def _block_seconds(self, backend: Backend | None) -> float:
+        """Seconds to evaluate one block on ``backend`` (None: fleet-wide); 1.0 (counting blocks) before any
+        rate was learned."""
+        rate = self.token_seconds if backend is None else self._rates.get(backend.name, self.token_seconds)
+        if rate is None or self.tokens_per_char is None:
+            return 1.0
+        return self.block_chars * self.tokens_per_char * rate
 
     def hold_for(self, full: Sequence[Backend], free: Sequence[Backend], facts: RequestFacts) -> Hold | None:
         if self.max_wait <= 0 or not full:
@@ -216,24 +223,27 @@ class Prefix(Selector):
         chain = self.chain(facts)
         if not chain:
             return None
-        worth = self._worth(chain)
-        holder = max(full, key=lambda b: (worth(b), -b.in_flight))
+        if self.tokens_per_char is None or self.token_seconds is None:
+            return None  # no prompt rate learned yet: what a wait would save is unknown
+        cost = self._cost(chain)
+        holder = min(full, key=lambda b: (cost(b), b.in_flight))
         enough = min(self.min_match_blocks, len(chain))
-        # What the wait would buy over the best free server, in blocks (a free server with (nearly) the same
-        # prefix saves as much without any wait; a holder where it would evict others' histories buys less).
-        gain = worth(holder) - max((worth(b) for b in free), default=0.0)
-        if self.match(holder, chain) < enough or gain < enough:
+        if self.match(holder, chain) < enough:
             return None
-        saved = self.prefill_seconds(gain)
-        if saved is None or saved <= 0:
+        # What the wait saves over the best free server, in seconds (a free server with (nearly) the same
+        # prefix saves as much at once; a holder where it would evict others' histories saves less).
+        cold = len(chain) * self._block_seconds(holder)
+        saved = min((cost(b) for b in free), default=cold) - cost(holder)
+        if saved < enough * self._block_seconds(holder):
             return None
         return Hold(holder, min(self.max_wait, saved))
 
-    def prefill_seconds(self, blocks: float) -> float | None:
-        """Estimated seconds to evaluate ``blocks`` prompt blocks, or None before anything was learned."""
+    def prefill_seconds(self, blocks: float, backend: Backend | None = None) -> float | None:
+        """Estimated seconds to evaluate ``blocks`` prompt blocks (on ``backend``), or None before anything was
+        learned."""
         if self.tokens_per_char is None or self.token_seconds is None:
             return None
-        return blocks * self.block_chars * self.tokens_per_char * self.token_seconds
+        return blocks * self._block_seconds(backend)
 
     def claimed(self, backend: Backend, facts: RequestFacts) -> None:
         chain = self.chain(facts)
@@ -256,7 +266,7 @@ class Prefix(Selector):
         if self.follow_ups is not None:
             self.follow_ups.finished(backend.name, chain)
         if usage is not None and usage.prompt_tokens:
-            self._learn_rates(len(chain), usage)
+            self._learn_rates(backend.name, len(chain), usage)
         index = self._indexes.get(backend.name)
         if index is None or usage is None or not usage.prompt_tokens or usage.cached_tokens is None:
             return
@@ -267,14 +277,16 @@ class Prefix(Selector):
             self.resets += 1
         index.touch(chain)
 
-    def _learn_rates(self, blocks: int, usage: Usage) -> None:
+    def _learn_rates(self, backend_name: str, blocks: int, usage: Usage) -> None:
         assert usage.prompt_tokens
         self.tokens_per_char = _ewma(self.tokens_per_char, usage.prompt_tokens / (blocks * self.block_chars))
         evaluated = usage.prompt_tokens - (usage.cached_tokens or 0)
         if usage.prompt_token_seconds is not None and evaluated >= _MIN_EVALUATED:
             self.token_seconds = _ewma(self.token_seconds, usage.prompt_token_seconds)
+            self._rates[backend_name] = _ewma(self._rates.get(backend_name), usage.prompt_token_seconds)
 
     def forget(self, backend_name: str) -> None:
         self._indexes.pop(backend_name, None)
+        self._rates.pop(backend_name, None)
         if self.follow_ups is not None:
             self.follow_ups.forget(backend_name)
