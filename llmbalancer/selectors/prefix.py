@@ -16,11 +16,13 @@ Algorithm
    other clients held at the last poll) is at most ``max_imbalance`` above the least busy candidate's
    may win on affinity. An overloaded holder of the prefix is skipped for this request only; the
    other requests keep their affinity (no fleet-wide switch).
-5. Among those, the best *worth* wins when its match is good enough: at least ``min_match_blocks``
-   blocks, or the whole prompt when it is shorter than that. Worth is the match, less (with
-   ``protect_histories``) half the history the request may evict there, 5b below. Otherwise the most
-   free slots win (as ``slot_aware``) among the backends where it would evict nothing, and ties go to
-   the backend that served fewest requests.
+5. Among those, the lowest *cost* wins: the blocks the backend would have to read (the prompt's blocks
+   less its match there), plus (with ``protect_histories``) half the history the request may evict
+   there (5b), times that backend's seconds per block (its own prompt rate, learned from llama.cpp
+   ``timings``; the fleet's until it has one; plain block counts before anything is learned). So a
+   follow-up goes home, and a prompt nobody holds goes to the server that reads it fastest. Costs
+   within ``min_match_blocks`` blocks of each other count as equal, and then load decides (most free
+   slots, as ``slot_aware``; then fewest served): a short match does not beat a free server.
 5b. Protecting histories (``follow_ups.py``). llama.cpp sends a prompt to the idle slot sharing most
    with it, and restores a history from its RAM cache only when that slot would keep less than half of
    what it holds. So a chat with the same system prompt as a chat between turns on that server takes
@@ -32,13 +34,13 @@ Algorithm
    there is charged half (the chance it takes that chat's slot) of their blocks beyond what it shares
    with them. New chats of one system prompt spread over the servers that hold it; a follow-up still
    goes to the server holding its history.
-6. Waiting for the holder (``hold_for``, asked before step 4): when a *full* server's worth beats every
-   free server's by at least the good-enough length (step 5), the request may wait for a slot there (in
-   the admission queue, letting others pass) rather than re-read that part of its history elsewhere;
-   after the wait, steps 4-5 over whatever is free. The wait is at most the prefill it would save
-   (the extra worth in characters x prompt tokens per character x seconds per evaluated prompt token,
-   both learned from the servers' ``timings``; no estimate yet, no wait), and at most ``max_wait``. So a
-   wait that does not pay off costs no more than the miss it tried to avoid.
+6. Waiting for the holder (``hold_for``, asked before step 4): when a *full* server holding at least
+   ``min_match_blocks`` of the prompt costs less than every free server by at least that many blocks'
+   reading (step 5), the request may wait for a slot there (in the admission queue, letting others
+   pass) rather than re-read that part of its history elsewhere; after the wait, steps 4-5 over
+   whatever is free. The wait is at most the seconds it would save (the cost difference; no prompt
+   rate learned yet, no wait), and at most ``max_wait``. So a wait that does not pay off costs no more
+   than the miss it tried to avoid.
 7. On claim, the request's blocks are recorded (as most recent) in the chosen backend's index.
 8. Closing the loop: llama.cpp reports the tokens it actually reused (``timings.cache_n``). When the
    index predicted at least half the prompt cached but the server reused under a quarter of what was
@@ -48,7 +50,8 @@ Algorithm
 Parameters (``policy.prefix_*`` in the configuration)
 - ``block_chars`` (64): block size. Smaller finds shorter shared prefixes and costs more hashing;
   64 characters is about 16 tokens, finer than a system prompt and cheap to hash.
-- ``min_match_blocks`` (4): the shortest match, in blocks (~256 characters), that beats load.
+- ``min_match_blocks`` (4): the shortest match, in blocks (~256 characters), that beats load; also the
+  length of a prompt's *family* (5b).
 - ``max_imbalance`` (2): how many more busy requests than the least busy candidate a backend may
   carry and still win on affinity. 0 = only among the least busy; large = affinity at any load.
 - ``max_blocks`` (65536): per-backend index size (~4 MiB of prompts at 64 characters a block).
