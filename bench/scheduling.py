@@ -50,9 +50,6 @@ import workload
 RESULTS = peers.HERE / "RESULTS.md"
 SECTION_START = "<!-- scheduling:start -->"
 SECTION_END = "<!-- scheduling:end -->"
-# --quick writes its own section, so that a smoke run never replaces the full matrix
-QUICK_START = "<!-- scheduling-quick:start -->"
-QUICK_END = "<!-- scheduling-quick:end -->"
 CHAT = "/v1/chat/completions"
 POLICIES = ["round_robin", "least_connections", "slot_aware", "prefix", "sticky:prefix"]
 PEERS = ["nginx", "haproxy", "sglang-router"]
@@ -396,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated workload seeds; each is played on a fresh fleet and a row pools them (default 7)",
     )
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    parser.add_argument(
+        "--section", default="scheduling",
+        help="the RESULTS.md section to (re)write (default: scheduling, the full matrix; --quick: scheduling-quick)",
+    )
     args = parser.parse_args(argv)
     if args.real:
         import real_fleet
@@ -429,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
                     print(table([row]).splitlines()[-1], flush=True)
     body = "\n".join([
-        "### Scheduling, quick run" if args.quick else "## Scheduling",
+        "### Scheduling, quick run" if args.quick else
+        "## Scheduling" if args.section == "scheduling" else f"### Scheduling: {args.section}",
         "",
         f"`{command.strip()}` — {started:%Y-%m-%d %H:%M} UTC, {header}.",
         "",
@@ -457,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     ])
     print("\n" + body)
     if not args.no_write:
-        write_section(body, *((QUICK_START, QUICK_END) if args.quick else (SECTION_START, SECTION_END)))
+        # A smoke run or a partial one writes its own section, so that it never replaces the full matrix.
+        name = "scheduling-quick" if args.quick and args.section == "scheduling" else args.section
+        write_section(body, f"<!-- {name}:start -->", f"<!-- {name}:end -->")
         print(f"\nwritten to {RESULTS}")
     return 0
 
