@@ -5,8 +5,11 @@ that is not routable is probed more often so that it rejoins within a fraction o
 being ready again. What one probe sees is in ``probes``; the state is judged here over a sliding
 window (``health.window``): a refused connection ejects at once, other failures after two in a row
 (so a dead backend is out within three intervals), and a backend that went down more than once
-within the window (flapping) stays out until the window holds at most one drop. Slot figures are
-written into the backend record in place and wake the admission queue when they change.
+within the window (flapping) stays out until the window holds at most one drop. A healthy backend is
+shown busy when every poll over the whole window found every slot busy (one free slot ends it), so a
+server that is merely full now and then does not flip state, and log a change, at every poll. (Routing
+does not wait for this: the capacity gate counts free slots at once.) Slot figures are written into the
+backend record in place and wake the admission queue when they change.
 """
 
 from __future__ import annotations
@@ -35,11 +38,22 @@ __all__ = ["HealthPoller", "Observation", "probe"]
 class _Window:
     """A backend's recent probe outcomes (True ok, None starting, False failed) within ``span`` seconds."""
 
-    __slots__ = ("_outcomes", "_span")
+    __slots__ = ("_full_since", "_outcomes", "_span")
 
     def __init__(self, span: float) -> None:
         self._span = span
         self._outcomes: deque[tuple[float, bool | None]] = deque(maxlen=256)
+        self._full_since: float | None = None
+
+    def saturated(self, full: bool) -> bool:
+        """Whether every poll for the whole window found every slot busy (``full`` is this poll's finding)."""
+        if not full:
+            self._full_since = None
+            return False
+        now = time.monotonic()
+        if self._full_since is None:
+            self._full_since = now
+        return now - self._full_since >= self._span
 
     def add(self, outcome: bool | None) -> None:
         now = time.monotonic()
@@ -97,13 +111,14 @@ class HealthPoller:
         window.add(seen.ok)
         if seen.ok:
             self._update_slots(backend, seen)
+        saturated = window.saturated(seen.ok is True and free_slots(backend) == 0)
         if backend.state in (BackendState.DRAINING, BackendState.FAILED):
             return  # set by an operator or the supervisor; a probe does not undo it
         state, reason = judge(window, seen)
         if backend.launching and state is BackendState.UNHEALTHY:
             return  # a supervised process still booting refuses connections until it binds its port
-        if state is BackendState.HEALTHY and free_slots(backend) == 0:
-            state, reason = BackendState.BUSY, "every slot busy"
+        if state is BackendState.HEALTHY and saturated:
+            state, reason = BackendState.BUSY, f"every slot busy for {self._window:g} s"
         if state is not None:
             self._registry.set_state(backend, state, reason)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 from pathlib import Path
 
 import aiohttp
@@ -94,3 +95,13 @@ def test_a_flapping_backend_stays_out_until_its_window_is_steady() -> None:
     for outcome in (True, False, False, True):  # one outage, then recovery: back at once
         steady.add(outcome)
     assert judge(steady, Observation(True))[0] is BackendState.HEALTHY
+
+
+def test_busy_means_every_slot_busy_over_the_whole_window() -> None:
+    window = _Window(0.2)
+    assert not window.saturated(True)  # full at one poll: not busy yet
+    time.sleep(0.25)
+    assert window.saturated(True)  # full at every poll for the whole window
+    assert not window.saturated(False)  # one free slot ends it at once
+    assert not window.saturated(True)  # and the window starts again
+    assert _Window(0.0).saturated(True)
