@@ -7,6 +7,8 @@ total and processing; when ``/slots`` is disabled (501/404), ``GET /metrics``
 Ollama: ``GET /api/tags`` (the models it can serve; ``/api/ps`` lists only those loaded now, and
 Ollama loads on demand). OpenAI-compatible or unknown servers without ``/health``: ``GET /v1/models``.
 Served models come from ``/v1/models`` (both its OpenAI ``data`` and Ollama-style ``models`` lists).
+An ``auto`` backend whose ``/health`` is 404, or 200 without llama.cpp's JSON object (vLLM's is empty),
+is noted as a plain OpenAI-compatible server (``Observation.kind``), which the proxy asks for usage.
 A backend that is itself a balancer (``kind: llmbalancer``, or recognised by the fields of our own
 ``/health``) is ready per its ``/health`` and reports its GPU load as ``idle``/``busy`` on
 ``/llmhealth`` (llama-balancer's contract); that flag feeds selection (idle ones first).
@@ -121,6 +123,8 @@ async def _probe_llamacpp(session: aiohttp.ClientSession, backend: Backend, memo
         return Observation(False, f"/health answered HTTP {status}")
     seen = Observation(True)
     health = _json(body)
+    if backend.kind == "auto" and not isinstance(health, dict):
+        seen.kind = "openai"  # ready without llama.cpp's {"status": "ok"} (vLLM: an empty body): OpenAI API only
     if isinstance(health, dict) and "backends_total" in health:
         return await _probe_balancer(session, backend, memory)  # another llmbalancer's /health
     if isinstance(health, dict) and isinstance(health.get("slots_idle"), int):

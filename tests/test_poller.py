@@ -105,3 +105,12 @@ def test_busy_means_every_slot_busy_over_the_whole_window() -> None:
     assert not window.saturated(False)  # one free slot ends it at once
     assert not window.saturated(True)  # and the window starts again
     assert _Window(0.0).saturated(True)
+
+
+async def test_an_auto_backend_ready_without_llama_cpp_health_json_is_plain_openai() -> None:
+    """vLLM answers /health 200 with an empty body: ready, and only the OpenAI API (asked for usage)."""
+    async with run_fake_llama(FakeLlamaConfig(plain_openai=True)) as vllm, run_fake_llama() as llama:
+        seen = await _probe(Backend(name="vllm", url=vllm.url))
+        assert seen.ok is True and seen.kind == "openai"
+        seen = await _probe(Backend(name="llama", url=llama.url))
+        assert seen.ok is True and seen.kind is None and seen.slots_total == 2

@@ -92,7 +92,7 @@ GENERATION_PATHS: frozenset[str] = frozenset(
 )
 CONTROL_PREFIX = "/_fake/"
 # llama.cpp's own endpoints, which a plain OpenAI-compatible server does not have.
-LLAMA_ONLY_PATHS: frozenset[str] = frozenset({"/health", "/v1/health", "/slots", "/metrics", "/props"})
+LLAMA_ONLY_PATHS: frozenset[str] = frozenset({"/v1/health", "/slots", "/metrics", "/props"})
 
 BUILD_INFO = "b1-0c1e570"
 JSON_CT = "application/json; charset=utf-8"
@@ -173,7 +173,7 @@ class FakeLlamaConfig:
     record_timeline: bool = False
     # A plain OpenAI-compatible server (vLLM-like) instead of llama.cpp: no `timings` anywhere, `"usage":null`
     # in every chunk of a stream that asked for usage (as the OpenAI spec says), and only the OpenAI API
-    # (/health, /slots, /metrics, /props answer 404).
+    # (/slots, /metrics, /props answer 404; /health answers 200 with an empty body, as vLLM's does).
     plain_openai: bool = False
 
     def __post_init__(self) -> None:
@@ -1030,6 +1030,8 @@ class FakeLlama:
         st.last_by_path[path] = record
         if self.config.plain_openai and path in LLAMA_ONLY_PATHS:
             return _json_response(NOT_FOUND_BODY, 404)
+        if self.config.plain_openai and path == "/health":
+            return web.Response(status=200)  # vLLM: ready, and nothing else said
         if time.monotonic() < self._engine.ready_at:
             return _json_response(LOADING_BODY, 503)
         fault = self._take_fault(path) if self._fault is not NO_FAULT else None
