@@ -31,11 +31,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import peers
+import results
 from stream_load import run_streams
 
-RESULTS = peers.HERE / "RESULTS.md"
-SECTION_START = "<!-- proxy-overhead:start -->"
-SECTION_END = "<!-- proxy-overhead:end -->"
+SECTION = "proxy-overhead"
 PATH = "/v1/chat/completions"
 REQUEST = b'{"model":"bench","messages":[{"role":"user","content":"Say hello."}],"max_tokens":8}'
 COMPLETION = (
@@ -317,19 +316,6 @@ def versions(nginx: str | None) -> str:
     return ", ".join(parts)
 
 
-def write_results(text: str) -> None:
-    section = f"{SECTION_START}\n{text.strip()}\n{SECTION_END}"
-    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\n## Proxy overhead\n\n"
-    if SECTION_START in current and SECTION_END in current:
-        head, rest = current.split(SECTION_START, 1)
-        current = head + section + rest.split(SECTION_END, 1)[1]
-    elif "## Proxy overhead" in current:
-        current = current.replace("## Proxy overhead", "## Proxy overhead\n\n" + section, 1)
-    else:
-        current = current.rstrip() + "\n\n## Proxy overhead\n\n" + section + "\n"
-    RESULTS.write_text(current)
-
-
 def _labelled_tree(text: str) -> tuple[str, Path]:
     label, sep, tree = text.partition("=")
     if not sep or not (Path(tree) / "llmbalancer" / "__main__.py").exists():
@@ -354,7 +340,9 @@ def parse_args() -> argparse.Namespace:
         "--stream-backend", choices=("instant", "fake"), default="instant",
         help="SSE backend: bench/instant_backend.py (default, fastest) or the project's fake llama-server",
     )
-    parser.add_argument("--write-results", action="store_true", help=f"replace the proxy-overhead section of {RESULTS}")
+    parser.add_argument(
+        "--write-results", action="store_true", help=f"replace the proxy-overhead section of {results.RESULTS}"
+    )
     return parser.parse_args()
 
 
@@ -422,8 +410,8 @@ def main() -> int:
     print()
     print(text)
     if args.write_results:
-        write_results(text)
-        print(f"\nwritten to {RESULTS}")
+        results.write_section(SECTION, text)
+        print(f"\nwritten to {results.RESULTS}")
     return 0
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import fleet
 import peers
+import results
 import scheduling
 import workload
 
@@ -23,8 +24,7 @@ sys.path.insert(0, str(peers.ROOT))
 
 from tests.support import start_llama_server, wait_ready  # the repository root, just added to the path
 
-START = "<!-- scheduling-real:start -->"
-END = "<!-- scheduling-real:end -->"
+SECTION = "scheduling-real"
 # Small enough for one CPU thread per server and 2048 tokens of context per slot.
 SHAPE = workload.Shape(
     system_prompts=2, system_words=(120, 200), turns=(3, 4), user_words=(10, 30), reply_tokens=(8, 16),
@@ -58,7 +58,7 @@ def run_policy(workdir: Path, policy: str, sessions: list[workload.Session]) -> 
 def main(args: argparse.Namespace) -> int:
     sessions = workload.sessions(SHAPE, int(args.seeds.split(",")[0]), SESSION_RATE, WINDOW_S)  # one seed: slow
     started = datetime.datetime.now(datetime.UTC)
-    header = scheduling.machine()
+    header = results.machine()
     rows = []
     with tempfile.TemporaryDirectory(prefix="schedbench-real-") as tmp:
         for policy in ("round_robin", "prefix"):
@@ -79,6 +79,6 @@ def main(args: argparse.Namespace) -> int:
     ])
     print("\n" + body)
     if not args.no_write:
-        scheduling.write_section(body, START, END)
-        print(f"\nwritten to {scheduling.RESULTS}")
+        results.write_section(SECTION, body)
+        print(f"\nwritten to {results.RESULTS}")
     return 0

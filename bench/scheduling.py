@@ -31,8 +31,6 @@ import argparse
 import asyncio
 import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -45,11 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import aiohttp
 import fleet
 import peers
+import results
 import workload
 
-RESULTS = peers.HERE / "RESULTS.md"
-SECTION_START = "<!-- scheduling:start -->"
-SECTION_END = "<!-- scheduling:end -->"
 CHAT = "/v1/chat/completions"
 POLICIES = ["round_robin", "least_connections", "slot_aware", "prefix", "sticky:prefix"]
 PEERS = ["nginx", "haproxy", "sglang-router"]
@@ -357,24 +353,6 @@ def verdict(rows: list[Row]) -> list[str]:
     return out
 
 
-def write_section(body: str, start: str = SECTION_START, end: str = SECTION_END) -> None:
-    """Replace the text between ``start`` and ``end`` in bench/RESULTS.md (append it the first time)."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = f"{start}\n{body.rstrip()}\n{end}"
-    if start in text and end in text:
-        head, rest = text.split(start, 1)
-        text = head + section + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
-
-
-def machine() -> str:
-    load1 = os.getloadavg()[0]
-    return f"{platform.node()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, " \
-           f"Python {platform.python_version()}, load average {load1:.1f} at start"
-
-
 # --- main ---------------------------------------------------------------------------------------
 
 
@@ -411,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = workload.Shape()
     started = datetime.datetime.now(datetime.UTC)
     command = "python bench/scheduling.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    header = machine()
+    header = results.machine()
     rows: list[Row] = []
     capacity_lines: list[str] = []
     seeds = [int(seed) for seed in args.seeds.split(",")]
@@ -461,8 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         # A smoke run or a partial one writes its own section, so that it never replaces the full matrix.
         name = "scheduling-quick" if args.quick and args.section == "scheduling" else args.section
-        write_section(body, f"<!-- {name}:start -->", f"<!-- {name}:end -->")
-        print(f"\nwritten to {RESULTS}")
+        results.write_section(name, body)
+        print(f"\nwritten to {results.RESULTS}")
     return 0
 
 

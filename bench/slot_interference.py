@@ -26,8 +26,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime
-import os
-import platform
 import random
 import subprocess
 import sys
@@ -40,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import aiohttp
 import peers
+import results
 import workload
 
 sys.path.insert(0, str(peers.ROOT))
@@ -48,9 +47,7 @@ from llmbalancer.rig import LLAMA_CPP_PYTHON_VERSION, expected_paths  # the repo
 from llmbalancer.testing.fake_llama import FakeLlamaConfig, run_fake_llama
 from tests.support import LlamaServer, wait_ready
 
-RESULTS = peers.HERE / "RESULTS.md"
-START = "<!-- slot-interference:start -->"
-END = "<!-- slot-interference:end -->"
+SECTION = "slot-interference"
 CHAT = "/v1/chat/completions"
 SLOTS = 2
 # 4096 tokens per slot: a system prompt (~150-250 words, up to ~1000 SmolLM2 tokens) and 3+ turns fit.
@@ -197,25 +194,6 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    # A local copy of bench/scheduling.py's header, so that this script does not depend on that module.
-    load1 = os.getloadavg()[0]
-    return f"{platform.node()}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, " \
-           f"Python {platform.python_version()}, load average {load1:.1f} at start"
-
-
-def write_section(body: str) -> None:
-    """Replace the text between this script's markers in bench/RESULTS.md (append it the first time)."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = f"{START}\n{body.rstrip()}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
-
-
 MEANING = [  # one Markdown paragraph, a sentence a line
     "What it means: when more chats than slots take turns on one llama.cpp server, chats that share a system "
     "prompt evict each other's histories: a turn lands by similarity on another chat's slot, keeps >= 50 % of it "
@@ -242,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--chats must be positive counts and --turns at least 2")
     servers = ["fake"] if args.fake_only else ["llama-server", "fake"]
     started = datetime.datetime.now(datetime.UTC)
-    header = machine()
+    header = results.machine()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="slot-interference-") as tmp:
         for server in servers:
@@ -279,8 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     ])
     print("\n" + body)
     if not args.no_write:
-        write_section(body)
-        print(f"\nwritten to {RESULTS}")
+        results.write_section(SECTION, body)
+        print(f"\nwritten to {results.RESULTS}")
     return 0
 
 
