@@ -176,9 +176,17 @@ class Prefix(Selector):
         self.tokens_per_char: float | None = None
         self.token_seconds: float | None = None  # to evaluate one (uncached) prompt token, fleet-wide
         self._rates: dict[str, float] = {}  # the same, per backend (a slower server reads prompts slower)
+        # The dispatcher asks hold_for, select (again on each wake while queued) and claimed about one request:
+        # its chain is hashed once, for the request last asked about.
+        self._chained: tuple[RequestFacts, list[bytes]] | None = None
 
     def chain(self, facts: RequestFacts) -> list[bytes]:
-        return block_chain(prompt_text(facts.body), facts.model or "", self.block_chars)
+        chained = self._chained
+        if chained is not None and chained[0] is facts:
+            return chained[1]
+        chain = block_chain(prompt_text(facts.body), facts.model or "", self.block_chars)
+        self._chained = (facts, chain)
+        return chain
 
     def match(self, backend: Backend, chain: Sequence[bytes]) -> int:
         index = self._indexes.get(backend.name)
