@@ -91,11 +91,11 @@ class Dispatcher:
                                 return claim
                         self._fail_if_hopeless(excluded)
                         if held is None:
-                            await self.registry.wait_change()
+                            await self.registry.next_change()
                         else:
                             with contextlib.suppress(TimeoutError):
                                 async with asyncio.timeout(hold_until - loop.time()):
-                                    await self.registry.wait_change()
+                                    await self.registry.next_change()
             except TimeoutError:
                 raise errors.queue_timeout(self.admission.timeout) from None
             finally:

@@ -139,12 +139,16 @@ class Registry:
             if not change.done():
                 change.set_result(None)
 
-    async def wait_change(self) -> None:
-        """Return at the next change of any backend (state, claim released, membership)."""
+    def next_change(self) -> asyncio.Future[None]:
+        """Done at the next change of any backend (state, claim released, membership).
+
+        The future exists from this call on, not from the caller's first await: a change that lands
+        between a check and the wait (another task runs first) still wakes the waiter.
+        """
         if self._change is None:
             self._change = asyncio.get_running_loop().create_future()
         # shield: one cancelled waiter must not cancel the future the others wait on.
-        await asyncio.shield(self._change)
+        return asyncio.shield(self._change)
 
 
 def _ewma(previous: float | None, sample: float) -> float:

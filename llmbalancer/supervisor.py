@@ -172,7 +172,7 @@ class Supervisor:
         try:
             async with asyncio.timeout(self._config.drain_timeout):
                 while backend.in_flight:
-                    await self._registry.wait_change()
+                    await self._registry.next_change()
         except TimeoutError:
             log.warning("instance_drain_timeout", instance=instance.name, in_flight=backend.in_flight)
 
@@ -308,7 +308,7 @@ class Supervisor:
                           log_tail=instance.output.tail(5))
                 await child_process.terminate(process, self._config.stop_grace)
                 return None
-            change = asyncio.ensure_future(self._registry.wait_change())
+            change = self._registry.next_change()
             waiters: set[asyncio.Future[Any]] = {exited, change}
             try:
                 await asyncio.wait(waiters, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)

@@ -322,3 +322,17 @@ def test_follow_ups_track_running_and_waiting_chats_until_they_return_or_expire(
     assert follow_ups.at_risk("b", family, shared=2) == 4
     now[0] = 10.0  # past the horizon (max(2 s, 3 x 0.5 s)): the chat ended
     assert follow_ups.at_risk("b", family, shared=2) == 0 and len(follow_ups) == 0
+
+
+async def test_a_change_between_taking_the_waiter_and_awaiting_it_still_wakes_it() -> None:
+    # The supervisor's readiness wait once lost this wake-up (the waiter was made in a task that had
+    # not run yet), so an instance ready under load stayed "starting" until some later change.
+    registry = Registry()
+    change = registry.next_change()
+    registry.notify_change()
+    await asyncio.wait_for(change, timeout=1.0)
+    cancelled = registry.next_change()
+    other = registry.next_change()
+    cancelled.cancel()
+    registry.notify_change()
+    await asyncio.wait_for(other, timeout=1.0)  # one waiter cancelled never cancels the others

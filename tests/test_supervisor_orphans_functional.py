@@ -17,17 +17,18 @@ from tests.support import balancer_process, free_port
 def _running_pids(port: int, count: int, timeout: float = 20.0) -> list[int]:
     """The pids of the supervised instances, once ``count`` of them are running (bounded)."""
     deadline = time.monotonic() + timeout
+    instances: list[dict[str, object]] = []
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/admin/instances", timeout=2) as reply:
                 instances = json.load(reply)["instances"]
-            pids = [i["pid"] for i in instances if i["state"] == "running" and i["pid"]]
+            pids = [int(str(i["pid"])) for i in instances if i["state"] == "running" and i["pid"]]
             if len(pids) == count:
                 return pids
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.1)
-    raise TimeoutError(f"{count} instances not running within {timeout} s")
+    raise TimeoutError(f"{count} instances not running within {timeout} s; last seen: {instances}")
 
 
 def _serve_two_children(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:
