@@ -88,6 +88,14 @@ class Access:
         )
 
 
+class _ClientStopped(Exception):
+    """Writing to the client failed or stalled: the client's doing, not the backend's."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
 class _AttemptFailed(Exception):
     def __init__(self, reason: str, *, unreachable: bool, body_sent: bool) -> None:
         super().__init__(reason)
@@ -284,21 +292,29 @@ class Proxy:
             whole = cut_whole(whole)
             response.content_length = len(whole)
         access.status = upstream.status
-        await response.prepare(request)
-
-        if whole is not None:
-            # Nothing left to wait for: no idle timer, no read loop; headers and body leave in one write.
-            if whole:
-                access.ttfb = time.monotonic()
-            await response.write_eof(whole)
-            access.bytes = len(whole)
-            access.usage_tail = usage_tail or whole
-            broken = None
-        else:
-            broken = await self._pump(upstream, response, access, UsageCut(response.write) if cut_usage else None)
+        try:
+            await response.prepare(request)
+            if whole is not None:
+                # Nothing left to wait for: no idle timer, no read loop; headers and body leave in one write.
+                if whole:
+                    access.ttfb = time.monotonic()
+                await response.write_eof(whole)
+                access.bytes = len(whole)
+                access.usage_tail = usage_tail or whole
+                broken = None
+            else:
+                broken = await self._pump(upstream, response, access, UsageCut(response.write) if cut_usage else None)
+                if broken is None:
+                    await response.write_eof()
+        except (_ClientStopped, ConnectionResetError) as stopped:
+            # The backend did its part: neither a failure nor a success of its own. Closing here (and the
+            # upstream in _forward) frees the backend's slot.
+            access.error = stopped.code if isinstance(stopped, _ClientStopped) else "client_closed"
+            response.force_close()
+            if request.transport is not None:
+                request.transport.close()
+            return response
         if broken is None:
-            if whole is None:
-                await response.write_eof()
             self._registry.record_success(backend, access.ttfb and access.ttfb - access.started,
                                           time.monotonic() - access.started)
             return response
@@ -319,7 +335,9 @@ class Proxy:
         self, upstream: aiohttp.ClientResponse, response: web.StreamResponse, access: Access, cut: UsageCut | None
     ) -> str | None:
         """Copy the body as it arrives; return why the backend broke off, or None when complete.
-        With ``cut``, chunks go through it (it drops the usage event); the plain copy pays nothing for that."""
+        With ``cut``, chunks go through it (it drops the usage event); the plain copy pays nothing for that.
+        The idle timeout covers the writes too: a client that stops reading for that long is cut off
+        (``_ClientStopped``), and that is not held against the backend."""
         reader = upstream.content
         write = response.write if cut is None else cut.write
         loop = asyncio.get_running_loop()
@@ -329,6 +347,7 @@ class Proxy:
         # Re-arming the timer costs a timer handle per chunk; re-arm only when it has drifted by 1 %
         # of the idle timeout, so the timeout fires after between 0.99 and 1.0 x idle of silence.
         slack = idle / 100
+        writing = False
         try:
             async with asyncio.timeout_at(loop.time() + idle) as deadline:
                 armed = loop.time()
@@ -336,7 +355,9 @@ class Proxy:
                 if chunk:
                     access.ttfb = time.monotonic()
                 while chunk:
+                    writing = True
                     await write(chunk)
+                    writing = False
                     sent += len(chunk)
                     previous, last = last, chunk
                     now = loop.time()
@@ -344,9 +365,13 @@ class Proxy:
                         deadline.reschedule(now + idle)
                         armed = now
                     chunk = await reader.readany()
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, ConnectionResetError) as exc:
+            if writing:
+                raise _ClientStopped("client_closed") from exc
             return _describe(exc)
         except TimeoutError:
+            if writing:
+                raise _ClientStopped("client_stalled") from None
             return f"no data for {idle:g} s"
         finally:
             access.bytes = sent

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import socket
 import time
 from typing import Any
 
@@ -12,14 +14,14 @@ import structlog
 
 from llmbalancer.backend import BackendState
 from llmbalancer.proxy import Access
-from llmbalancer.testing.fake_llama import run_fake_fleet, run_fake_llama
-from tests.support import LlamaServer, get_json, make_config, run_balancer
+from llmbalancer.testing.fake_llama import FakeLlamaConfig, run_fake_fleet, run_fake_llama
+from tests.support import LlamaServer, get_json, make_config, run_balancer, wait_for
 
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}
 
 
-async def _slots_busy(session: aiohttp.ClientSession, server: LlamaServer) -> bool:
-    slots: list[dict[str, Any]] = await get_json(session, server.url + "/slots")
+async def _slots_busy(session: aiohttp.ClientSession, url: str) -> bool:
+    slots: list[dict[str, Any]] = await get_json(session, url + "/slots")
     return any(slot["is_processing"] for slot in slots)
 
 
@@ -34,11 +36,11 @@ async def test_client_disconnect_mid_stream_frees_the_real_backend_slot_within_a
             assert reply.status == 200
             first = await reply.content.readline()
             assert first.startswith(b"data: ")
-            assert await _slots_busy(session, server)
+            assert await _slots_busy(session, server.url)
         finally:
             reply.close()  # hang up mid-stream: drops the connection
         hung_up = time.monotonic()
-        while await _slots_busy(session, server):
+        while await _slots_busy(session, server.url):
             assert time.monotonic() - hung_up < 1.0, "backend slot still busy a second after the client left"
             await asyncio.sleep(0.02)
         # The claim was released too: nothing is counted in flight any more.
@@ -180,3 +182,53 @@ async def test_one_access_event_per_request_with_its_facts() -> None:
     assert event["backend"] == fake.url.split("//")[1]
     assert event["bytes"] == len(body)
     assert 0 <= event["ttfb_ms"] <= event["duration_ms"]
+
+
+async def test_clients_that_hang_up_mid_stream_never_count_against_the_backend() -> None:
+    async with run_fake_llama(FakeLlamaConfig(token_delay=0.01)) as fake:
+        config = make_config([fake.url], **{"circuit.failures": 2})
+        async with run_balancer(config) as balancer, aiohttp.ClientSession() as session:
+            accesses: list[Access] = []
+            balancer.components.proxy.on_complete.append(accesses.append)
+            stream = {**CHAT, "max_tokens": 500, "stream": True}
+            for _ in range(4):
+                reply = await session.post(balancer.url + "/v1/chat/completions", json=stream)
+                try:
+                    assert reply.status == 200
+                    assert (await reply.content.readline()).startswith(b"data: ")
+                finally:
+                    reply.close()
+            await wait_for(lambda: len(accesses) == 4, timeout=5.0)
+            (backend,) = balancer.components.registry
+            assert {a.error for a in accesses} == {"client_closed"}
+            assert backend.errors_total == 0 and backend.state is BackendState.HEALTHY
+            async with session.post(balancer.url + "/v1/chat/completions", json=CHAT) as reply:
+                assert reply.status == 200
+
+
+async def test_a_client_that_stops_reading_is_cut_off_after_the_idle_timeout_and_the_slot_freed() -> None:
+    # Tokens of 4 KiB each and no delay: the stream outruns a client that reads nothing, the socket
+    # buffers fill, and the balancer's writes wait on the client, not on the backend.
+    word = "x" * 4096
+    async with run_fake_llama(FakeLlamaConfig(reply=f"{word} {word}")) as fake:
+        config = make_config([fake.url], **{"timeouts.idle": 0.5})
+        async with run_balancer(config) as balancer, aiohttp.ClientSession() as session:
+            accesses: list[Access] = []
+            balancer.components.proxy.on_complete.append(accesses.append)
+            body = json.dumps({**CHAT, "max_tokens": 20000, "stream": True, "ignore_eos": True}).encode()
+            with socket.socket() as stalled:
+                stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                stalled.connect(("127.0.0.1", balancer.port))
+                stalled.sendall(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+                )
+                await wait_for(lambda: bool(accesses), timeout=10.0)
+                (access,) = accesses
+                assert access.error == "client_stalled" and access.status == 200
+                (backend,) = balancer.components.registry
+                assert backend.errors_total == 0 and backend.state is BackendState.HEALTHY
+                started = time.monotonic()
+                while await _slots_busy(session, fake.url):
+                    assert time.monotonic() - started < 1.0, "the backend's slot is still busy"
+                    await asyncio.sleep(0.02)
