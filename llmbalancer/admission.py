@@ -8,6 +8,10 @@ looked best when it arrived.
 A waiter may be *held* for one backend (a cache-aware policy's ``hold_for``): it waits for that backend
 alone, so it does not stand in the way of the waiters behind it, which may take any other server; only
 waiters held for the same backend queue behind it. Held waiters still count in the depth.
+
+A *retry* (a request whose first backend failed before any byte reached the client) has had its turn:
+it takes any free slot it may use as soon as one frees, and never stands in the way of the waiters
+behind it (it may not use the backend it failed on, which they may).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class Waiter:
     seq: int
     sort_key: tuple[int, int] = field(init=False)
     held_for: Backend | None = None  # waiting for this backend only (until the dispatcher clears it)
+    retry: bool = False
 
     def __post_init__(self) -> None:
         self.sort_key = (-self.priority, self.seq)  # higher priority first, then arrival
@@ -51,22 +56,24 @@ class AdmissionQueue:
     def depths(self) -> dict[str, int]:
         return {model: len(queue) for model, queue in self._queues.items() if queue}
 
-    def is_head(self, waiter: Waiter) -> bool:
-        """First in line for what it waits for: no waiter ahead of it waits for the same (held: any backend,
-        unheld: the one it is held for)."""
+    def may_claim(self, waiter: Waiter) -> bool:
+        """A retry, or first in line for what it waits for: no waiter ahead of it (retries aside) waits for
+        the same (held: any backend, unheld: the one it is held for)."""
+        if waiter.retry:
+            return True
         for ahead in self._queues.get(waiter.model, ()):
             if ahead is waiter:
                 return True
-            if ahead.held_for is None or ahead.held_for is waiter.held_for:
+            if not ahead.retry and (ahead.held_for is None or ahead.held_for is waiter.held_for):
                 return False
         return False
 
-    def waiting(self, model: str, priority: int) -> _Place:
+    def waiting(self, model: str, priority: int, retry: bool = False) -> _Place:
         """Hold a place in ``model``'s queue for a ``with`` block; raises 503 ``queue_full`` when there is none."""
         queue = self._queues.setdefault(model, [])
         if len(queue) >= self.max_size:
             raise errors.queue_full(len(queue))
-        waiter = Waiter(model, priority, next(self._seq))
+        waiter = Waiter(model, priority, next(self._seq), retry=retry)
         bisect.insort(queue, waiter, key=lambda w: w.sort_key)
         return _Place(self, waiter)
 

@@ -76,7 +76,7 @@ class Dispatcher:
         excluded = self.routing.exclusion(facts, self.registry, given, waiting=True)
         self._fail_if_hopeless(excluded)
         loop = asyncio.get_running_loop()
-        with self.admission.waiting(model, priority_of(facts.headers)) as waiter:
+        with self.admission.waiting(model, priority_of(facts.headers), retry) as waiter:
             hold_until = loop.time() + hold.wait if hold is not None else 0.0
             waiter.held_for = hold.backend if hold is not None else None
             try:
@@ -85,7 +85,7 @@ class Dispatcher:
                         held = waiter.held_for
                         if held is not None and (loop.time() >= hold_until or held not in self.candidates(excluded)):
                             waiter.held_for = held = None  # the affinity wait is over: any free backend now
-                        if retry or self.admission.is_head(waiter):
+                        if self.admission.may_claim(waiter):
                             claim = self._try_claim(facts, excluded, only=held)
                             if claim is not None:
                                 return claim

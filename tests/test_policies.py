@@ -336,3 +336,23 @@ async def test_a_change_between_taking_the_waiter_and_awaiting_it_still_wakes_it
     cancelled.cancel()
     registry.notify_change()
     await asyncio.wait_for(other, timeout=1.0)  # one waiter cancelled never cancels the others
+
+
+async def test_a_queued_retry_does_not_block_the_waiters_behind_it_from_the_backend_it_failed_on() -> None:
+    registry = Registry()
+    failed = registry.add(backend("failed", slots=1))
+    other = registry.add(backend("other", slots=1))
+    dispatcher = Dispatcher(registry, LeastConnections())
+    busy_failed, busy_other = registry.claim(failed), registry.claim(other)
+    retry = asyncio.create_task(dispatcher.claim(facts(), excluded=[failed]))
+    await asyncio.sleep(0.02)
+    fresh = asyncio.create_task(dispatcher.claim(facts()))
+    await asyncio.sleep(0.02)
+    assert dispatcher.queue_depth == 2
+    busy_failed.release()  # the retry may not use it; the request behind it may
+    with await asyncio.wait_for(fresh, timeout=2) as claim:
+        assert claim.backend is failed
+    assert not retry.done()
+    busy_other.release()
+    with await asyncio.wait_for(retry, timeout=2) as claim:
+        assert claim.backend is other
