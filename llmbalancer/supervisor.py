@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from yarl import URL
 
 from llmbalancer import child_process
 from llmbalancer.backend import Backend, BackendState
@@ -37,6 +38,7 @@ log = structlog.get_logger("llmbalancer.supervisor")
 _PUMP_CHUNK = 64 * 1024
 # After the process exits, how long its output pipe may stay open (held by something it forked).
 _PUMP_LINGER = 2.0
+_PORT_CHECK_EVERY = 0.5
 
 
 class InstanceStatus(StrEnum):
@@ -200,6 +202,8 @@ class Supervisor:
         crashes: deque[float] = deque()
         try:
             while True:
+                if not await self._port_free(instance):
+                    return
                 try:
                     process = await self._start(instance)
                 except OSError as exc:
@@ -247,6 +251,30 @@ class Supervisor:
                 log.info("instance_terminated", instance=instance.name, exit=describe_exit(code))
             await self._close_output(instance)
             instance.backend.launching = False
+
+    async def _port_free(self, instance: Instance) -> bool:
+        """Whether the instance's port is free to launch on, waiting (up to ``stop_grace``) for another
+        process to let go of it.
+
+        Why: a server launched onto a port another process listens on fails to bind, and meanwhile the
+        health poller would find that other process healthy under this instance's name and route to it.
+        The usual holder is a previous run's instance still stopping, hence the wait of one stop grace.
+        """
+        url = URL(instance.config.url)
+        host, port = url.host or "127.0.0.1", url.port or 80
+        if not await _listening(host, port):
+            return True
+        why = f"port {port} is in use by another process"
+        self._fail(instance, f"{why}; waiting up to {self._config.stop_grace:g} s for it to be free")
+        log.warning("instance_port_in_use", instance=instance.name, port=port, wait_s=self._config.stop_grace)
+        deadline = time.monotonic() + self._config.stop_grace
+        while time.monotonic() < deadline:
+            await asyncio.sleep(_PORT_CHECK_EVERY)
+            if not await _listening(host, port):
+                return True
+        self._fail(instance, f"{why}; not started (free it, then POST /admin/instances/{instance.name}/start)")
+        log.error("instance_not_started", instance=instance.name, reason=why, url=instance.config.url)
+        return False
 
     async def _start(self, instance: Instance) -> asyncio.subprocess.Process:
         ic = instance.config
@@ -329,6 +357,19 @@ class Supervisor:
         else:
             self._fail(instance, why)
             log.error("instance_failed", instance=instance.name, reason=why, log_tail=instance.output.tail())
+
+
+async def _listening(host: str, port: int) -> bool:
+    """Whether something accepts connections on host:port (a local address: answered at once)."""
+    try:
+        async with asyncio.timeout(1.0):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 def _restarts(policy: str, code: int) -> bool:

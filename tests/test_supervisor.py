@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from structlog.testing import capture_logs
 
@@ -109,6 +111,53 @@ async def test_missing_binary_is_reported_with_its_path_while_the_other_instance
     (error,) = [e for e in logs if e["event"] == "instance_cannot_start"]
     assert error["path"] == str(missing) and error["log_level"] == "error"
     assert "No such file" in error["error"]
+
+
+async def test_a_port_held_by_another_process_is_never_routed_to_and_the_instance_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    script = write_child(tmp_path, "ok.py", HEALTHY_CHILD)
+    port = free_port()
+    # Another process's server on the instance's port, answering /health as a llama-server would.
+    async def answer(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "who": "squatter"})
+
+    squatter = web.Application()
+    squatter.router.add_get("/{tail:.*}", answer)
+    runner = web.AppRunner(squatter)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    config = _config(tmp_path, [child_command(script, port)], **{"supervisor.stop_grace": 3.0})
+    try:
+        async with run_balancer(config) as balancer, aiohttp.ClientSession() as session:
+            instance = _supervisor(balancer).instances[f"{Path(sys.executable).name}-{port}"]
+            await wait_for(lambda: instance.status is InstanceStatus.FAILED, timeout=5)
+            assert "in use by another process" in instance.reason and not instance.alive
+            await asyncio.sleep(0.5)  # a few health polls find the squatter answering: it stays out
+            assert instance.backend.state is BackendState.FAILED
+            async with session.get(balancer.url + "/health-of-anyone") as reply:
+                assert reply.status == 503
+            await runner.cleanup()  # the port is let go within the wait: the instance starts after all
+            await wait_for(lambda: instance.backend.routable, timeout=10)
+            assert await get_json(session, balancer.url + "/anything") == {"status": "ok"}
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_port_that_stays_taken_leaves_the_instance_failed_with_the_reason(tmp_path: Path) -> None:
+    script = write_child(tmp_path, "ok.py", HEALTHY_CHILD)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        config = _config(tmp_path, [child_command(script, port)], **{"supervisor.stop_grace": 0.5})
+        with capture_logs() as logs:
+            async with run_balancer(config) as balancer:
+                instance = _supervisor(balancer).instances[f"{Path(sys.executable).name}-{port}"]
+                await wait_for(lambda: "not started" in instance.reason, timeout=5)
+                assert instance.status is InstanceStatus.FAILED and instance.process is None
+    (error,) = [e for e in logs if e["event"] == "instance_not_started"]
+    assert f"port {port} is in use" in error["reason"]
 
 
 async def test_admin_stop_drains_in_flight_requests_first_and_start_and_restart_bring_it_back(
