@@ -1,7 +1,8 @@
 """Relay one request to a backend and stream its answer back, chunk by chunk, as it is written.
 
 Retries: a failure before any response byte reached the client (refused connection, dropped
-connection, a 5xx status) is retried on another backend, up to ``retries.attempts``. Once bytes
+connection, a 5xx status, a backend that left rotation as unhealthy while the request waited for its
+answer) is retried on another backend, up to ``retries.attempts``. Once bytes
 have gone to the client the request is never replayed: a backend failing mid-stream ends an SSE
 stream with an ``error`` event (the OpenAI SDK raises it) and any other body by closing the
 connection without its terminator, so the client cannot mistake it for a complete answer.
@@ -127,6 +128,9 @@ class Proxy:
         self.session: aiohttp.ClientSession | None = None
         # Called once per finished request (metrics, the monitor's recent requests); must be cheap.
         self.on_complete: list[Callable[[Access], None]] = []
+        # A hung server accepts connections and answers nothing: once its health checks fail, the
+        # requests waiting on it for a first byte are retried elsewhere instead of waiting out first_byte.
+        registry.on_failed.append(self._first_byte.expire)
 
     def open_session(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
@@ -258,10 +262,18 @@ class Proxy:
         url = URL(backend.url + request.raw_path, encoded=True)
         data = body.data if body.replayable else body.stream
         try:
-            with self._first_byte.within(self._first_byte_timeout):
+            with self._first_byte.within(self._first_byte_timeout, backend):
                 return await self.session.request(
                     request.method, url, headers=headers, data=data, allow_redirects=False
                 )
+        except TimeoutError:
+            if backend.routable:
+                raise  # first_byte spent on a backend that still answers its health checks: 504
+            raise _AttemptFailed(
+                f"left rotation ({backend.state_reason or backend.state.value}) before answering",
+                unreachable=True,
+                body_sent=True,
+            ) from None
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise _AttemptFailed(_describe(exc), unreachable=True, body_sent=False) from exc
         except aiohttp.ClientError as exc:

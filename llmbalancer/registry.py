@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import structlog
 
-from llmbalancer.backend import Backend, BackendState
+from llmbalancer.backend import ROUTABLE, Backend, BackendState
 from llmbalancer.circuit import Circuit
 from llmbalancer.config import BackendConfig
 
@@ -48,6 +48,9 @@ class Registry:
         self._change: asyncio.Future[None] | None = None
         self.circuit = Circuit()
         self.circuit.on_reopen = self.notify_change
+        # Called with a backend that left rotation because it failed (not one draining): what waits on it
+        # for an answer can give up now (the proxy retries such requests elsewhere).
+        self.on_failed: list[Callable[[Backend], object]] = []
 
     @classmethod
     def from_configs(cls, configs: tuple[BackendConfig, ...]) -> Registry:
@@ -109,6 +112,9 @@ class Registry:
         log.info(
             "backend_state_changed", backend=backend.name, old=previous.value, new=state.value, reason=reason
         )
+        if previous in ROUTABLE and state in (BackendState.UNHEALTHY, BackendState.FAILED):
+            for observer in self.on_failed:
+                observer(backend)
         self.notify_change()
 
     def claim(self, backend: Backend) -> Claim:

@@ -52,3 +52,22 @@ async def test_a_cancellation_from_elsewhere_stays_a_cancellation() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_expiring_a_group_ends_its_waits_at_once_and_leaves_the_others() -> None:
+    deadlines = Deadlines(resolution=0.01)
+    hung, sound = object(), object()
+
+    async def wait(group: object) -> str:
+        try:
+            with deadlines.within(60, group):
+                await asyncio.sleep(0.3)
+        except TimeoutError:
+            return "ended"
+        return "done"
+
+    tasks = [asyncio.ensure_future(wait(g)) for g in (hung, sound, hung)]
+    await asyncio.sleep(0.02)
+    assert deadlines.expire(hung) == 2
+    assert deadlines.expire(hung) == 0
+    assert await asyncio.wait_for(asyncio.gather(*tasks), timeout=5) == ["ended", "done", "ended"]

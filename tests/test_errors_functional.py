@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 
 from llmbalancer.backend import BackendState
 from llmbalancer.testing.fake_llama import run_fake_fleet, run_fake_llama
-from tests.support import LlamaServer, free_port, make_config, run_balancer
+from tests.support import LlamaServer, free_port, make_config, run_balancer, wait_for
 
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 
@@ -122,6 +123,32 @@ async def test_upstream_timeout_before_the_first_byte_is_504() -> None:
             error = await _error_of(reply, 504, "upstream_timeout")
             assert "0.3" in error["message"]
             assert balancer.components.registry.backends[0].errors_total == 1
+
+
+async def test_requests_waiting_on_a_backend_that_hangs_are_retried_once_its_health_checks_fail() -> None:
+    # A hung server (SIGSTOP, a wedged process) accepts connections and answers nothing, /health included.
+    # Requests already sent to it get their answer from the other server once the poller judges it
+    # unhealthy, not a 504 after timeouts.first_byte.
+    async with run_fake_fleet(2) as (sound, hung):
+        config = make_config(
+            [f"{sound.url}=sound", f"{hung.url}=hung"],
+            **{"health.interval": 0.2, "timeouts.health": 0.3, "policy.name": "round_robin"},
+        )
+        async with run_balancer(config) as balancer, aiohttp.ClientSession() as session:
+            await wait_for(lambda: all(b.routable for b in balancer.components.registry), timeout=5)
+            hung.set_fault("hang", paths=["*"])
+
+            async def chat() -> int:
+                async with session.post(balancer.url + "/v1/chat/completions", json=CHAT) as reply:
+                    await reply.read()
+                    return reply.status
+
+            started = time.monotonic()
+            statuses = await asyncio.wait_for(asyncio.gather(*(chat() for _ in range(4))), timeout=10)
+            assert statuses == [200] * 4
+            assert time.monotonic() - started < 5  # first_byte is 300 s: nobody waited it out
+            assert balancer.components.registry.get("hung").state is BackendState.UNHEALTHY  # type: ignore[union-attr]
+            hung.clear_fault()
 
 
 async def test_backend_5xx_is_retried_on_the_other_backend() -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,7 +18,15 @@ import structlog
 from llmbalancer.backend import BackendState
 from llmbalancer.proxy import Access
 from llmbalancer.testing.fake_llama import FakeLlamaConfig, run_fake_fleet, run_fake_llama
-from tests.support import LlamaServer, get_json, make_config, run_balancer, wait_for
+from tests.support import (
+    LlamaServer,
+    get_json,
+    make_config,
+    run_balancer,
+    start_llama_server,
+    wait_for,
+    wait_ready,
+)
 
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4}
 
@@ -232,3 +243,34 @@ async def test_a_client_that_stops_reading_is_cut_off_after_the_idle_timeout_and
                 while await _slots_busy(session, fake.url):
                     assert time.monotonic() - started < 1.0, "the backend's slot is still busy"
                     await asyncio.sleep(0.02)
+
+
+async def test_requests_sent_to_a_real_server_that_hangs_are_answered_by_the_other(
+    llama_fleet: list[LlamaServer], tmp_path: Path
+) -> None:
+    # SIGSTOP: the kernel still accepts connections for it, and nothing answers, /health included.
+    hanging = start_llama_server(tmp_path, slots=1)
+    try:
+        wait_ready(hanging.url)
+        config = make_config(
+            [f"{llama_fleet[0].url}=sound", f"{hanging.url}=hanging"],
+            **{"health.interval": 0.2, "timeouts.health": 0.5, "policy.name": "round_robin"},
+        )
+        async with run_balancer(config) as balancer, aiohttp.ClientSession() as session:
+            await wait_for(lambda: all(b.routable for b in balancer.components.registry), timeout=10)
+            os.kill(hanging.process.pid, signal.SIGSTOP)
+            try:
+
+                async def chat() -> int:
+                    async with session.post(balancer.url + "/v1/chat/completions", json=CHAT) as reply:
+                        await reply.read()
+                        return reply.status
+
+                statuses = await asyncio.wait_for(asyncio.gather(*(chat() for _ in range(4))), timeout=30)
+                assert statuses == [200] * 4
+                backend = balancer.components.registry.get("hanging")
+                assert backend is not None and backend.state is BackendState.UNHEALTHY
+            finally:
+                os.kill(hanging.process.pid, signal.SIGCONT)
+    finally:
+        hanging.stop()
