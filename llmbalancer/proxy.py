@@ -79,6 +79,7 @@ class Access:
             backend=self.backend,
             status=self.status,
             attempts=self.attempts,
+            queue_ms=None if self.queue_wait is None else round(self.queue_wait * 1000, 2),
             ttfb_ms=None if self.ttfb is None else round((self.ttfb - self.started) * 1000, 2),
             duration_ms=round((now - self.started) * 1000, 2),
             bytes=self.bytes,

@@ -192,7 +192,7 @@ async def test_one_access_event_per_request_with_its_facts() -> None:
     )
     assert event["backend"] == fake.url.split("//")[1]
     assert event["bytes"] == len(body)
-    assert 0 <= event["ttfb_ms"] <= event["duration_ms"]
+    assert 0 <= event["queue_ms"] <= event["ttfb_ms"] <= event["duration_ms"]
 
 
 async def test_clients_that_hang_up_mid_stream_never_count_against_the_backend() -> None:
