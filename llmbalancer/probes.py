@@ -96,7 +96,9 @@ async def probe(session: aiohttp.ClientSession, backend: Backend, memory: ProbeM
         return await _probe_llamacpp(session, backend, memory)
     except aiohttp.ClientConnectorError as exc:
         return Observation(False, str(exc) or type(exc).__name__, refused=True)
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except TimeoutError:
+        return Observation(False, "no answer to the health check in time (timeouts.health)")
+    except aiohttp.ClientError as exc:
         return Observation(False, str(exc) or type(exc).__name__)
 
 

@@ -271,9 +271,7 @@ class Proxy:
             if backend.routable:
                 raise  # first_byte spent on a backend that still answers its health checks: 504
             raise _AttemptFailed(
-                f"left rotation ({backend.state_reason or backend.state.value}) before answering",
-                unreachable=True,
-                body_sent=True,
+                f"{backend.state.value} before it answered (health checks failing)", unreachable=True, body_sent=True
             ) from None
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise _AttemptFailed(_describe(exc), unreachable=True, body_sent=False) from exc

@@ -147,7 +147,9 @@ async def test_requests_waiting_on_a_backend_that_hangs_are_retried_once_its_hea
             statuses = await asyncio.wait_for(asyncio.gather(*(chat() for _ in range(4))), timeout=10)
             assert statuses == [200] * 4
             assert time.monotonic() - started < 5  # first_byte is 300 s: nobody waited it out
-            assert balancer.components.registry.get("hung").state is BackendState.UNHEALTHY  # type: ignore[union-attr]
+            backend = balancer.components.registry.get("hung")
+            assert backend is not None and backend.state is BackendState.UNHEALTHY
+            assert "health check" in backend.state_reason and "health checks failing" in (backend.last_error or "")
             hung.clear_fault()
 
 
