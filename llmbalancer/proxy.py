@@ -267,12 +267,6 @@ class Proxy:
                 return await self.session.request(
                     request.method, url, headers=headers, data=data, allow_redirects=False
                 )
-        except TimeoutError:
-            if backend.routable:
-                raise  # first_byte spent on a backend that still answers its health checks: 504
-            raise _AttemptFailed(
-                f"{backend.state.value} before it answered (health checks failing)", unreachable=True, body_sent=True
-            ) from None
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise _AttemptFailed(_describe(exc), unreachable=True, body_sent=False) from exc
         except aiohttp.ClientError as exc:
@@ -281,6 +275,12 @@ class Proxy:
             if isinstance(exc.__cause__, ProxyError):
                 raise exc.__cause__ from None
             raise _AttemptFailed(_describe(exc), unreachable=False, body_sent=True) from exc
+        except TimeoutError:  # after aiohttp's: its connect timeout is a TimeoutError too
+            if backend.routable:
+                raise  # first_byte spent on a backend that still answers its health checks: 504
+            raise _AttemptFailed(
+                f"{backend.state.value} before it answered (health checks failing)", unreachable=True, body_sent=True
+            ) from None
 
     async def _relay(
         self,

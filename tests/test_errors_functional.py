@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -151,6 +152,48 @@ async def test_requests_waiting_on_a_backend_that_hangs_are_retried_once_its_hea
             assert backend is not None and backend.state is BackendState.UNHEALTHY
             assert "health check" in backend.state_reason and "health checks failing" in (backend.last_error or "")
             hung.clear_fault()
+
+
+def _fill_accept_queue(port: int) -> list[socket.socket]:
+    """Connect to a listener that never accepts until a connect times out: its queue is full (bounded)."""
+    fillers: list[socket.socket] = []
+    for _ in range(8):
+        try:
+            fillers.append(socket.create_connection(("127.0.0.1", port), timeout=0.3))
+        except TimeoutError:
+            return fillers
+    raise AssertionError("the accept queue never filled")
+
+
+async def test_a_connect_timeout_is_retried_on_the_other_backend() -> None:
+    # A server whose accept queue is full drops new SYNs: connecting times out (timeouts.connect).
+    # That is the backend's failure, retried like a refusal, not the first-byte 504.
+    async with run_fake_llama() as sound:
+        jammed_port = free_port()
+        async with run_fake_llama(port=jammed_port) as jammed:
+            config = make_config(
+                [f"{jammed.url}=jammed", f"{sound.url}=sound"],
+                **{"health.interval": 60, "timeouts.connect": 0.5, "policy.name": "round_robin"},
+            )
+            async with run_balancer(config) as balancer, aiohttp.ClientSession() as session:
+                await wait_for(lambda: all(b.routable for b in balancer.components.registry), timeout=5)
+                await jammed.stop()
+                with socket.socket() as listener:
+                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    listener.bind(("127.0.0.1", jammed_port))
+                    listener.listen(0)
+                    fillers = _fill_accept_queue(jammed_port)
+                    try:
+                        for _ in range(2):  # round robin: one of the two goes to the jammed server first
+                            async with session.post(balancer.url + "/v1/chat/completions", json=CHAT) as reply:
+                                assert reply.status == 200, await reply.text()
+                                await reply.read()
+                        backend = balancer.components.registry.get("jammed")
+                        assert backend is not None and backend.state is BackendState.UNHEALTHY
+                        assert "timeout" in (backend.last_error or "").lower()
+                    finally:
+                        for filler in fillers:
+                            filler.close()
 
 
 async def test_backend_5xx_is_retried_on_the_other_backend() -> None:
