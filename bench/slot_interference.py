@@ -43,7 +43,7 @@ import workload
 
 sys.path.insert(0, str(peers.ROOT))
 
-from llmbalancer.rig import LLAMA_CPP_PYTHON_VERSION, expected_paths  # the repository root, just added
+from llmbalancer.supervisor.rig import LLAMA_CPP_PYTHON_VERSION, expected_paths  # the repository root, just added
 from llmbalancer.testing.fake_llama import FakeLlamaConfig, run_fake_llama
 from tests.support import LlamaServer, wait_ready
 

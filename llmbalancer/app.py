@@ -5,24 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
 
-from llmbalancer.circuit import Circuit
+from llmbalancer.components import Components
 from llmbalancer.config import Config
-from llmbalancer.dispatch import Dispatcher
-from llmbalancer.gpu import GpuSampler
-from llmbalancer.health_poller import HealthPoller
-from llmbalancer.metrics import Metrics, metrics_handler
-from llmbalancer.model_routing import ModelRouter
-from llmbalancer.proxy import Proxy
-from llmbalancer.recent import RecentRequests
-from llmbalancer.registry import Registry
-from llmbalancer.selectors import make_selector
+from llmbalancer.fleet.circuit import Circuit
+from llmbalancer.fleet.health_poller import HealthPoller
+from llmbalancer.fleet.registry import Registry
+from llmbalancer.observe.gpu import GpuSampler
+from llmbalancer.observe.metrics import Metrics, metrics_handler
+from llmbalancer.observe.recent import RecentRequests
+from llmbalancer.relay.proxy import Proxy
+from llmbalancer.scheduling.dispatch import Dispatcher
+from llmbalancer.scheduling.model_routing import ModelRouter
+from llmbalancer.scheduling.selectors import make_selector
 from llmbalancer.service import Service, running
-from llmbalancer.supervisor import Supervisor
+from llmbalancer.supervisor.instances import Supervisor
 from llmbalancer.web.admin import add_admin_routes
 from llmbalancer.web.health import health_handler
 from llmbalancer.web.llmhealth import llmhealth_handler
@@ -32,22 +32,6 @@ from llmbalancer.web.ollama import add_ollama_routes
 from llmbalancer.web.snapshot import snapshot_handler
 
 log = structlog.get_logger("llmbalancer.app")
-
-
-@dataclass
-class Components:
-    """Everything the app is made of, so routes and tests reach one another through one object."""
-
-    config: Config
-    registry: Registry
-    dispatcher: Dispatcher
-    proxy: Proxy
-    poller: HealthPoller
-    services: list[Service]
-    gpu: GpuSampler
-    recent: RecentRequests
-    metrics: Metrics
-    supervisor: Supervisor | None = None
 
 
 COMPONENTS = web.AppKey("components", Components)
@@ -70,7 +54,7 @@ def build_components(config: Config) -> Components:
     components = Components(
         config, registry, dispatcher, proxy, poller, services, gpu=gpu, recent=recent, metrics=metrics
     )
-    metrics.watch(components)
+    metrics.watch(components.snapshot, registry)
     if config.instances:
         # Last in the list, so stopped first: the proxy has drained by then (cleanup runs after it).
         components.supervisor = Supervisor(config.supervisor, config.instances, registry)
@@ -84,7 +68,7 @@ def build_app(config: Config) -> web.Application:
     app[COMPONENTS] = components
     app.router.add_get("/health", health_handler(components.registry))
     app.router.add_get("/llmhealth", llmhealth_handler(components.gpu))
-    app.router.add_get("/llmhealth-snapshot", snapshot_handler(components))
+    app.router.add_get("/llmhealth-snapshot", snapshot_handler(components.snapshot))
     app.router.add_get("/llmhealth-monitor", monitor_handler())
     app.router.add_get("/metrics", metrics_handler(components.metrics))
     add_admin_routes(app, components.supervisor)

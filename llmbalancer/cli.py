@@ -14,8 +14,9 @@ from typing import Any
 import yaml
 
 from llmbalancer import __version__
-from llmbalancer.config import DEFAULT_COMMANDS_FILE, LOG_FORMATS, LOG_LEVELS, Config, ConfigError, build_config
-from llmbalancer.selectors import POLICIES
+from llmbalancer.config import DEFAULT_COMMANDS_FILE, LOG_FORMATS, LOG_LEVELS, Config, ConfigError
+from llmbalancer.configure import load_config
+from llmbalancer.scheduling.selectors import POLICIES
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,10 +69,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from llmbalancer.logs import configure_logging
+    from llmbalancer.observe.logs import configure_logging
     from llmbalancer.server import serve
 
-    config = build_config(overrides=_overrides(args), default_commands_file=DEFAULT_COMMANDS_FILE)
+    config = load_config(overrides=_overrides(args), default_commands_file=DEFAULT_COMMANDS_FILE)
     configure_logging(config.logging)
     try:
         import uvloop
@@ -81,13 +82,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    config: Config = build_config(config_file=args.file, environ={})
+    config: Config = load_config(config_file=args.file, environ={})
     print(yaml.safe_dump(config.as_dict(), sort_keys=False), end="")
     return 0
 
 
 def _install_llama_server(args: argparse.Namespace) -> int:
-    from llmbalancer.rig import ensure_installed
+    from llmbalancer.supervisor.rig import ensure_installed
 
     paths = ensure_installed()
     print(f"llama-server: {paths.llama_server}\nmodel: {paths.model}")

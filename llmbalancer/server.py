@@ -16,7 +16,7 @@ from aiohttp import web
 
 from llmbalancer.app import COMPONENTS, build_app
 from llmbalancer.config import Config, fleet_sources
-from llmbalancer.logs import flush_logs
+from llmbalancer.observe.logs import flush_logs
 
 log = structlog.get_logger("llmbalancer.server")
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import yaml
 
-from llmbalancer.config import Config, build_config
+from llmbalancer.config import Config
+from llmbalancer.configure import load_config
 from llmbalancer.testing.fake_ollama import FakeOllama, FakeOllamaConfig, run_fake_ollama
 from tests.support import free_port
 
@@ -41,4 +42,4 @@ def config_file(tmp_path: Path, backends: list[dict[str, Any]], **extra: Any) ->
     }
     path = tmp_path / "llmbalancer.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return build_config(config_file=str(path), environ={})
+    return load_config(config_file=str(path), environ={})

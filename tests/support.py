@@ -19,8 +19,9 @@ import aiohttp
 from aiohttp import web
 
 from llmbalancer.app import COMPONENTS, Components, build_app
-from llmbalancer.config import Config, build_config
-from llmbalancer.rig import expected_paths
+from llmbalancer.config import Config
+from llmbalancer.configure import load_config
+from llmbalancer.supervisor.rig import expected_paths
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -114,7 +115,7 @@ class RunningBalancer:
 def make_config(backends: list[str], **overrides: Any) -> Config:
     values: dict[str, Any] = {"backends": backends, "logging.format": "json", "health.interval": 0.2}
     values.update(overrides)
-    return build_config(environ={}, overrides=values)
+    return load_config(environ={}, overrides=values)
 
 
 @contextlib.asynccontextmanager

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import aiohttp
 
-from llmbalancer.gpu import Nvml
+from llmbalancer.observe.gpu import Nvml
 from llmbalancer.testing.fake_llama import run_fake_llama
 from tests.support import get_json, make_config, run_balancer, wait_for
 from tests.test_gpu import StubNvml

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from llmbalancer.commands_file import command_url, parse_commands, resolve_instances
-from llmbalancer.config import ConfigError, InstanceConfig, build_config, fleet_sources
+from llmbalancer.config import ConfigError, InstanceConfig, fleet_sources
+from llmbalancer.config.commands_file import command_url, parse_commands, resolve_instances
+from llmbalancer.configure import load_config
 
 ORIGINAL_FORMAT = """\
 # the original balancer's format
@@ -56,13 +57,13 @@ def test_two_instances_on_one_port_is_a_config_error(tmp_path: Path) -> None:
     commands = tmp_path / "cmds.txt"
     commands.write_text("/bin/a --port 8080\n/bin/b --host 0.0.0.0 --port 8080\n")
     with pytest.raises(ConfigError, match="port 8080"):
-        build_config(environ={}, overrides={"supervisor.commands_file": str(commands)})
+        load_config(environ={}, overrides={"supervisor.commands_file": str(commands)})
 
 
 def test_yaml_instance_command_may_be_a_string_and_its_url_is_derived(tmp_path: Path) -> None:
     config_file = tmp_path / "config.yaml"
     config_file.write_text("instances:\n  - command: /bin/llama-server --port 9100 -m 'a b.gguf'\n    restart: never\n")
-    config = build_config(config_file=str(config_file), environ={})
+    config = load_config(config_file=str(config_file), environ={})
     (instance,) = config.instances
     assert instance.command == ("/bin/llama-server", "--port", "9100", "-m", "a b.gguf")
     assert (instance.url, instance.name, instance.restart) == ("http://127.0.0.1:9100", "llama-server-9100", "never")
@@ -75,18 +76,18 @@ def _default_file(tmp_path: Path) -> str:
 
 
 def test_default_commands_file_is_launched_when_no_fleet_source_is_given(tmp_path: Path) -> None:
-    config = build_config(environ={}, overrides={}, default_commands_file=_default_file(tmp_path))
+    config = load_config(environ={}, overrides={}, default_commands_file=_default_file(tmp_path))
     assert [i.name for i in config.instances] == ["x"]
     assert fleet_sources(config) == [f"commands_file {tmp_path}/llamafile_commands.txt", "supervised instances (1)"]
 
 
 def test_default_commands_file_is_ignored_when_a_backend_is_given(tmp_path: Path) -> None:
     overrides = {"backends": ["http://127.0.0.1:9300"]}
-    config = build_config(environ={}, overrides=overrides, default_commands_file=_default_file(tmp_path))
+    config = load_config(environ={}, overrides=overrides, default_commands_file=_default_file(tmp_path))
     assert config.instances == ()
     assert fleet_sources(config) == ["backends (1)"]
 
 
 def test_a_missing_default_commands_file_is_no_error(tmp_path: Path) -> None:
-    config = build_config(environ={}, overrides={}, default_commands_file=str(tmp_path / "absent.txt"))
+    config = load_config(environ={}, overrides={}, default_commands_file=str(tmp_path / "absent.txt"))
     assert config.instances == () and fleet_sources(config) == []

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from llmbalancer.config import Config, ConfigError, build_config, parse_backend_spec
+from llmbalancer.config import Config, ConfigError, parse_backend_spec
+from llmbalancer.configure import load_config
 from tests.support import REPO
 
 
@@ -17,7 +18,7 @@ def _write(tmp_path: Path, name: str, text: str) -> str:
 
 
 def test_defaults_without_any_source() -> None:
-    config = build_config(environ={})
+    config = load_config(environ={})
     assert config == Config()
     assert (config.server.host, config.server.port) == ("127.0.0.1", 8088)
 
@@ -35,14 +36,14 @@ def test_flags_beat_environment_which_beats_the_file(tmp_path: Path) -> None:
         "LLMBALANCER_BACKENDS": "http://env:1=env, http://env:2",
         "UNRELATED": "x",
     }
-    env_only = build_config(config_file=config_file, environ=environ)
+    env_only = load_config(config_file=config_file, environ=environ)
     assert env_only.server.host == "0.0.0.0"  # from the file, nobody overrode it
     assert env_only.server.port == 9001
     assert env_only.policy.name == "hash"
     assert env_only.timeouts.connect == 2.5
     assert [(b.name, b.url) for b in env_only.backends] == [("env", "http://env:1"), ("env:2", "http://env:2")]
 
-    flags = build_config(
+    flags = load_config(
         config_file=config_file, environ=environ,
         overrides={"server.port": 9002, "policy.name": None, "backends": ["http://flag:1=flag"]},
     )
@@ -54,8 +55,8 @@ def test_flags_beat_environment_which_beats_the_file(tmp_path: Path) -> None:
 def test_config_file_named_by_environment_or_flag(tmp_path: Path) -> None:
     by_env = _write(tmp_path, "env.yaml", "server:\n  port: 9100\n")
     by_flag = _write(tmp_path, "flag.yaml", "server:\n  port: 9200\n")
-    assert build_config(environ={"LLMBALANCER_CONFIG": by_env}).server.port == 9100
-    assert build_config(environ={"LLMBALANCER_CONFIG": by_env}, overrides={"config": by_flag}).server.port == 9200
+    assert load_config(environ={"LLMBALANCER_CONFIG": by_env}).server.port == 9100
+    assert load_config(environ={"LLMBALANCER_CONFIG": by_env}, overrides={"config": by_flag}).server.port == 9200
 
 
 def test_every_problem_is_named_by_key_and_yaml_line(tmp_path: Path) -> None:
@@ -76,7 +77,7 @@ def test_every_problem_is_named_by_key_and_yaml_line(tmp_path: Path) -> None:
         "  - http://a:2=same\n",         # 13
     )
     with pytest.raises(ConfigError) as caught:
-        build_config(config_file=config_file, environ={})
+        load_config(config_file=config_file, environ={})
     found = {p.key: p.line for p in caught.value.problems}
     assert found == {
         "server.port": 2,
@@ -93,14 +94,14 @@ def test_every_problem_is_named_by_key_and_yaml_line(tmp_path: Path) -> None:
 
 def test_problems_from_the_environment_are_named_too() -> None:
     with pytest.raises(ConfigError) as caught:
-        build_config(environ={"LLMBALANCER_PORT": "high", "LLMBALANCER_LOG_LEVEL": "loud"})
+        load_config(environ={"LLMBALANCER_PORT": "high", "LLMBALANCER_LOG_LEVEL": "loud"})
     assert {p.key for p in caught.value.problems} == {"server.port", "logging.level"}
 
 
 def test_invalid_yaml_names_its_line(tmp_path: Path) -> None:
     config_file = _write(tmp_path, "broken.yaml", "server:\n  port: 1\n bad: [\n")
     with pytest.raises(ConfigError) as caught:
-        build_config(config_file=config_file, environ={})
+        load_config(config_file=config_file, environ={})
     assert caught.value.problems[0].line is not None
 
 
@@ -118,7 +119,7 @@ def test_backend_spec_url_equals_name(spec: str, url: str, name: str) -> None:
 
 
 def test_backend_without_a_name_is_named_after_host_and_port_and_loses_its_trailing_slash() -> None:
-    config = build_config(environ={}, overrides={"backends": ["http://127.0.0.1:8081/"]})
+    config = load_config(environ={}, overrides={"backends": ["http://127.0.0.1:8081/"]})
     assert [(b.name, b.url) for b in config.backends] == [("127.0.0.1:8081", "http://127.0.0.1:8081")]
 
 
@@ -127,7 +128,7 @@ def test_backends_file_with_comments_adds_to_the_other_backends(tmp_path: Path) 
         tmp_path, "backends.txt",
         "# the fleet\n\nhttp://127.0.0.1:8081=one   # first\n   http://127.0.0.1:8082\n#http://127.0.0.1:9=off\n",
     )
-    config = build_config(environ={}, overrides={"backends": ["http://127.0.0.1:8080=flag"],
+    config = load_config(environ={}, overrides={"backends": ["http://127.0.0.1:8080=flag"],
                                                   "backends_file": backends_file})
     assert [(b.name, b.url) for b in config.backends] == [
         ("flag", "http://127.0.0.1:8080"),
@@ -138,12 +139,12 @@ def test_backends_file_with_comments_adds_to_the_other_backends(tmp_path: Path) 
 
 def test_missing_backends_file_is_a_named_problem() -> None:
     with pytest.raises(ConfigError) as caught:
-        build_config(environ={}, overrides={"backends_file": "/nonexistent/backends.txt"})
+        load_config(environ={}, overrides={"backends_file": "/nonexistent/backends.txt"})
     assert [p.key for p in caught.value.problems] == ["backends_file"]
 
 
 def test_the_example_config_is_valid_and_holds_the_defaults() -> None:
-    config = build_config(config_file=str(REPO / "config.example.yaml"), environ={})
+    config = load_config(config_file=str(REPO / "config.example.yaml"), environ={})
     assert config.server == Config().server
     assert config.timeouts == Config().timeouts
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from llmbalancer.deadlines import Deadlines
+from llmbalancer.relay.deadlines import Deadlines
 
 
 async def test_work_past_its_deadline_raises_timeout_error() -> None:

@@ -13,7 +13,7 @@ import aiohttp
 import openai
 import pytest
 
-from llmbalancer.backend import BackendState
+from llmbalancer.fleet.backend import BackendState
 from llmbalancer.testing.fake_llama import run_fake_fleet, run_fake_llama
 from tests.support import LlamaServer, free_port, make_config, run_balancer, wait_for
 
@@ -320,7 +320,7 @@ async def test_a_connection_dropped_before_any_byte_is_tried_again_even_on_a_lon
 async def test_the_retry_of_a_dropped_pooled_connection_does_not_use_up_an_attempt() -> None:
     # Two attempts, and the policy sends this user to the dropping backend twice (the free retry, then
     # the attempt that blames it): the second attempt proper must still reach the sound backend.
-    from llmbalancer.selectors.hash import stable_weight
+    from llmbalancer.scheduling.selectors.hash import stable_weight
 
     async with run_fake_fleet(2) as (dropping, sound):
         dropping.set_fault("close_immediately")

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from llmbalancer.config import GpuConfig
-from llmbalancer.gpu import NVML_UNAVAILABLE, GpuSampler, Nvml
+from llmbalancer.observe.gpu import NVML_UNAVAILABLE, GpuSampler, Nvml
 from llmbalancer.testing.fake_llama import run_fake_llama
 from tests.support import get_json, make_config, run_balancer, wait_for
 

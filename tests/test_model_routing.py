@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from llmbalancer.backend import Backend
-from llmbalancer.config import ConfigError, ModelRoute, RoutingConfig, build_config
+from llmbalancer.config import ConfigError, ModelRoute, RoutingConfig
+from llmbalancer.configure import load_config
 from llmbalancer.errors import ProxyError
-from llmbalancer.inbound import InboundBody
-from llmbalancer.model_routing import ModelRouter, client_names, instances
-from llmbalancer.registry import Registry
-from llmbalancer.selectors import RequestFacts
+from llmbalancer.fleet.backend import Backend
+from llmbalancer.fleet.registry import Registry
+from llmbalancer.relay.inbound import InboundBody, with_model
+from llmbalancer.scheduling.model_routing import ModelRouter, client_names, instances
+from llmbalancer.scheduling.selectors import RequestFacts
 
 
 def _registry(**models: tuple[str, ...]) -> Registry:
@@ -98,8 +99,9 @@ def test_body_is_rewritten_to_the_backends_own_instance_name_and_left_alone_othe
     a, b = registry.backends
     body = InboundBody(b'{"model": "smol", "stream": true}', None, {"model": "smol", "stream": True})
     router = ModelRouter()
-    assert router.body_for(body, _facts("smol"), a) is body
-    sent = router.body_for(body, _facts("smol"), b)
+    facts = _facts("smol")
+    assert with_model(body, router.rename_for(facts, a)) is body
+    sent = with_model(body, router.rename_for(facts, b))
     assert sent.data is not None and json.loads(sent.data) == {"model": "smol-2", "stream": True}
 
 
@@ -115,7 +117,7 @@ def test_routes_in_yaml_keep_their_order_and_bad_ones_are_named(tmp_path: Path) 
         "backends:\n  - {url: 'http://127.0.0.1:1', name: a, models: [alpha]}\n  - http://127.0.0.1:2=b\n"
         "routing:\n  models:\n    'z.*': [b]\n    'a.*': [a, b]\n  fallback: b\n"
     )
-    config = build_config(config_file=str(path), environ={})
+    config = load_config(config_file=str(path), environ={})
     assert [r.pattern for r in config.routing.models] == ["z.*", "a.*"]
     assert config.routing.models[1].backends == ("a", "b")
     assert config.routing.fallback == "b"
@@ -123,7 +125,7 @@ def test_routes_in_yaml_keep_their_order_and_bad_ones_are_named(tmp_path: Path) 
 
     path.write_text("backends: [http://127.0.0.1:1=a]\nrouting:\n  models: {'(': [a], 'x': [nobody]}\n  fallback: c\n")
     with pytest.raises(ConfigError) as caught:
-        build_config(config_file=str(path), environ={})
+        load_config(config_file=str(path), environ={})
     keys = {p.key for p in caught.value.problems}
     assert keys == {"routing.models[0].pattern", "routing.models[1].backends", "routing.fallback"}
 
@@ -134,7 +136,7 @@ def test_a_route_may_only_set_race_and_then_narrows_nothing(tmp_path: Path) -> N
         "backends: [http://127.0.0.1:1=a, http://127.0.0.1:2=b]\n"
         "routing:\n  models:\n    'smol': {race: 2}\n    'big': {backends: [a], race: 3}\n  fallback: b\n"
     )
-    config = build_config(config_file=str(path), environ={})
+    config = load_config(config_file=str(path), environ={})
     assert config.routing.models == (ModelRoute("smol", (), 2), ModelRoute("big", ("a",), 3))
     router = ModelRouter(config.routing)
     registry = _registry(a=(), b=())

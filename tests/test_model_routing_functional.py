@@ -11,8 +11,8 @@ import aiohttp
 import openai
 import pytest
 
-from llmbalancer.backend import BackendState
 from llmbalancer.config import Config
+from llmbalancer.fleet.backend import BackendState
 from llmbalancer.testing.fake_llama import FakeLlamaConfig, run_fake_llama
 from tests.model_fleet import config_file, dead_url, fake_ollamas
 from tests.support import get_json, run_balancer, wait_for

@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import ollama
 
-from llmbalancer.backend import BackendState
+from llmbalancer.fleet.backend import BackendState
 from llmbalancer.testing.fake_ollama import FakeOllamaConfig, run_fake_ollama
 from tests.model_fleet import config_file, dead_url, fake_ollamas
 from tests.support import run_balancer, wait_for

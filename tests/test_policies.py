@@ -5,20 +5,20 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from llmbalancer.backend import Backend, BackendState
-from llmbalancer.capacity import free_slots, has_room
 from llmbalancer.config import PolicyConfig
-from llmbalancer.dispatch import Dispatcher
-from llmbalancer.registry import Registry
-from llmbalancer.selectors import make_selector, policy_problems
-from llmbalancer.selectors.base import Hold, RequestFacts
-from llmbalancer.selectors.follow_ups import FollowUps
-from llmbalancer.selectors.least_connections import LeastConnections
-from llmbalancer.selectors.power_of_two import PowerOfTwo
-from llmbalancer.selectors.prefix import Prefix
-from llmbalancer.selectors.slot_aware import SlotAware
-from llmbalancer.selectors.sticky import Sticky, session_key
-from llmbalancer.usage import Usage, read_usage
+from llmbalancer.fleet.backend import Backend, BackendState
+from llmbalancer.fleet.capacity import free_slots, has_room
+from llmbalancer.fleet.registry import Registry
+from llmbalancer.fleet.usage import Usage, read_usage
+from llmbalancer.scheduling.dispatch import Dispatcher
+from llmbalancer.scheduling.selectors import make_selector, policy_problems
+from llmbalancer.scheduling.selectors.base import Hold, RequestFacts
+from llmbalancer.scheduling.selectors.follow_ups import FollowUps
+from llmbalancer.scheduling.selectors.least_connections import LeastConnections
+from llmbalancer.scheduling.selectors.power_of_two import PowerOfTwo
+from llmbalancer.scheduling.selectors.prefix import Prefix
+from llmbalancer.scheduling.selectors.slot_aware import SlotAware
+from llmbalancer.scheduling.selectors.sticky import Sticky, session_key
 
 
 def backend(name: str, slots: int | None = 2, in_flight: int = 0, **extra: Any) -> Backend:

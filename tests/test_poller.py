@@ -9,9 +9,9 @@ from pathlib import Path
 
 import aiohttp
 
-from llmbalancer.backend import Backend, BackendState
-from llmbalancer.health_poller import _Window, judge
-from llmbalancer.probes import Observation, ProbeMemory, probe
+from llmbalancer.fleet.backend import Backend, BackendState
+from llmbalancer.fleet.health_poller import _Window, judge
+from llmbalancer.fleet.probes import Observation, ProbeMemory, probe
 from llmbalancer.testing.fake_llama import FakeLlamaConfig, run_fake_llama
 from llmbalancer.testing.fake_ollama import run_fake_ollama
 from tests.support import LlamaServer, free_port, llama_server_command, wait_ready

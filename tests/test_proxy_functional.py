@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 import structlog
 
-from llmbalancer.backend import BackendState
-from llmbalancer.proxy import Access
+from llmbalancer.fleet.backend import BackendState
+from llmbalancer.relay.proxy import Access
 from llmbalancer.testing.fake_llama import FakeLlamaConfig, run_fake_fleet, run_fake_llama
 from tests.support import (
     LlamaServer,

@@ -6,9 +6,9 @@ import asyncio
 
 import aiohttp
 
-from llmbalancer.backend import Backend, BackendState, CircuitState
-from llmbalancer.circuit import Circuit
 from llmbalancer.config import CircuitConfig
+from llmbalancer.fleet.backend import Backend, BackendState, CircuitState
+from llmbalancer.fleet.circuit import Circuit
 from llmbalancer.testing.fake_llama import run_fake_fleet
 from tests.support import make_config, run_balancer, wait_for
 

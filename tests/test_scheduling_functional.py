@@ -10,7 +10,7 @@ from typing import Any
 
 import aiohttp
 
-from llmbalancer.backend import BackendState
+from llmbalancer.fleet.backend import BackendState
 from llmbalancer.testing.fake_llama import FakeLlamaConfig, run_fake_fleet, run_fake_llama
 from tests.support import free_port, make_config, run_balancer, wait_for
 

@@ -7,10 +7,10 @@ import subprocess
 import sys
 from collections import Counter
 
-from llmbalancer.backend import Backend
 from llmbalancer.config import PolicyConfig
-from llmbalancer.selectors import RequestFacts, make_selector
-from llmbalancer.selectors.hash import Hash
+from llmbalancer.fleet.backend import Backend
+from llmbalancer.scheduling.selectors import RequestFacts, make_selector
+from llmbalancer.scheduling.selectors.hash import Hash
 from tests.support import REPO
 
 FLEET = [Backend(name=f"gpu{i}", url=f"http://10.0.0.{i}:8080") for i in range(4)]
@@ -37,9 +37,9 @@ def test_hash_maps_the_same_key_to_the_same_backend_in_another_process() -> None
     here = _assign(Hash(), FLEET)
     script = (
         "import json, sys\n"
-        "from llmbalancer.backend import Backend\n"
-        "from llmbalancer.selectors.hash import Hash\n"
-        "from llmbalancer.selectors import RequestFacts\n"
+        "from llmbalancer.fleet.backend import Backend\n"
+        "from llmbalancer.scheduling.selectors.hash import Hash\n"
+        "from llmbalancer.scheduling.selectors import RequestFacts\n"
         "fleet = [Backend(name=f'gpu{i}', url='x') for i in range(4)]\n"
         "keys = json.load(sys.stdin)\n"
         "s = Hash()\n"

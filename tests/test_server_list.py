@@ -10,7 +10,8 @@ import aiohttp
 import pytest
 
 from llmbalancer.cli import _overrides, _parser
-from llmbalancer.config import ConfigError, build_config
+from llmbalancer.config import ConfigError
+from llmbalancer.configure import load_config
 from tests.model_fleet import fake_ollamas
 from tests.support import run_balancer
 
@@ -41,7 +42,7 @@ def _write(tmp_path: Path, text: str) -> str:
 
 
 def test_the_readme_example_loads_from_server_list_json_env_as_backends_routes_and_fallback(tmp_path: Path) -> None:
-    config = build_config(environ={"SERVER_LIST_JSON": _write(tmp_path, README_EXAMPLE)})
+    config = load_config(environ={"SERVER_LIST_JSON": _write(tmp_path, README_EXAMPLE)})
     assert [(b.name, b.url, b.max_concurrency) for b in config.backends] == [
         ("PC1", "http://192.168.1.20:8081", 1),
         ("PC2", "http://192.168.1.21:8081", None),
@@ -55,14 +56,14 @@ def test_the_readme_example_loads_from_server_list_json_env_as_backends_routes_a
 
 def test_the_server_list_flag_names_the_file(tmp_path: Path) -> None:
     args = _parser().parse_args(["serve", "--server-list", _write(tmp_path, README_EXAMPLE)])
-    config = build_config(environ={}, overrides=_overrides(args))
+    config = load_config(environ={}, overrides=_overrides(args))
     assert [b.name for b in config.backends] == ["PC1", "PC2"]
 
 
 def test_without_fallback_server_the_first_server_takes_unmatched_models_as_in_llama_balancer(tmp_path: Path) -> None:
     data = json.loads(README_EXAMPLE)
     del data["fallback_server"]
-    config = build_config(environ={"SERVER_LIST_JSON": _write(tmp_path, json.dumps(data))})
+    config = load_config(environ={"SERVER_LIST_JSON": _write(tmp_path, json.dumps(data))})
     assert config.routing.fallback == "PC1"
 
 
@@ -78,7 +79,7 @@ def test_without_fallback_server_the_first_server_takes_unmatched_models_as_in_l
 def test_a_bad_server_entry_is_named_by_its_key(tmp_path: Path, server: dict[str, Any], key: str) -> None:
     path = _write(tmp_path, json.dumps({"servers": {"PC1": server}}))
     with pytest.raises(ConfigError) as caught:
-        build_config(environ={"SERVER_LIST_JSON": path})
+        load_config(environ={"SERVER_LIST_JSON": path})
     assert [p.key for p in caught.value.problems] == [key]
 
 
@@ -86,9 +87,9 @@ def test_a_route_naming_an_unknown_server_or_an_invalid_file_is_reported(tmp_pat
     data = json.loads(README_EXAMPLE)
     data["models"]["x.*"] = ["PC9"]
     with pytest.raises(ConfigError, match="PC9"):
-        build_config(environ={"SERVER_LIST_JSON": _write(tmp_path, json.dumps(data))})
+        load_config(environ={"SERVER_LIST_JSON": _write(tmp_path, json.dumps(data))})
     with pytest.raises(ConfigError, match="not valid JSON"):
-        build_config(environ={"SERVER_LIST_JSON": _write(tmp_path, "{servers")})
+        load_config(environ={"SERVER_LIST_JSON": _write(tmp_path, "{servers")})
 
 
 async def test_the_readme_routes_send_each_model_where_llama_balancer_sent_it(tmp_path: Path) -> None:
@@ -97,7 +98,7 @@ async def test_the_readme_routes_send_each_model_where_llama_balancer_sent_it(tm
         data = json.loads(README_EXAMPLE)
         for name, fake in (("PC1", pc1), ("PC2", pc2)):
             data["servers"][name].update({"addr": "http://127.0.0.1", "model-port": fake.port})
-        config = build_config(
+        config = load_config(
             environ={"SERVER_LIST_JSON": _write(tmp_path, json.dumps(data))},
             overrides={"policy.name": "round_robin", "logging.format": "json", "health.interval": 0.2},
         )

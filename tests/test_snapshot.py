@@ -7,8 +7,8 @@ from pathlib import Path
 
 import aiohttp
 
+from llmbalancer.observe.snapshot import BACKEND_FIELDS, REQUEST_FIELDS, TOP_LEVEL_FIELDS
 from llmbalancer.testing.fake_llama import run_fake_fleet
-from llmbalancer.web.snapshot import BACKEND_FIELDS, REQUEST_FIELDS, TOP_LEVEL_FIELDS
 from tests.fake_processes import fake_fleet_processes
 from tests.support import REPO, get_json, make_config, run_balancer, wait_for
 

@@ -13,10 +13,10 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from structlog.testing import capture_logs
 
-from llmbalancer.backend import BackendState
 from llmbalancer.config import Config
-from llmbalancer.output_log import OutputLog
-from llmbalancer.supervisor import InstanceStatus, Supervisor
+from llmbalancer.fleet.backend import BackendState
+from llmbalancer.supervisor.instances import InstanceStatus, Supervisor
+from llmbalancer.supervisor.output_log import OutputLog
 from llmbalancer.web.admin import add_admin_routes, is_loopback
 from tests.supervisor_support import (
     CRASHING_CHILD,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import aiohttp
 
-from llmbalancer.supervisor import InstanceStatus
+from llmbalancer.supervisor.instances import InstanceStatus
 from tests.support import free_port, llama_server_command, make_config, run_balancer, wait_for
 
 CHAT = {"model": "smollm2", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8}

@@ -15,10 +15,10 @@ import aiohttp
 import openai
 from aiohttp import web
 
-from llmbalancer.backend import Backend
-from llmbalancer.inbound import InboundBody
+from llmbalancer.fleet.backend import Backend
+from llmbalancer.relay.inbound import InboundBody
+from llmbalancer.relay.usage_chunk import UsageCut, cut_whole, split_usage, wants_usage, with_usage
 from llmbalancer.testing.fake_llama import FakeLlama, FakeLlamaConfig, run_fake_llama
-from llmbalancer.usage_chunk import UsageCut, cut_whole, split_usage, wants_usage, with_usage
 from tests.model_fleet import config_file
 from tests.support import free_port, make_config, run_balancer, wait_for
 

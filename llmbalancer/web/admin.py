@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from llmbalancer import errors
-from llmbalancer.supervisor import Instance, Supervisor
+from llmbalancer.supervisor.instances import Instance, Supervisor
 
 ACTIONS = ("restart", "stop", "start")
 

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from llmbalancer.registry import Registry
+from llmbalancer.fleet.registry import Registry
 
 
 def health_handler(registry: Registry) -> Callable[[web.Request], Awaitable[web.Response]]:

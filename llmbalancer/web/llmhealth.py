@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from llmbalancer.gpu import GpuSampler
+from llmbalancer.observe.gpu import GpuSampler
 
 
 def llmhealth_body(sampler: GpuSampler) -> dict[str, object]:

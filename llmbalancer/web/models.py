@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from llmbalancer.backend import Backend
-from llmbalancer.model_routing import client_names
+from llmbalancer.fleet.backend import Backend
+from llmbalancer.scheduling.model_routing import client_names
 
 if TYPE_CHECKING:
-    from llmbalancer.app import Components
+    from llmbalancer.components import Components
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

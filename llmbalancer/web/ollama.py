@@ -18,12 +18,12 @@ from aiohttp import web
 
 from llmbalancer import __version__, errors
 from llmbalancer.errors import ProxyError
-from llmbalancer.inbound import read_body, request_facts
-from llmbalancer.model_routing import client_names
+from llmbalancer.relay.inbound import read_body, request_facts, with_model
+from llmbalancer.scheduling.model_routing import client_names
 from llmbalancer.web.models import Handler, gather_from_routable
 
 if TYPE_CHECKING:
-    from llmbalancer.app import Components
+    from llmbalancer.components import Components
 
 
 def _model_name(entry: Mapping[str, Any]) -> str | None:
@@ -98,7 +98,7 @@ async def _show(components: Components, request: web.Request) -> web.StreamRespo
     timeout = aiohttp.ClientTimeout(total=components.config.timeouts.first_byte)
     last: tuple[int, bytes, str] | None = None
     for backend in (b for b in eligible if b.routable):
-        payload = router.body_for(body, facts, backend).data
+        payload = with_model(body, router.rename_for(facts, backend)).data
         try:
             async with session.post(
                 backend.url + "/api/show", data=payload, headers={"Content-Type": "application/json"},

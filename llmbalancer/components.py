@@ -1,0 +1,47 @@
+"""What the running balancer is made of, in one record: the composition root (``app``) builds it, and the
+balancer's own routes (``web``) reach the parts they need through it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from llmbalancer.config import Config
+from llmbalancer.fleet.health_poller import HealthPoller
+from llmbalancer.fleet.registry import Registry
+from llmbalancer.observe.gpu import GpuSampler
+from llmbalancer.observe.metrics import Metrics
+from llmbalancer.observe.recent import RecentRequests
+from llmbalancer.observe.snapshot import build_snapshot
+from llmbalancer.relay.proxy import Proxy
+from llmbalancer.scheduling.dispatch import Dispatcher
+from llmbalancer.service import Service
+from llmbalancer.supervisor.instances import Supervisor
+
+
+@dataclass
+class Components:
+    """Everything the app is made of, so routes and tests reach one another through one object."""
+
+    config: Config
+    registry: Registry
+    dispatcher: Dispatcher
+    proxy: Proxy
+    poller: HealthPoller
+    services: list[Service]
+    gpu: GpuSampler
+    recent: RecentRequests
+    metrics: Metrics
+    supervisor: Supervisor | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        """The monitor's one document (``GET /llmhealth-snapshot``), as things are now."""
+        return build_snapshot(
+            policy=self.config.policy.name,
+            backends=self.registry,
+            admission=self.dispatcher.admission,
+            selector=self.dispatcher.selector,
+            supervisor=self.supervisor,
+            recent=self.recent,
+            gpu=self.gpu,
+        )

@@ -1,0 +1,76 @@
+"""Configuration: the schema (typed, frozen), loading and layering (YAML with line numbers, the
+environment, flags), and the fleet formats it imports (commands file, ``server-list.json``, backends file).
+
+Owns: every key and its default, validation, and error reporting by key and YAML line.
+May import: nothing else of llmbalancer (domain cross-checks are passed in: ``llmbalancer.configure``).
+"""
+
+from llmbalancer.config.loading import (
+    ENV_KEYS,
+    build_config,
+    default_backend_name,
+    environment_overrides,
+    fleet_sources,
+    load_yaml,
+    parse_backend_spec,
+    read_backends_file,
+)
+from llmbalancer.config.schema import (
+    BACKEND_KINDS,
+    DEFAULT_COMMANDS_FILE,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    RESTART_MODES,
+    BackendConfig,
+    CircuitConfig,
+    Config,
+    ConfigError,
+    GpuConfig,
+    HealthConfig,
+    InstanceConfig,
+    LoggingConfig,
+    ModelRoute,
+    MonitorConfig,
+    PolicyConfig,
+    Problem,
+    QueueConfig,
+    RetryConfig,
+    RoutingConfig,
+    ServerConfig,
+    SupervisorConfig,
+    TimeoutsConfig,
+)
+
+__all__ = [
+    "BACKEND_KINDS",
+    "DEFAULT_COMMANDS_FILE",
+    "ENV_KEYS",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "RESTART_MODES",
+    "BackendConfig",
+    "CircuitConfig",
+    "Config",
+    "ConfigError",
+    "GpuConfig",
+    "HealthConfig",
+    "InstanceConfig",
+    "LoggingConfig",
+    "ModelRoute",
+    "MonitorConfig",
+    "PolicyConfig",
+    "Problem",
+    "QueueConfig",
+    "RetryConfig",
+    "RoutingConfig",
+    "ServerConfig",
+    "SupervisorConfig",
+    "TimeoutsConfig",
+    "build_config",
+    "default_backend_name",
+    "environment_overrides",
+    "fleet_sources",
+    "load_yaml",
+    "parse_backend_spec",
+    "read_backends_file",
+]

@@ -1,0 +1,192 @@
+"""Service: asks each backend whether it is ready and keeps the registry's view of it current.
+
+Each backend has its own loop, so a slow backend never delays news about the others; a backend
+that is not routable is probed more often so that it rejoins within a fraction of a second of
+being ready again. What one probe sees is in ``probes``; the state is judged here over a sliding
+window (``health.window``): a refused connection ejects at once, other failures after two in a row
+(so a dead backend is out within three intervals), and a backend that went down more than once
+within the window (flapping) stays out until the window holds at most one drop. A healthy backend is
+shown busy when every poll over the whole window found every slot busy (one free slot ends it), so a
+server that is merely full now and then does not flip state, and log a change, at every poll. (Routing
+does not wait for this: the capacity gate counts free slots at once.) Slot figures are written into the
+backend record in place and wake the admission queue when they change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections import deque
+
+import aiohttp
+
+from llmbalancer.config import HealthConfig, TimeoutsConfig
+from llmbalancer.fleet.backend import Backend, BackendState
+from llmbalancer.fleet.capacity import free_slots
+from llmbalancer.fleet.probes import Observation, ProbeMemory, probe
+from llmbalancer.fleet.registry import Registry
+
+_FAST_RECHECK = 0.25
+_FAILURES_TO_EJECT = 2
+_FLAPPING_DROPS = 2
+
+__all__ = ["HealthPoller", "Observation", "probe"]
+
+
+class _Window:
+    """A backend's recent probe outcomes (True ok, None starting, False failed) within ``span`` seconds."""
+
+    __slots__ = ("_full_since", "_outcomes", "_span")
+
+    def __init__(self, span: float) -> None:
+        self._span = span
+        self._outcomes: deque[tuple[float, bool | None]] = deque(maxlen=256)
+        self._full_since: float | None = None
+
+    def saturated(self, full: bool) -> bool:
+        """Whether every poll for the whole window found every slot busy (``full`` is this poll's finding)."""
+        if not full:
+            self._full_since = None
+            return False
+        now = time.monotonic()
+        if self._full_since is None:
+            self._full_since = now
+        return now - self._full_since >= self._span
+
+    def add(self, outcome: bool | None) -> None:
+        now = time.monotonic()
+        self._outcomes.append((now, outcome))
+        while self._outcomes and self._outcomes[0][0] < now - self._span:
+            self._outcomes.popleft()
+
+    def failed_in_a_row(self) -> int:
+        count = 0
+        for _, outcome in reversed(self._outcomes):
+            if outcome is not False:
+                break
+            count += 1
+        return count
+
+    def flapping(self) -> bool:
+        """Went down more than once within the window (a steady outage followed by recovery is not)."""
+        outcomes = [o for _, o in self._outcomes if o is not None]
+        drops = sum(1 for before, after in itertools.pairwise(outcomes) if before and not after)
+        return drops >= _FLAPPING_DROPS
+
+
+def judge(window: _Window, seen: Observation) -> tuple[BackendState | None, str]:
+    """The state the window supports after ``seen``, or None to keep the current one."""
+    if seen.ok is None:
+        return BackendState.STARTING, seen.reason
+    if seen.ok is False:
+        if seen.refused or window.failed_in_a_row() >= _FAILURES_TO_EJECT:
+            return BackendState.UNHEALTHY, seen.reason
+        return None, ""
+    if window.flapping():
+        return BackendState.UNHEALTHY, "went down more than once within the window (flapping)"
+    return BackendState.HEALTHY, ""
+
+
+class HealthPoller:
+    name = "health-poller"
+
+    def __init__(self, registry: Registry, health: HealthConfig, timeouts: TimeoutsConfig) -> None:
+        self._registry = registry
+        self._interval = health.interval
+        self._timeout = aiohttp.ClientTimeout(total=timeouts.health)
+        self._window = health.window
+        self._loops: dict[str, asyncio.Task[None]] = {}
+        self._windows: dict[str, _Window] = {}
+        self._memories: dict[str, ProbeMemory] = {}
+
+    async def poll_once(self, session: aiohttp.ClientSession) -> None:
+        await asyncio.gather(*(self._check(session, backend) for backend in self._registry.backends))
+
+    async def _check(self, session: aiohttp.ClientSession, backend: Backend) -> None:
+        memory = self._memories.setdefault(backend.name, ProbeMemory())
+        seen = await probe(session, backend, memory)
+        window = self._windows.setdefault(backend.name, _Window(self._window))
+        window.add(seen.ok)
+        if seen.ok:
+            self._update_slots(backend, seen)
+        saturated = window.saturated(seen.ok is True and free_slots(backend) == 0)
+        if backend.state in (BackendState.DRAINING, BackendState.FAILED):
+            return  # set by an operator or the supervisor; a probe does not undo it
+        state, reason = judge(window, seen)
+        if backend.launching and state is BackendState.UNHEALTHY:
+            return  # a supervised process still booting refuses connections until it binds its port
+        if state is BackendState.HEALTHY and saturated:
+            state, reason = BackendState.BUSY, f"every slot busy for {self._window:g} s"
+        if state is not None:
+            self._registry.set_state(backend, state, reason)
+
+    def _update_slots(self, backend: Backend, seen: Observation) -> None:
+        """Write the polled figures in place; wake queued requests when capacity may have changed."""
+        before = (backend.slots_total, backend.slots_external, backend.gpu_busy)
+        backend.gpu_busy = seen.gpu_busy
+        if seen.slots_total is not None:
+            backend.slots_total = seen.slots_total
+            backend.slots_busy = seen.slots_busy
+            # Busy slots beyond our own requests belong to other clients. Ours may not show yet
+            # (dispatched after the server's last decode step), so never count below zero.
+            backend.slots_external = max(0, (seen.slots_busy or 0) - backend.in_flight)
+        backend.deferred = seen.deferred
+        if seen.models is not None:
+            backend.served_models = seen.models
+        if seen.kind is not None:
+            backend.detected_kind = seen.kind
+        if (backend.slots_total, backend.slots_external, backend.gpu_busy) != before:
+            self._registry.notify_change()
+
+    async def run(self) -> None:
+        # A fresh connection per probe: a probe must find out whether the backend accepts connections
+        # now, not reuse one to a process that has since died (and then wait for its timeout).
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(timeout=self._timeout, connector=connector) as session:
+            try:
+                while True:
+                    # Membership changes are rare (supervisor, admin); notice them within an interval.
+                    self._sync_loops(session)
+                    await asyncio.sleep(self._interval)
+            finally:
+                for task in self._loops.values():
+                    task.cancel()
+                for task in self._loops.values():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+
+    def _sync_loops(self, session: aiohttp.ClientSession) -> None:
+        """One loop per registered backend, started and stopped as membership changes."""
+        names = {backend.name for backend in self._registry}
+        for name in list(self._loops):
+            if name not in names:
+                self._loops.pop(name).cancel()
+                self._windows.pop(name, None)
+                self._memories.pop(name, None)
+        for backend in self._registry:
+            if backend.name not in self._loops:
+                self._loops[backend.name] = asyncio.create_task(
+                    self._watch(session, backend), name=f"health:{backend.name}"
+                )
+
+    async def _watch(self, session: aiohttp.ClientSession, backend: Backend) -> None:
+        if backend.name in self._windows:
+            await self._pause(backend)  # the start-up round (poll_once) just saw it
+        while True:
+            await self._check(session, backend)
+            await self._pause(backend)
+
+    async def _pause(self, backend: Backend) -> None:
+        """Wait for the next probe, cut short when the proxy takes the backend out of rotation meanwhile:
+        its recovery is then noticed at the fast cadence, whatever ``health.interval`` is."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._delay(backend)
+        while (remaining := deadline - loop.time()) > 0:
+            await asyncio.sleep(min(remaining, _FAST_RECHECK))
+            if not backend.routable:
+                return
+
+    def _delay(self, backend: Backend) -> float:
+        return self._interval if backend.routable else min(self._interval, _FAST_RECHECK)

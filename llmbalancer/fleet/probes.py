@@ -1,0 +1,197 @@
+"""One health probe of one backend: what its own endpoints say about readiness, slots and models.
+
+llama.cpp: ``GET /health`` (200 ready; 503 "Loading model" starting), then ``GET /slots`` for slots
+total and processing; when ``/slots`` is disabled (501/404), ``GET /metrics``
+(``llamacpp:requests_processing``, ``requests_deferred``) with the slot count from ``/props``
+``total_slots``. llamafile's older server puts ``slots_idle`` / ``slots_processing`` in ``/health``.
+Ollama: ``GET /api/tags`` (the models it can serve; ``/api/ps`` lists only those loaded now, and
+Ollama loads on demand). OpenAI-compatible or unknown servers without ``/health``: ``GET /v1/models``.
+Served models come from ``/v1/models`` (both its OpenAI ``data`` and Ollama-style ``models`` lists).
+An ``auto`` backend whose ``/health`` is 404, or 200 without llama.cpp's JSON object (vLLM's is empty),
+is noted as a plain OpenAI-compatible server (``Observation.kind``), which the proxy asks for usage.
+A backend that is itself a balancer (``kind: llmbalancer``, or recognised by the fields of our own
+``/health``) is ready per its ``/health`` and reports its GPU load as ``idle``/``busy`` on
+``/llmhealth`` (llama-balancer's contract); that flag feeds selection (idle ones first).
+A slow ``/slots`` (llama.cpp answers it between decode steps, late during a long prefill) leaves the
+slot figures unknown for that round; it never makes a ready backend unhealthy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from llmbalancer.fleet.backend import Backend
+
+_METRIC = re.compile(rb"^llamacpp:(requests_processing|requests_deferred)\s+([0-9.eE+-]+)", re.MULTILINE)
+# How often (in probes) the served-model list is re-read once known: models change rarely.
+_MODELS_EVERY = 30
+
+
+@dataclass(slots=True)
+class Observation:
+    ok: bool | None  # True ready, None starting, False failed
+    reason: str = ""
+    refused: bool = False  # nothing listens: no need to wait for a second failure
+    slots_total: int | None = None
+    slots_busy: int | None = None
+    deferred: int | None = None
+    models: tuple[str, ...] | None = None
+    gpu_busy: bool | None = None  # a balancer backend's /llmhealth verdict
+    kind: str | None = None  # what an "auto" backend turned out to be, when the probe could tell
+
+
+@dataclass(slots=True)
+class ProbeMemory:
+    """What a backend's earlier answers taught the poller (which endpoints exist)."""
+
+    slots_endpoint: bool = True
+    metrics_endpoint: bool = True
+    props_slots: int | None = None
+    health_endpoint: bool = True
+    probes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
+    async with session.get(url) as response:
+        return response.status, await response.read()
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def models_of(payload: Any) -> tuple[str, ...]:
+    """Model names from ``/v1/models`` (OpenAI ``data[].id``, Ollama-style ``models[].name``) or ``/api/ps``."""
+    names: list[str] = []
+    if isinstance(payload, dict):
+        for entry in payload.get("data") or ():
+            if isinstance(entry, dict) and isinstance(entry.get("id"), str):
+                names.append(entry["id"])
+        for entry in payload.get("models") or ():
+            if isinstance(entry, dict):
+                name = entry.get("name") or entry.get("model")
+                if isinstance(name, str) and name not in names:
+                    names.append(name)
+    return tuple(names)
+
+
+async def probe(session: aiohttp.ClientSession, backend: Backend, memory: ProbeMemory) -> Observation:
+    memory.probes += 1
+    try:
+        if backend.kind == "llmbalancer":
+            return await _probe_balancer(session, backend, memory)
+        if backend.kind == "ollama":
+            return await _probe_models(session, backend, "/api/tags")
+        if backend.kind == "openai" or not memory.health_endpoint:
+            return _plain_openai(await _probe_models(session, backend, "/v1/models"))
+        return await _probe_llamacpp(session, backend, memory)
+    except aiohttp.ClientConnectorError as exc:
+        return Observation(False, str(exc) or type(exc).__name__, refused=True)
+    except TimeoutError:
+        return Observation(False, "no answer to the health check in time (timeouts.health)")
+    except aiohttp.ClientError as exc:
+        return Observation(False, str(exc) or type(exc).__name__)
+
+
+async def _probe_models(session: aiohttp.ClientSession, backend: Backend, path: str) -> Observation:
+    status, body = await _get(session, backend.url + path)
+    if status != 200:
+        return Observation(False, f"{path} answered HTTP {status}")
+    return Observation(True, models=models_of(_json(body)))
+
+
+def _plain_openai(seen: Observation) -> Observation:
+    seen.kind = "openai"  # only the OpenAI API: the proxy asks it for usage (usage_chunk.py)
+    return seen
+
+
+async def _probe_llamacpp(session: aiohttp.ClientSession, backend: Backend, memory: ProbeMemory) -> Observation:
+    status, body = await _get(session, backend.url + "/health")
+    if status == 503 and b"loading" in body.lower():
+        return Observation(None, "loading model")
+    if status == 404 and backend.kind == "auto":
+        memory.health_endpoint = False  # not llama.cpp: judge by /v1/models from now on
+        return _plain_openai(await _probe_models(session, backend, "/v1/models"))
+    if status != 200:
+        return Observation(False, f"/health answered HTTP {status}")
+    seen = Observation(True)
+    health = _json(body)
+    if backend.kind == "auto" and not isinstance(health, dict):
+        seen.kind = "openai"  # ready without llama.cpp's {"status": "ok"} (vLLM: an empty body): OpenAI API only
+    if isinstance(health, dict) and "backends_total" in health:
+        return await _probe_balancer(session, backend, memory)  # another llmbalancer's /health
+    if isinstance(health, dict) and isinstance(health.get("slots_idle"), int):
+        busy = health.get("slots_processing")
+        seen.slots_busy = busy if isinstance(busy, int) else 0
+        seen.slots_total = health["slots_idle"] + seen.slots_busy
+    else:
+        await _read_slots(session, backend, memory, seen)
+    await _read_models(session, backend, memory, seen)
+    return seen
+
+
+async def _probe_balancer(session: aiohttp.ClientSession, backend: Backend, memory: ProbeMemory) -> Observation:
+    """Another llmbalancer (or llama-balancer, which may have no ``/health``): ready, and idle or busy."""
+    status, _ = await _get(session, backend.url + "/health")
+    if status not in (200, 404):
+        return Observation(False, f"/health answered HTTP {status}")
+    status, body = await _get(session, backend.url + "/llmhealth")
+    report = _json(body) if status == 200 else None
+    if not isinstance(report, dict) or report.get("status") not in ("idle", "busy"):
+        return Observation(False, f"/llmhealth answered HTTP {status} without an idle/busy status")
+    seen = Observation(True, gpu_busy=report["status"] == "busy")
+    await _read_models(session, backend, memory, seen)
+    return seen
+
+
+async def _read_models(
+    session: aiohttp.ClientSession, backend: Backend, memory: ProbeMemory, seen: Observation
+) -> None:
+    if backend.served_models and memory.probes % _MODELS_EVERY != 0:
+        return
+    try:
+        status, body = await _get(session, backend.url + "/v1/models")
+        if status == 200:
+            seen.models = models_of(_json(body))
+    except (aiohttp.ClientError, TimeoutError):
+        pass  # the model list is a nicety; readiness was already decided
+
+
+async def _read_slots(
+    session: aiohttp.ClientSession, backend: Backend, memory: ProbeMemory, seen: Observation
+) -> None:
+    try:
+        if memory.slots_endpoint:
+            status, body = await _get(session, backend.url + "/slots")
+            slots = _json(body) if status == 200 else None
+            if isinstance(slots, list):
+                seen.slots_total = len(slots)
+                seen.slots_busy = sum(1 for s in slots if isinstance(s, dict) and s.get("is_processing"))
+                return
+            if status in (404, 501):
+                memory.slots_endpoint = False  # started without --slots; do not ask every second
+        if memory.metrics_endpoint:
+            status, body = await _get(session, backend.url + "/metrics")
+            if status != 200:
+                memory.metrics_endpoint = status not in (404, 501)
+                return
+            values = {m.group(1): int(float(m.group(2))) for m in _METRIC.finditer(body)}
+            seen.slots_busy = values.get(b"requests_processing")
+            seen.deferred = values.get(b"requests_deferred")
+            if memory.props_slots is None:
+                status, body = await _get(session, backend.url + "/props")
+                props = _json(body) if status == 200 else None
+                if isinstance(props, dict) and isinstance(props.get("total_slots"), int):
+                    memory.props_slots = props["total_slots"]
+            seen.slots_total = memory.props_slots
+    except (aiohttp.ClientError, TimeoutError):
+        pass  # slot figures unknown this round

@@ -1,0 +1,161 @@
+"""The one source of truth about backends: membership, state, in-flight claims; wakes waiters on change."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+
+import structlog
+
+from llmbalancer.config import BackendConfig
+from llmbalancer.fleet.backend import ROUTABLE, Backend, BackendState
+from llmbalancer.fleet.circuit import Circuit
+
+log = structlog.get_logger("llmbalancer.fleet.registry")
+
+_EWMA_WEIGHT = 0.2
+
+
+class Claim:
+    """One request's hold on a backend. Release is idempotent, so ``finally`` can always call it."""
+
+    __slots__ = ("_registry", "backend", "released")
+
+    def __init__(self, registry: Registry, backend: Backend) -> None:
+        self._registry = registry
+        self.backend = backend
+        self.released = False
+        backend.in_flight += 1
+        backend.requests_total += 1
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.backend.in_flight -= 1
+            self._registry.notify_change()
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._backends: dict[str, Backend] = {}
+        self._change: asyncio.Future[None] | None = None
+        self.circuit = Circuit()
+        self.circuit.on_reopen = self.notify_change
+        # Called with a backend that left rotation because it failed (not one draining): what waits on it
+        # for an answer can give up now (the proxy retries such requests elsewhere).
+        self.on_failed: list[Callable[[Backend], object]] = []
+
+    @classmethod
+    def from_configs(cls, configs: tuple[BackendConfig, ...]) -> Registry:
+        registry = cls()
+        for config in configs:
+            registry.add(
+                Backend(
+                    name=config.name,
+                    url=config.url,
+                    kind=config.kind,
+                    max_concurrency=config.max_concurrency,
+                    models=config.models,
+                )
+            )
+        return registry
+
+    # --- membership ---------------------------------------------------------------------------
+
+    def add(self, backend: Backend) -> Backend:
+        if backend.name in self._backends:
+            raise ValueError(f"backend {backend.name!r} is already registered")
+        self._backends[backend.name] = backend
+        log.info("backend_added", backend=backend.name, url=backend.url, state=backend.state.value)
+        self.notify_change()
+        return backend
+
+    def remove(self, name: str) -> None:
+        if self._backends.pop(name, None) is not None:
+            log.info("backend_removed", backend=name)
+            self.notify_change()
+
+    def get(self, name: str) -> Backend | None:
+        return self._backends.get(name)
+
+    def __iter__(self) -> Iterator[Backend]:
+        return iter(self._backends.values())
+
+    def __len__(self) -> int:
+        return len(self._backends)
+
+    @property
+    def backends(self) -> list[Backend]:
+        return list(self._backends.values())
+
+    def routable(self) -> list[Backend]:
+        return [b for b in self._backends.values() if b.routable]
+
+    # --- state --------------------------------------------------------------------------------
+
+    def set_state(self, backend: Backend, state: BackendState, reason: str = "") -> None:
+        """Change state; logged once per change, never per poll."""
+        if backend.state is state:
+            backend.state_reason = reason or backend.state_reason
+            return
+        previous = backend.state
+        backend.state = state
+        backend.state_reason = reason
+        backend.state_since = time.time()
+        log.info(
+            "backend_state_changed", backend=backend.name, old=previous.value, new=state.value, reason=reason
+        )
+        if previous in ROUTABLE and state in (BackendState.UNHEALTHY, BackendState.FAILED):
+            for observer in self.on_failed:
+                observer(backend)
+        self.notify_change()
+
+    def claim(self, backend: Backend) -> Claim:
+        return Claim(self, backend)
+
+    def record_success(self, backend: Backend, ttfb: float | None, latency: float) -> None:
+        backend.consecutive_failures = 0
+        if ttfb is not None:
+            backend.ttfb_avg = _ewma(backend.ttfb_avg, ttfb)
+        backend.latency_avg = _ewma(backend.latency_avg, latency)
+        self.circuit.success(backend, self._backends.values())
+
+    def record_failure(self, backend: Backend, error: str, *, unreachable: bool = False) -> None:
+        """A proxy outcome went wrong; an unreachable backend leaves rotation until a probe says ready."""
+        backend.errors_total += 1
+        backend.consecutive_failures += 1
+        backend.last_error = error
+        self.circuit.failure(backend)
+        if unreachable and backend.state is not BackendState.DRAINING:
+            self.set_state(backend, BackendState.UNHEALTHY, error)
+
+    # --- change notification ------------------------------------------------------------------
+
+    def notify_change(self) -> None:
+        change = self._change
+        if change is not None:
+            self._change = None
+            if not change.done():
+                change.set_result(None)
+
+    def next_change(self) -> asyncio.Future[None]:
+        """Done at the next change of any backend (state, claim released, membership).
+
+        The future exists from this call on, not from the caller's first await: a change that lands
+        between a check and the wait (another task runs first) still wakes the waiter.
+        """
+        if self._change is None:
+            self._change = asyncio.get_running_loop().create_future()
+        # shield: one cancelled waiter must not cancel the future the others wait on.
+        return asyncio.shield(self._change)
+
+
+def _ewma(previous: float | None, sample: float) -> float:
+    return sample if previous is None else previous + _EWMA_WEIGHT * (sample - previous)

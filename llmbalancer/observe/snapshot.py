@@ -1,0 +1,133 @@
+"""The snapshot: one JSON document with everything the monitor page shows (``GET /llmhealth-snapshot``),
+and what the fleet gauges of ``/metrics`` are read from.
+
+The field names are a contract (README, "Monitoring"; ``tests/test_snapshot.py`` checks them):
+add fields, never rename or drop one. A field whose source is not built yet is present with
+``null`` (a number or object) so clients can rely on the key. Those sources are read by name
+when present, so they show up here the moment they land:
+
+- per backend, attributes of ``Backend``: ``deferred`` (requests queued inside the backend),
+  ``circuit_state``, ``health_score``, ``served_models``, ``prompt_tokens_total``,
+  ``completion_tokens_total``;
+- the admission queue (``depth()``, ``depths()``, ``max_size``, ``timeout``);
+- sticky sessions: ``entries_count()`` on the selector;
+- supervised instances: ``Supervisor.describe()`` (a list of dicts with ``name``, ``pid``, ``state``,
+  ``restarts``, ``log_path``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from llmbalancer.fleet.backend import Backend
+from llmbalancer.observe.gpu import GpuSampler
+from llmbalancer.observe.recent import RecentRequests
+from llmbalancer.scheduling.admission import AdmissionQueue
+from llmbalancer.scheduling.selectors import Selector
+from llmbalancer.supervisor.instances import Supervisor
+
+SCHEMA_VERSION = 1
+
+BACKEND_FIELDS = (
+    "name", "url", "kind", "state", "state_reason", "state_since", "routable",
+    "slots_busy", "slots_total", "max_concurrency", "in_flight", "queue_depth",
+    "circuit_state", "health_score", "models", "last_error", "requests_total", "errors_total",
+    "latency_avg_s", "ttft_avg_s", "prompt_tokens_total", "completion_tokens_total", "cached_tokens_total",
+    "gpu_busy",
+)
+REQUEST_FIELDS = (
+    "time", "request_id", "method", "path", "model", "backend", "status", "attempts",
+    "ttft_s", "duration_s", "prompt_tokens", "completion_tokens", "error",
+)
+TOP_LEVEL_FIELDS = (
+    "schema_version", "time", "policy", "backends", "instances", "sticky_entries", "queue", "requests", "gpu",
+)
+
+
+def describe_backend(backend: Backend) -> dict[str, Any]:
+    return {
+        "name": backend.name,
+        "url": backend.url,
+        "kind": backend.kind,
+        "state": backend.state.value,
+        "state_reason": backend.state_reason,
+        "state_since": backend.state_since,
+        "routable": backend.routable,
+        "slots_busy": backend.slots_busy,
+        "slots_total": backend.slots_total,
+        "max_concurrency": backend.max_concurrency,
+        "in_flight": backend.in_flight,
+        "queue_depth": backend.deferred,
+        "circuit_state": backend.circuit_state.value,
+        "health_score": backend.health_score,
+        "models": list(dict.fromkeys([*backend.models, *backend.served_models])),
+        "last_error": backend.last_error,
+        "requests_total": backend.requests_total,
+        "errors_total": backend.errors_total,
+        "latency_avg_s": backend.latency_avg,
+        # Time to the first response byte: for a streamed completion, its first token.
+        "ttft_avg_s": backend.ttfb_avg,
+        "prompt_tokens_total": backend.prompt_tokens_total,
+        "completion_tokens_total": backend.completion_tokens_total,
+        "cached_tokens_total": backend.cached_tokens_total,
+        "gpu_busy": backend.gpu_busy,
+    }
+
+
+def describe_gpu(sampler: GpuSampler) -> dict[str, Any]:
+    load = sampler.load()
+    return {
+        "status": load.status,
+        "max_utilization_pct": load.max_utilization_pct,
+        "threshold_pct": load.threshold_pct,
+        "window_s": load.window_s,
+        "nvml_available": load.nvml_available,
+        "nvml_error": load.nvml_error,
+        "gpus": [gpu.describe() for gpu in load.gpus],
+        "samples": [
+            {"time": s.time, "max_utilization_pct": s.max_utilization} for s in sampler.samples
+        ],
+    }
+
+
+def describe_queue(admission: AdmissionQueue) -> dict[str, Any]:
+    return {
+        "depth": admission.depth(),
+        "capacity": admission.max_size,
+        "timeout_s": admission.timeout,
+        "by_model": dict(admission.depths()),
+    }
+
+
+def build_snapshot(
+    *,
+    policy: str,
+    backends: Iterable[Backend],
+    admission: AdmissionQueue,
+    selector: Selector,
+    supervisor: Supervisor | None,
+    recent: RecentRequests,
+    gpu: GpuSampler,
+) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "time": time.time(),
+        "policy": policy,
+        "backends": [describe_backend(backend) for backend in backends],
+        "instances": None if supervisor is None else [_instance(i) for i in supervisor.describe()],
+        "sticky_entries": selector.entries_count(),
+        "queue": describe_queue(admission),
+        "requests": [request.describe() for request in recent.newest_first()],
+        "gpu": describe_gpu(gpu),
+    }
+
+
+# The snapshot is open to any client of the balancer: an instance's command line and environment
+# (which may carry API keys) stay behind the loopback-only admin routes.
+INSTANCE_FIELDS = ("name", "url", "state", "reason", "pid", "restarts", "uptime_s", "last_exit", "log_path")
+
+
+def _instance(described: dict[str, Any]) -> dict[str, Any]:
+    return {key: described.get(key) for key in INSTANCE_FIELDS}

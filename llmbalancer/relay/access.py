@@ -1,0 +1,68 @@
+"""The access record: one per request, filled in as the request goes, emitted once as the ``request`` log
+event and handed to the observers (metrics, the monitor's recent requests)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import structlog
+
+from llmbalancer.fleet.usage import Tail, Usage, read_usage
+
+log = structlog.get_logger("llmbalancer.access")
+
+
+@dataclass(slots=True)
+class Access:
+    """The one access-log event of a request, filled in as it goes."""
+
+    request_id: str
+    method: str
+    path: str
+    started: float
+    model: str | None = None
+    backend: str | None = None
+    status: int = 0
+    attempts: int = 0
+    ttfb: float | None = None
+    bytes: int = 0
+    error: str | None = None
+    # Token counts when the backend reported them (filled by the usage reader).
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    finished: float = 0.0
+    queue_wait: float | None = None  # seconds the first claim waited (admission queue), when it got one
+    usage_tail: Tail = b""  # the response's last chunks, for the usage reader (dispatcher.completed)
+
+    def emit(self) -> None:
+        now = self.finished = time.monotonic()
+        log.info(
+            "request",
+            request_id=self.request_id,
+            method=self.method,
+            path=self.path,
+            model=self.model,
+            backend=self.backend,
+            status=self.status,
+            attempts=self.attempts,
+            queue_ms=None if self.queue_wait is None else round(self.queue_wait * 1000, 2),
+            ttfb_ms=None if self.ttfb is None else round((self.ttfb - self.started) * 1000, 2),
+            duration_ms=round((now - self.started) * 1000, 2),
+            bytes=self.bytes,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            cached_tokens=self.cached_tokens,
+            error=self.error,
+        )
+
+    def read_usage(self) -> Usage | None:
+        """The token counts at the response's tail, copied into this record (the tail is then dropped)."""
+        usage = read_usage(self.usage_tail) if self.usage_tail else None
+        self.usage_tail = b""
+        if usage is not None:
+            self.prompt_tokens = usage.prompt_tokens
+            self.completion_tokens = usage.completion_tokens
+            self.cached_tokens = usage.cached_tokens
+        return usage

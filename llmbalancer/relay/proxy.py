@@ -1,0 +1,368 @@
+"""Relay one request to a backend and stream its answer back, chunk by chunk, as it is written.
+
+Retries: a failure before any response byte reached the client (refused connection, dropped
+connection, a 5xx status, a backend that left rotation as unhealthy while the request waited for its
+answer) is retried on another backend, up to ``retries.attempts``. Once bytes
+have gone to the client the request is never replayed: a backend failing mid-stream ends an SSE
+stream with an ``error`` event (the OpenAI SDK raises it) and any other body by closing the
+connection without its terminator, so the client cannot mistake it for a complete answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import structlog
+from aiohttp import web
+from yarl import URL
+
+from llmbalancer import errors
+from llmbalancer.config import Config
+from llmbalancer.errors import ProxyError
+from llmbalancer.fleet.backend import Backend
+from llmbalancer.fleet.registry import Registry
+from llmbalancer.relay.access import Access
+from llmbalancer.relay.deadlines import Deadlines
+from llmbalancer.relay.http_headers import downstream_response_headers, upstream_request_headers
+from llmbalancer.relay.inbound import InboundBody, read_body, request_facts, with_model
+from llmbalancer.relay.usage_chunk import UsageCut, asks_usage_of, cut_whole, wants_usage, with_usage
+from llmbalancer.scheduling.dispatch import Dispatcher
+from llmbalancer.scheduling.racing import Racing
+from llmbalancer.scheduling.selectors import RequestFacts
+
+log = structlog.get_logger("llmbalancer.proxy")
+
+# Statuses that mean "this backend could not take it", worth another backend when one is left.
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
+CLIENT_CLOSED = 499  # nginx's convention, for the access log only
+_MAX_REQUEST_ID = 128
+_WHOLE_BODY_MAX = 65536  # a reply up to this size that arrived with its headers is relayed in one write
+
+
+class _ClientStopped(Exception):
+    """Writing to the client failed or stalled: the client's doing, not the backend's."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+class _AttemptFailed(Exception):
+    def __init__(self, reason: str, *, unreachable: bool, body_sent: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.unreachable = unreachable
+        self.body_sent = body_sent
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("X-Request-ID", "")
+    if given and len(given) <= _MAX_REQUEST_ID and given.isprintable():
+        return given
+    # An identifier, not a secret: the Mersenne Twister's 128 bits, without secrets' urandom syscall.
+    return f"{random.getrandbits(128):032x}"
+
+
+class Proxy:
+    def __init__(self, config: Config, registry: Registry, dispatcher: Dispatcher) -> None:
+        self._registry = registry
+        self._dispatcher = dispatcher
+        self._racing = Racing(dispatcher)
+        self._max_body = config.server.max_body_bytes
+        self._attempts = config.retries.attempts
+        self._first_byte_timeout = config.timeouts.first_byte
+        # One sweep for every request's first-byte deadline instead of a timer each; 1 % late at most.
+        self._first_byte = Deadlines(resolution=min(1.0, self._first_byte_timeout / 100))
+        self._idle_timeout = config.timeouts.idle
+        self._connect_timeout = config.timeouts.connect
+        self.session: aiohttp.ClientSession | None = None
+        # Called once per finished request (metrics, the monitor's recent requests); must be cheap.
+        self.on_complete: list[Callable[[Access], None]] = []
+        # A hung server accepts connections and answers nothing: once its health checks fail, the
+        # requests waiting on it for a first byte are retried elsewhere instead of waiting out first_byte.
+        registry.on_failed.append(self._first_byte.expire)
+
+    def open_session(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(
+            limit=0,
+            # llama-server closes idle keep-alive connections after 5 s; drop ours first so a pooled
+            # connection is never one the backend is closing.
+            keepalive_timeout=4.0,
+            ttl_dns_cache=60,
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
+            auto_decompress=False,
+            # Send the client's headers only: no Accept-Encoding the client did not ask for.
+            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        return self.session
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        access = Access(_request_id(request), request.method, request.path, time.monotonic())
+        try:
+            body = await read_body(request, self._max_body)
+            facts = request_facts(request, body)
+            access.model = facts.model
+            return await self._forward(request, body, facts, access)
+        except ProxyError as error:
+            access.status = error.status
+            access.error = error.code
+            return error.response(access.request_id)
+        except asyncio.CancelledError:
+            access.status = access.status or CLIENT_CLOSED
+            access.error = access.error or "client_closed"
+            raise
+        finally:
+            access.emit()
+            for observer in self.on_complete:
+                observer(access)
+
+    async def _forward(
+        self, request: web.Request, body: InboundBody, facts: RequestFacts, access: Access
+    ) -> web.StreamResponse:
+        excluded: list[Backend] = []
+        last_error = ""
+        # A streamed OpenAI completion without usage: asked of the backends that report it nowhere else.
+        ask_usage = wants_usage(facts.path, body.parsed)
+
+        def opener(backend: Backend) -> Awaitable[aiohttp.ClientResponse]:
+            # The body names the model as this backend knows it (an instance alias, say).
+            sent = with_model(body, self._dispatcher.routing.rename_for(facts, backend))
+            if ask_usage and asks_usage_of(backend):
+                sent = with_usage(sent)
+            return self._open(request, backend, sent, access.request_id)
+
+        dropped_once = False
+        limit = self._attempts
+        attempt = 0
+        while attempt < limit:
+            attempt += 1
+            try:
+                asked = time.monotonic()
+                claim = await self._dispatcher.claim(facts, excluded)
+                if attempt == 1:
+                    access.queue_wait = time.monotonic() - asked
+            except ProxyError:
+                if last_error:
+                    raise errors.upstream_unreachable(attempt - 1, last_error) from None
+                raise
+            backend = claim.backend
+            access.backend = backend.name
+            access.attempts = attempt
+            try:
+                try:
+                    # Racing (off unless configured) may hand back another racer's claim: the winner's.
+                    claim, upstream = await self._racing.open(claim, facts, excluded, body.replayable, opener)
+                    backend = claim.backend
+                    access.backend = backend.name
+                except _AttemptFailed as failure:
+                    last_error = f"{backend.name}: {failure.reason}"
+                    if not failure.unreachable and body.replayable and not dropped_once:
+                        # Most likely a pooled connection the backend closed (its idle keep-alive timeout)
+                        # just as we reused it: try once more, this backend included, before blaming it.
+                        dropped_once = True
+                        limit += 1  # the pool's fault, not the backend's: this try does not use up an attempt
+                        continue
+                    self._registry.record_failure(backend, failure.reason, unreachable=failure.unreachable)
+                    excluded.append(backend)
+                    if failure.body_sent and not body.replayable:
+                        raise errors.upstream_unreachable(attempt, last_error) from None
+                    continue
+                except TimeoutError:
+                    self._registry.record_failure(backend, "no response in time")
+                    raise errors.upstream_timeout("response", self._first_byte_timeout) from None
+                try:
+                    if (
+                        upstream.status in RETRY_STATUSES
+                        and attempt < limit
+                        and body.replayable
+                        and self._dispatcher.candidates([*excluded, backend])
+                    ):
+                        last_error = f"{backend.name}: HTTP {upstream.status}"
+                        self._registry.record_failure(backend, f"HTTP {upstream.status}")
+                        excluded.append(backend)
+                        continue
+                    cut_usage = ask_usage and asks_usage_of(backend)
+                    response = await self._relay(request, upstream, backend, access, cut_usage)
+                    if access.error is None:
+                        self._dispatcher.completed(backend, facts, access.read_usage())
+                    return response
+                finally:
+                    upstream.close()
+            finally:
+                claim.release()
+        raise errors.upstream_unreachable(attempt, last_error)
+
+    async def _open(
+        self, request: web.Request, backend: Backend, body: InboundBody, request_id: str
+    ) -> aiohttp.ClientResponse:
+        assert self.session is not None
+        headers = upstream_request_headers(
+            request.headers,
+            request.headers.items(),
+            client=request.remote or "unknown",
+            scheme=request.scheme,
+            host=request.host,
+            request_id=request_id,
+            keep_content_length=not body.replayable,
+        )
+        url = URL(backend.url + request.raw_path, encoded=True)
+        data = body.data if body.replayable else body.stream
+        try:
+            with self._first_byte.within(self._first_byte_timeout, backend):
+                return await self.session.request(
+                    request.method, url, headers=headers, data=data, allow_redirects=False
+                )
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            raise _AttemptFailed(_describe(exc), unreachable=True, body_sent=False) from exc
+        except aiohttp.ClientError as exc:
+            # The client's own streamed body can fail while we send it (over the size limit); aiohttp
+            # wraps that as a connection error, but it is the client's fault, not the backend's.
+            if isinstance(exc.__cause__, ProxyError):
+                raise exc.__cause__ from None
+            raise _AttemptFailed(_describe(exc), unreachable=False, body_sent=True) from exc
+        except TimeoutError:  # after aiohttp's: its connect timeout is a TimeoutError too
+            if backend.routable:
+                raise  # first_byte spent on a backend that still answers its health checks: 504
+            raise _AttemptFailed(
+                f"{backend.state.value} before it answered (health checks failing)", unreachable=True, body_sent=True
+            ) from None
+
+    async def _relay(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        backend: Backend,
+        access: Access,
+        cut_usage: bool = False,
+    ) -> web.StreamResponse:
+        """Relay the response; ``cut_usage``: drop the usage event the balancer asked for (usage_chunk.py)."""
+        whole = usage_tail = _whole_body(upstream)
+        cut_usage = cut_usage and upstream.content_type == "text/event-stream"
+        kind = web.StreamResponse if whole is None else _WholeResponse
+        response = kind(status=upstream.status, reason=upstream.reason)
+        response.headers.extend(downstream_response_headers(upstream.headers, upstream.headers.items()))
+        response.headers["X-Request-ID"] = access.request_id
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        if cut_usage and whole is not None:  # a stream that came whole: cut here, not in the pump
+            whole = cut_whole(whole)
+            response.content_length = len(whole)
+        access.status = upstream.status
+        try:
+            await response.prepare(request)
+            if whole is not None:
+                # Nothing left to wait for: no idle timer, no read loop; headers and body leave in one write.
+                if whole:
+                    access.ttfb = time.monotonic()
+                await response.write_eof(whole)
+                access.bytes = len(whole)
+                access.usage_tail = usage_tail or whole
+                broken = None
+            else:
+                broken = await self._pump(upstream, response, access, UsageCut(response.write) if cut_usage else None)
+                if broken is None:
+                    await response.write_eof()
+        except (_ClientStopped, ConnectionResetError) as stopped:
+            # The backend did its part: neither a failure nor a success of its own. Closing here (and the
+            # upstream in _forward) frees the backend's slot.
+            access.error = stopped.code if isinstance(stopped, _ClientStopped) else "client_closed"
+            response.force_close()
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        if broken is None:
+            self._registry.record_success(backend, access.ttfb and access.ttfb - access.started,
+                                          time.monotonic() - access.started)
+            return response
+
+        self._registry.record_failure(backend, f"failed mid-stream: {broken}")
+        access.error = "upstream_stream_broken"
+        response.force_close()
+        if upstream.content_type == "text/event-stream":
+            with contextlib.suppress(ConnectionError):
+                await response.write(errors.upstream_failed_mid_stream(broken).sse_event())
+                await response.write_eof()
+        elif request.transport is not None:
+            # Closing without the final chunk tells the client the body is incomplete.
+            request.transport.close()
+        return response
+
+    async def _pump(
+        self, upstream: aiohttp.ClientResponse, response: web.StreamResponse, access: Access, cut: UsageCut | None
+    ) -> str | None:
+        """Copy the body as it arrives; return why the backend broke off, or None when complete.
+        With ``cut``, chunks go through it (it drops the usage event); the plain copy pays nothing for that.
+        The idle timeout covers the writes too: a client that stops reading for that long is cut off
+        (``_ClientStopped``), and that is not held against the backend."""
+        reader = upstream.content
+        write = response.write if cut is None else cut.write
+        loop = asyncio.get_running_loop()
+        idle = self._idle_timeout
+        sent = 0
+        previous = last = b""  # the tail, where token counts are; read once after the stream ends
+        # Re-arming the timer costs a timer handle per chunk; re-arm only when it has drifted by 1 %
+        # of the idle timeout, so the timeout fires after between 0.99 and 1.0 x idle of silence.
+        slack = idle / 100
+        writing = False
+        try:
+            async with asyncio.timeout_at(loop.time() + idle) as deadline:
+                armed = loop.time()
+                chunk = await reader.readany()
+                if chunk:
+                    access.ttfb = time.monotonic()
+                while chunk:
+                    writing = True
+                    await write(chunk)
+                    writing = False
+                    sent += len(chunk)
+                    previous, last = last, chunk
+                    now = loop.time()
+                    if now - armed > slack:
+                        deadline.reschedule(now + idle)
+                        armed = now
+                    chunk = await reader.readany()
+        except (aiohttp.ClientError, ConnectionResetError) as exc:
+            if writing:
+                raise _ClientStopped("client_closed") from exc
+            return _describe(exc)
+        except TimeoutError:
+            if writing:
+                raise _ClientStopped("client_stalled") from None
+            return f"no data for {idle:g} s"
+        finally:
+            access.bytes = sent
+        access.usage_tail = previous + last
+        if cut is not None:
+            await cut.finish()
+            access.bytes = sent - cut.cut_bytes
+            access.usage_tail = cut.usage or access.usage_tail
+        return None
+
+
+class _WholeResponse(web.StreamResponse):
+    """A response whose body is written at once: aiohttp holds its headers back to leave with the body
+    in one write, instead of sending them at ``prepare()`` in a packet of their own."""
+
+    _send_headers_immediately = False
+
+
+def _whole_body(upstream: aiohttp.ClientResponse) -> bytes | None:
+    """The body when it came whole with the headers (the usual non-streamed reply), else None."""
+    length = upstream.content_length
+    if length is None or length > _WHOLE_BODY_MAX or not upstream.content.is_eof():
+        return None
+    return upstream.content.read_nowait()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -1,0 +1,228 @@
+"""Model-aware routing: which backends may take a request for a model, and the name each knows it by.
+
+A backend's models are those declared in config (``backends[].models``) and those discovered from
+it (``served_models``, filled by the health poller). A backend with neither is *open*: it may take
+any model, because a single-model llama.cpp server ignores the request's ``model``. For a model M:
+
+1. The first route (``routing.models``, regex matched in full, in order) that matches M decides:
+   its backends that serve M or are open, or all of its backends if none of them is known to (a
+   route naming no backends narrows nothing: steps 3 and 4 decide; it only sets ``race``).
+2. Else the ``routing.fallback`` backend, when configured (as llama-balancer's ``fallback_server``:
+   every model no route matches goes there).
+3. Else the backends known to serve M.
+4. Else the open backends; when there are none either, M is unknown: 404 listing what is served.
+
+Instance aliases: ``name``, ``name-2``, ``name-3`` (llama-balancer's convention for several copies
+of one model) are one model to clients. A backend serving ``name-2`` serves ``name``; the proxy
+rewrites the body's ``model`` to the backend's own name for it. ``/v1/models`` hides the aliases.
+Ollama's implicit ``:latest`` tag is honoured both ways (``llama3`` is ``llama3:latest``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Collection, Iterable, Iterator
+from typing import Any
+
+from llmbalancer import errors
+from llmbalancer.config import Config, ModelRoute, RoutingConfig
+from llmbalancer.fleet.backend import Backend
+from llmbalancer.fleet.registry import Registry
+from llmbalancer.scheduling.selectors import RequestFacts
+
+# The routes whose body's `model` picks the backend (OpenAI, llama.cpp native, Ollama).
+MODEL_ROUTES = frozenset(
+    {
+        "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/completion",
+        "/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show",
+    }
+)
+_ALIAS = re.compile(r"(?P<base>.+)-(?P<n>[2-9]|[1-9][0-9]+)")
+_LATEST = ":latest"
+_CACHED_MODELS = 256
+
+
+def served_names(backend: Backend) -> tuple[str, ...]:
+    """Declared then discovered model names, de-duplicated; empty means the backend is open."""
+    return tuple(dict.fromkeys((*backend.models, *backend.served_models)))
+
+
+def _bare(name: str) -> str:
+    return name.removesuffix(_LATEST)
+
+
+def instances(model: str, names: Iterable[str]) -> list[str]:
+    """The names in ``names`` that are ``model`` or one of its ``-N`` instances, ``model`` first."""
+    wanted = _bare(model)
+    found: list[tuple[int, str]] = []
+    for name in names:
+        bare = _bare(name)
+        if bare == wanted:
+            found.append((1, name))
+            continue
+        alias = _ALIAS.fullmatch(bare)
+        if alias is not None and alias["base"] == wanted:
+            found.append((int(alias["n"]), name))
+    return [name for _, name in sorted(found)]
+
+
+def client_names(names: Iterable[str]) -> list[str]:
+    """What clients are shown: every name once, ``-N`` instances hidden where their base is served."""
+    unique = list(dict.fromkeys(names))
+    bases = {_bare(n) for n in unique}
+    shown = []
+    for name in unique:
+        alias = _ALIAS.fullmatch(_bare(name))
+        if alias is not None and alias["base"] in bases:
+            continue
+        shown.append(name)
+    return shown
+
+
+class ModelRouter:
+    def __init__(self, routing: RoutingConfig | None = None) -> None:
+        routing = routing or RoutingConfig()
+        self._routes = [(re.compile(route.pattern), route) for route in routing.models]
+        self._fallback = routing.fallback
+        self._races = any(route.race > 1 for route in routing.models)
+        # Several instances on one backend take turns (the backend sees each by its own name).
+        self._turns: dict[tuple[str, str], Iterator[int]] = {}
+        self._allowed: dict[str, tuple[tuple[Any, ...], frozenset[Backend]]] = {}
+
+    @staticmethod
+    def model_of(facts: RequestFacts) -> str | None:
+        """The model that routes this request, or None where routing by model does not apply."""
+        return facts.model if facts.path in MODEL_ROUTES else None
+
+    def route_for(self, model: str) -> ModelRoute | None:
+        for pattern, route in self._routes:
+            if pattern.fullmatch(model):
+                return route
+        return None
+
+    def race_for(self, facts: RequestFacts) -> int:
+        """How many backends this request is sent to at once (1: no racing)."""
+        if not self._races:
+            return 1
+        model = self.model_of(facts)
+        route = self.route_for(model) if model is not None else None
+        return route.race if route is not None else 1
+
+    def eligible(self, model: str, backends: Iterable[Backend]) -> list[Backend]:
+        """The backends that may take ``model``, whatever their state (the dispatcher checks that)."""
+        pool = list(backends)
+        route = self.route_for(model)
+        if route is not None and route.backends:
+            chosen = [b for b in pool if b.name in route.backends]
+            serving = [b for b in chosen if not served_names(b) or instances(model, served_names(b))]
+            return serving or chosen
+        if route is None and self._fallback is not None:
+            return [b for b in pool if b.name == self._fallback]
+        known = [b for b in pool if instances(model, served_names(b))]
+        if known:
+            return known
+        return [b for b in pool if not served_names(b)]
+
+    def allowed(self, model: str, backends: Registry) -> frozenset[Backend]:
+        """``eligible`` as a set, cached per model until membership or a backend's model lists change
+        (an identity comparison of each backend's lists: the poller replaces them, never edits)."""
+        seen = tuple((b, b.models, b.served_models) for b in backends)
+        cached = self._allowed.get(model)
+        if cached is not None and cached[0] == seen:
+            return cached[1]
+        allowed = frozenset(self.eligible(model, backends))
+        if len(self._allowed) >= _CACHED_MODELS:
+            self._allowed.clear()  # clients naming ever new models must not grow it without bound
+        self._allowed[model] = (seen, allowed)
+        return allowed
+
+    def exclusion(
+        self, facts: RequestFacts, backends: Registry, excluded: Collection[Backend], *, waiting: bool = False
+    ) -> Collection[Backend]:
+        """``excluded`` plus every backend that may not take this request's model, judged when the claim
+        starts and again when a backend joins while it waits (``waiting``: for a claim that may wait).
+        Unknown model: 404."""
+        model = self.model_of(facts)
+        if model is None:
+            return excluded
+        if (
+            not waiting and not self._routes and self._fallback is None
+            and not any(b.models or b.served_models for b in backends)
+        ):
+            # No routes and every backend open (none names a model): all may take any model, as below.
+            # Not for a claim that waits: a backend naming models may join meanwhile.
+            return excluded
+        exclusion = _Exclusion(self, model, backends, excluded)
+        if backends and not exclusion.allowed():
+            raise errors.model_not_found(model, client_names(n for b in backends for n in served_names(b)))
+        return exclusion
+
+    def instance_for(self, model: str, backend: Backend) -> str:
+        """The name ``backend`` knows ``model`` by (its own, when it serves it under an alias)."""
+        names = instances(model, served_names(backend))
+        if not names:
+            return model
+        if len(names) == 1:
+            return names[0]
+        turns = self._turns.setdefault((backend.name, model), itertools.count())
+        return names[next(turns) % len(names)]
+
+    def rename_for(self, facts: RequestFacts, backend: Backend) -> str | None:
+        """The model name to put in the body sent to ``backend``, or None to send the body as it is."""
+        model = self.model_of(facts)
+        if model is None or facts.body is None or not (backend.models or backend.served_models):
+            return None  # an open backend takes the model by the client's name
+        name = self.instance_for(model, backend)
+        return None if name == model else name
+
+
+class _Exclusion(Collection[Backend]):
+    """A lazy ``excluded`` collection for one claim. The eligible set is taken when the claim starts
+    and taken again when a backend it has not seen is looked at (one that joined while the request
+    waited), so a dispatcher's look at each backend costs a set lookup."""
+
+    def __init__(self, router: ModelRouter, model: str, backends: Registry, excluded: Collection[Backend]) -> None:
+        self._router = router
+        self._model = model
+        self._backends = backends
+        self._excluded = excluded
+        self._members: set[Backend] = set()
+        self._allowed: frozenset[Backend] = frozenset()
+
+    def allowed(self) -> frozenset[Backend]:
+        self._members = set(self._backends)
+        self._allowed = self._router.allowed(self._model, self._backends)
+        return self._allowed
+
+    def __contains__(self, backend: object) -> bool:
+        if backend in self._excluded:
+            return True
+        if backend not in self._members:
+            self.allowed()
+        return backend not in self._allowed
+
+    def __iter__(self) -> Iterator[Backend]:
+        return (b for b in self._backends if b in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def routing_problems(config: Config) -> list[tuple[str, str]]:
+    """Routes whose pattern is no regex or that name no configured backend; an unknown fallback."""
+    names = {b.name for b in config.backends} | {i.name for i in config.instances}
+    problems = []
+    for index, route in enumerate(config.routing.models):
+        key = f"routing.models[{index}]"
+        try:
+            re.compile(route.pattern)
+        except re.error as exc:
+            problems.append((f"{key}.pattern", f"is not a valid regular expression ({exc}): {route.pattern!r}"))
+        unknown = [n for n in route.backends if n not in names]
+        if unknown:
+            problems.append((f"{key}.backends", f"names unknown backend(s) {', '.join(unknown)} for {route.pattern!r}"))
+    fallback = config.routing.fallback
+    if fallback is not None and fallback not in names:
+        problems.append(("routing.fallback", f"names unknown backend {fallback!r}"))
+    return problems

@@ -1,0 +1,67 @@
+"""The selector interface every routing policy implements.
+
+A selector is pure and synchronous: it gets the eligible backends and what it needs to know of the
+request, and returns one backend or none. It does no I/O, checks no health, starts no task and
+records no metric; claiming capacity is the dispatcher's separate step. The candidates it sees are
+already routable and have a free slot (the dispatcher gates capacity for every policy). Policies that
+learn (``sticky``, ``prefix``) do so in the ``claimed`` / ``completed`` hooks, never in ``select``.
+
+A cache-aware policy may also ask, through ``hold_for``, to wait briefly for a *full* backend that holds
+the request's prompt cache instead of being shown only the free ones: the dispatcher then waits for that
+backend alone (bounded by ``Hold.wait``) before falling back to ``select`` over any free backend.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, NamedTuple
+
+from llmbalancer.fleet.backend import Backend
+from llmbalancer.fleet.usage import Usage
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFacts:
+    """What a policy may know about a request."""
+
+    method: str
+    path: str
+    client: str  # the client's address
+    headers: Mapping[str, str] = field(default_factory=dict)
+    model: str | None = None
+    # The parsed JSON body on model-carrying routes (read-only; policies must not edit it).
+    body: Mapping[str, Any] | None = None
+
+
+class Hold(NamedTuple):
+    """Wait up to ``wait`` seconds for a slot on ``backend`` (full now) rather than go elsewhere."""
+
+    backend: Backend
+    wait: float
+
+
+class Selector(ABC):
+    name: ClassVar[str]
+
+    @abstractmethod
+    def select(self, candidates: Sequence[Backend], facts: RequestFacts) -> Backend | None:
+        """Pick one of ``candidates`` (never empty) for this request, or None to decline all."""
+
+    def hold_for(self, full: Sequence[Backend], free: Sequence[Backend], facts: RequestFacts) -> Hold | None:
+        """Asked once per request, before it is placed: name one of ``full`` (routable, no free slot) worth
+        waiting for over every one of ``free`` (what ``select`` would be shown; may be empty), or None."""
+        return None  # most policies never wait for a particular backend
+
+    def claimed(self, backend: Backend, facts: RequestFacts) -> None:
+        """The dispatcher claimed ``backend`` for this request (policies that learn record it here)."""
+        return None  # most policies learn nothing
+
+    def completed(self, backend: Backend, facts: RequestFacts, usage: Usage | None) -> None:
+        """The request finished well on ``backend``; ``usage`` is what the backend reported, if anything."""
+        return None
+
+    def entries_count(self) -> int | None:
+        """Sessions the policy holds pinned (sticky), or None for policies that pin nothing."""
+        return None

@@ -1,0 +1,109 @@
+"""``sticky``: the same session goes to the same backend, so its prompt cache there is reused.
+
+A wrapper over another policy (``--policy sticky`` wraps ``slot_aware``; ``sticky:prefix`` picks the
+inner one). The session key is the first found of: an ``X-Session-ID`` header, the OpenAI ``user``
+field, a username named in the system message ("user: alice", "username is alice"), the client
+address; always combined with the model, so one user's chats with two models pin separately.
+
+A pin lasts ``ttl`` seconds (default 180) after the session's last request. When the pinned backend
+is not among the candidates (unhealthy, draining, gone, or with no free slot) the inner policy picks
+and the session is re-pinned there; whether to wait for a full server instead is the inner policy's
+``hold_for`` (``sticky:prefix`` may wait). Pins live in an LRU map bounded to ``max_sessions``;
+expired pins are dropped as new ones are made.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+from llmbalancer.fleet.backend import Backend
+from llmbalancer.fleet.usage import Usage
+from llmbalancer.scheduling.selectors.base import Hold, RequestFacts, Selector
+
+_USERNAME = re.compile(r"\b(?:user(?:name)?|user id|user_id)\s*(?:is|:|=)\s*[\"']?([\w.@-]{1,64})", re.IGNORECASE)
+
+
+def _system_text(facts: RequestFacts) -> str | None:
+    messages = facts.body.get("messages") if facts.body is not None else None
+    if not isinstance(messages, list):
+        return None
+    for message in messages:
+        if isinstance(message, dict) and message.get("role") == "system":
+            content = message.get("content")
+            return content if isinstance(content, str) else None
+    return None
+
+
+def session_key(facts: RequestFacts) -> str:
+    model = facts.model or ""
+    header = facts.headers.get("X-Session-ID")
+    if header:
+        return f"{model}\x00session:{header}"
+    user = facts.body.get("user") if facts.body is not None else None
+    if isinstance(user, str) and user:
+        return f"{model}\x00user:{user}"
+    system = _system_text(facts)
+    if system:
+        found = _USERNAME.search(system)
+        if found:
+            return f"{model}\x00user:{found.group(1).rstrip('.')}"
+    return f"{model}\x00client:{facts.client}"
+
+
+class Sticky(Selector):
+    name = "sticky"
+
+    def __init__(
+        self,
+        inner: Selector,
+        ttl: float = 180.0,
+        max_sessions: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.inner = inner
+        self._ttl = ttl
+        self._max = max_sessions
+        self._clock = clock
+        self._pins: OrderedDict[str, tuple[str, float]] = OrderedDict()  # key -> (backend, expiry)
+
+    def entries_count(self) -> int:
+        """Sessions pinned now (for the snapshot; expired pins are dropped as new ones are made)."""
+        return len(self._pins)
+
+    def pinned(self, facts: RequestFacts) -> str | None:
+        pin = self._pins.get(session_key(facts))
+        if pin is None or pin[1] < self._clock():
+            return None
+        return pin[0]
+
+    def select(self, candidates: Sequence[Backend], facts: RequestFacts) -> Backend | None:
+        name = self.pinned(facts)
+        if name is not None:
+            for backend in candidates:
+                if backend.name == name:
+                    return backend
+        return self.inner.select(candidates, facts)
+
+    def hold_for(self, full: Sequence[Backend], free: Sequence[Backend], facts: RequestFacts) -> Hold | None:
+        """The inner policy decides whether to wait for a full server (its cache, not the pin, is the saving);
+        a pin to a free server needs no wait: ``select`` takes it."""
+        name = self.pinned(facts)
+        if name is not None and any(b.name == name for b in free):
+            return None
+        return self.inner.hold_for(full, free, facts)
+
+    def claimed(self, backend: Backend, facts: RequestFacts) -> None:
+        now = self._clock()
+        key = session_key(facts)
+        self._pins[key] = (backend.name, now + self._ttl)
+        self._pins.move_to_end(key)
+        # Oldest first: refreshed pins move to the end, so expired ones gather at the front.
+        while self._pins and (len(self._pins) > self._max or next(iter(self._pins.values()))[1] < now):
+            self._pins.popitem(last=False)
+        self.inner.claimed(backend, facts)
+
+    def completed(self, backend: Backend, facts: RequestFacts, usage: Usage | None) -> None:
+        self.inner.completed(backend, facts, usage)
