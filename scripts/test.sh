@@ -10,4 +10,5 @@ ensure_venv '.[test]'
 .venv/bin/python -m llmbalancer install-llama-server
 .venv/bin/ruff check .
 .venv/bin/mypy
+.venv/bin/python scripts/check_imports.py
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
