@@ -59,7 +59,7 @@ async def serve(config: Config) -> int:
             fleet_sources=fleet_sources(config),
         )
         await stop.wait()
-        in_flight = sum(b.in_flight for b in registry)
+        in_flight = sum(b.traffic.in_flight for b in registry)
         log.info("draining", in_flight=in_flight, timeout_s=config.server.drain_timeout)
     finally:
         await runner.cleanup()

@@ -21,9 +21,19 @@ from aiohttp import web
 from llmbalancer.app import COMPONENTS, Components, build_app
 from llmbalancer.config import Config
 from llmbalancer.configure import load_config
+from llmbalancer.fleet.backend import Backend
+from llmbalancer.fleet.registry import Registry
+from llmbalancer.scheduling.claims import Claim
+from llmbalancer.scheduling.selectors import RequestFacts
+from llmbalancer.scheduling.selectors.slot_aware import SlotAware
 from llmbalancer.supervisor.rig import expected_paths
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def occupy(registry: Registry, backend: Backend) -> Claim:
+    """A slot on ``backend`` held as a request in flight holds it (release it, or leave its ``with``)."""
+    return Claim(registry, SlotAware(), backend, RequestFacts("POST", "/v1/chat/completions", "test"))
 
 
 def free_port() -> int:

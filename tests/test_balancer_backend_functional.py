@@ -29,7 +29,9 @@ async def test_a_balancer_backend_reporting_busy_gpus_gets_work_only_when_no_idl
                 registry = outer.components.registry
                 a, b = registry.get("a"), registry.get("b")
                 assert a is not None and b is not None
-                await wait_for(lambda: a.gpu_busy is True and b.gpu_busy is False and a.routable, timeout=10)
+                await wait_for(
+                    lambda: a.health.gpu_busy is True and b.health.gpu_busy is False and a.routable, timeout=10
+                )
                 snapshot_a = await get_json(session, inner_a.url + "/llmhealth")
                 assert snapshot_a["status"] == "busy"
 
@@ -42,7 +44,7 @@ async def test_a_balancer_backend_reporting_busy_gpus_gets_work_only_when_no_idl
 
                 # Both busy: busy GPUs still serve rather than failing the request.
                 inner_b.components.gpu.nvml = Nvml(StubNvml([99.0]))
-                await wait_for(lambda: b.gpu_busy is True, timeout=10)
+                await wait_for(lambda: b.health.gpu_busy is True, timeout=10)
                 for _ in range(4):
                     async with session.post(outer.url + "/v1/chat/completions", json=CHAT) as reply:
                         assert reply.status == 200

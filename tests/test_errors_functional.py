@@ -123,7 +123,7 @@ async def test_upstream_timeout_before_the_first_byte_is_504() -> None:
         ):
             error = await _error_of(reply, 504, "upstream_timeout")
             assert "0.3" in error["message"]
-            assert balancer.components.registry.backends[0].errors_total == 1
+            assert balancer.components.registry.backends[0].traffic.errors_total == 1
 
 
 async def test_requests_waiting_on_a_backend_that_hangs_are_retried_once_its_health_checks_fail() -> None:
@@ -150,7 +150,8 @@ async def test_requests_waiting_on_a_backend_that_hangs_are_retried_once_its_hea
             assert time.monotonic() - started < 5  # first_byte is 300 s: nobody waited it out
             backend = balancer.components.registry.get("hung")
             assert backend is not None and backend.state is BackendState.UNHEALTHY
-            assert "health check" in backend.state_reason and "health checks failing" in (backend.last_error or "")
+            assert "health check" in backend.state_reason
+            assert "health checks failing" in (backend.traffic.last_error or "")
             hung.clear_fault()
 
 
@@ -190,7 +191,7 @@ async def test_a_connect_timeout_is_retried_on_the_other_backend() -> None:
                                 await reply.read()
                         backend = balancer.components.registry.get("jammed")
                         assert backend is not None and backend.state is BackendState.UNHEALTHY
-                        assert "timeout" in (backend.last_error or "").lower()
+                        assert "timeout" in (backend.traffic.last_error or "").lower()
                     finally:
                         for filler in fillers:
                             filler.close()
@@ -314,7 +315,7 @@ async def test_a_connection_dropped_before_any_byte_is_tried_again_even_on_a_lon
         ):
             assert reply.status == 200, await reply.text()
             assert fake.stats["faults_applied"] == 1
-            assert balancer.components.registry.backends[0].errors_total == 0
+            assert balancer.components.registry.backends[0].traffic.errors_total == 0
 
 
 async def test_the_retry_of_a_dropped_pooled_connection_does_not_use_up_an_attempt() -> None:

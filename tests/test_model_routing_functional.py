@@ -140,7 +140,7 @@ async def test_models_discovered_by_the_poller_route_llama_cpp_native_completion
         config = config_file(tmp_path, [{"url": a.url, "name": "a"}, {"url": b.url, "name": "b"}])
         async with run_balancer(config) as balancer, aiohttp.ClientSession() as session:
             registry = balancer.components.registry
-            await wait_for(lambda: [backend.served_models for backend in registry] == [("alpha",), ("beta",)])
+            await wait_for(lambda: [backend.health.served_models for backend in registry] == [("alpha",), ("beta",)])
             for _ in range(3):
                 async with session.post(
                     balancer.url + "/completion", json={"model": "beta", "prompt": "Hi", "n_predict": 2}

@@ -30,7 +30,7 @@ async def test_race_2_streams_the_faster_backend_and_cancels_the_slower_which_fr
         async with run_balancer(config) as balancer, aiohttp.ClientSession() as session:
             registry = balancer.components.registry
             for backend in registry:
-                backend.health_score = 0.5
+                backend.breaker.health_score = 0.5
             for round_ in range(2):  # round robin makes each backend the first-claimed once
                 body = {"model": "smol", "messages": HELLO, "stream": True}
                 async with session.post(balancer.url + "/api/chat", json=body) as reply:
@@ -42,9 +42,9 @@ async def test_race_2_streams_the_faster_backend_and_cancels_the_slower_which_fr
                 assert slow.stats["processing"] == 0
             assert slow.served["smol"] == 2 and fast.served["smol"] == 2
             assert slow.stats["completed"] == 0 and fast.stats["completed"] == 2
-            assert [b.in_flight for b in registry] == [0, 0]
+            assert [b.traffic.in_flight for b in registry] == [0, 0]
             # The winner is credited (with the fastest-response bonus); the loser is not blamed.
-            scores = {b.name: b.health_score for b in registry}
+            scores = {b.name: b.breaker.health_score for b in registry}
             assert scores["fast"] > 0.5 and scores["slow"] == 0.5
 
 

@@ -129,7 +129,7 @@ async def test_an_ollama_backend_routes_every_installed_model_not_only_those_loa
         config = config_file(tmp_path, [{"url": a.url, "name": "a", "kind": "ollama"}, {"url": b.url, "name": "b"}])
         async with run_balancer(config) as balancer, ollama.AsyncClient(host=balancer.url) as client:
             registry = balancer.components.registry
-            await wait_for(lambda: all(backend.served_models for backend in registry))
+            await wait_for(lambda: all(backend.health.served_models for backend in registry))
             assert [m.model for m in (await client.ps()).models] == ["llama3:latest", "phi3:latest"]
             reply = await client.chat(model="qwen:7b", messages=HELLO)  # installed on a, not loaded yet
             assert reply.message.content == "Hello from the fake Ollama."

@@ -44,7 +44,7 @@ async def test_sync_and_async_sdk_clients_stream_and_not_through_both_backends(
             pieces = [c.choices[0].delta.content or "" async for c in stream if c.choices]
             assert "".join(pieces)
 
-        served = {b.name: b.requests_total for b in balancer.components.registry}
+        served = {b.name: b.traffic.requests_total for b in balancer.components.registry}
         assert len(served) == 2 and all(count >= 1 for count in served.values()), served
 
 

@@ -19,11 +19,14 @@ from llmbalancer.scheduling.selectors.power_of_two import PowerOfTwo
 from llmbalancer.scheduling.selectors.prefix import Prefix
 from llmbalancer.scheduling.selectors.slot_aware import SlotAware
 from llmbalancer.scheduling.selectors.sticky import Sticky, session_key
+from tests.support import occupy
 
 
-def backend(name: str, slots: int | None = 2, in_flight: int = 0, **extra: Any) -> Backend:
-    made = Backend(name=name, url=f"http://{name}", slots_total=slots, state=BackendState.HEALTHY, **extra)
-    made.in_flight = in_flight
+def backend(name: str, slots: int | None = 2, in_flight: int = 0, slots_external: int = 0, **extra: Any) -> Backend:
+    made = Backend(name=name, url=f"http://{name}", state=BackendState.HEALTHY, **extra)
+    made.health.slots_total = slots
+    made.health.slots_external = slots_external
+    made.traffic.in_flight = in_flight
     return made
 
 
@@ -46,7 +49,7 @@ def conversation(turns: int, system: str = "You are a helpful assistant. " * 20)
 def test_free_slots_count_our_requests_and_other_clients() -> None:
     b = backend("a", slots=4, in_flight=1, slots_external=2)
     assert free_slots(b) == 1 and has_room(b)
-    b.in_flight = 2
+    b.traffic.in_flight = 2
     assert free_slots(b) == 0 and not has_room(b)
     assert has_room(backend("unknown", slots=None, in_flight=50))
 
@@ -99,7 +102,7 @@ def test_sticky_keeps_a_session_on_its_backend_then_fails_over_and_repins() -> N
     first = sticky.select([a, b, c], request)
     assert first is not None
     sticky.claimed(first, request)
-    first.in_flight = 1  # now the most loaded: slot_aware alone would go elsewhere
+    first.traffic.in_flight = 1  # now the most loaded: slot_aware alone would go elsewhere
     assert sticky.select([a, b, c], request) is first
     others = [x for x in (a, b, c) if x is not first]
     second = sticky.select(others, request)  # pinned backend unhealthy or full
@@ -128,9 +131,9 @@ def test_prefix_sends_a_follow_up_turn_to_the_backend_holding_its_history() -> N
     assert chosen is not None
     prefix.claimed(chosen, turn1)
     other = b if chosen is a else a
-    chosen.in_flight = 1  # slightly busier: affinity still wins within max_imbalance
+    chosen.traffic.in_flight = 1  # slightly busier: affinity still wins within max_imbalance
     assert prefix.select([a, b], facts(conversation(2))) is chosen
-    chosen.in_flight = 5  # far busier than the other candidate: load wins, for this request only
+    chosen.traffic.in_flight = 5  # far busier than the other candidate: load wins, for this request only
     assert prefix.select([a, b], facts(conversation(2))) is other
 
 
@@ -236,7 +239,7 @@ def _held_dispatcher(max_wait: float) -> tuple[Dispatcher, Backend, Backend]:
 
 async def test_a_follow_up_waits_for_its_full_holder_when_it_frees_within_the_bound() -> None:
     dispatcher, holder, _ = _held_dispatcher(max_wait=5.0)
-    busy = dispatcher.registry.claim(holder)
+    busy = occupy(dispatcher.registry, holder)
     waiting = asyncio.create_task(dispatcher.claim(facts(conversation(2))))
     await asyncio.sleep(0.05)
     assert not waiting.done() and dispatcher.queue_depth == 1  # other is free, yet it waits for holder
@@ -247,7 +250,7 @@ async def test_a_follow_up_waits_for_its_full_holder_when_it_frees_within_the_bo
 
 async def test_a_follow_up_goes_elsewhere_when_its_holder_stays_full_past_the_bound() -> None:
     dispatcher, holder, other = _held_dispatcher(max_wait=0.1)
-    with dispatcher.registry.claim(holder), await asyncio.wait_for(
+    with occupy(dispatcher.registry, holder), await asyncio.wait_for(
         dispatcher.claim(facts(conversation(2))), timeout=2
     ) as claim:
         assert claim.backend is other
@@ -255,7 +258,7 @@ async def test_a_follow_up_goes_elsewhere_when_its_holder_stays_full_past_the_bo
 
 async def test_a_held_request_does_not_block_the_queue_behind_it() -> None:
     dispatcher, holder, other = _held_dispatcher(max_wait=5.0)
-    with dispatcher.registry.claim(holder):
+    with occupy(dispatcher.registry, holder):
         held = asyncio.create_task(dispatcher.claim(facts(conversation(2))))
         await asyncio.sleep(0.02)
         unrelated = facts(conversation(1, system="Completely different instructions here. " * 20))
@@ -343,7 +346,7 @@ async def test_a_queued_retry_does_not_block_the_waiters_behind_it_from_the_back
     failed = registry.add(backend("failed", slots=1))
     other = registry.add(backend("other", slots=1))
     dispatcher = Dispatcher(registry, LeastConnections())
-    busy_failed, busy_other = registry.claim(failed), registry.claim(other)
+    busy_failed, busy_other = occupy(registry, failed), occupy(registry, other)
     retry = asyncio.create_task(dispatcher.claim(facts(), excluded=[failed]))
     await asyncio.sleep(0.02)
     fresh = asyncio.create_task(dispatcher.claim(facts()))

@@ -55,7 +55,7 @@ async def test_client_disconnect_mid_stream_frees_the_real_backend_slot_within_a
             assert time.monotonic() - hung_up < 1.0, "backend slot still busy a second after the client left"
             await asyncio.sleep(0.02)
         # The claim was released too: nothing is counted in flight any more.
-        assert [b.in_flight for b in balancer.components.registry] == [0]
+        assert [b.traffic.in_flight for b in balancer.components.registry] == [0]
 
 
 async def test_refused_backend_is_retried_on_the_other_marked_unhealthy_and_rejoins_when_ready() -> None:
@@ -82,9 +82,9 @@ async def test_refused_backend_is_retried_on_the_other_marked_unhealthy_and_rejo
             for _ in range(4):
                 async with session.post(balancer.url + "/v1/chat/completions", json=CHAT) as reply:
                     assert reply.status == 200, await reply.text()
-                if backend.errors_total:
+                if backend.traffic.errors_total:
                     break
-            assert backend.errors_total == 1
+            assert backend.traffic.errors_total == 1
             assert backend.state is BackendState.UNHEALTHY
             retried = [a for a in accesses if a.attempts > 1]
             assert len(retried) == 1 and retried[0].status == 200 and retried[0].backend == sound.url.split("//")[1]
@@ -158,12 +158,12 @@ async def test_client_leaving_before_the_first_byte_releases_its_claim_and_abort
             if fake.stats["requests"].get("/v1/chat/completions"):
                 break
             await asyncio.sleep(0.01)
-        assert backend.in_flight == 1
+        assert backend.traffic.in_flight == 1
         waiting.cancel()  # the client hangs up before any byte came back
         with contextlib.suppress(asyncio.CancelledError):
             await waiting
         left = time.monotonic()
-        while backend.in_flight:
+        while backend.traffic.in_flight:
             assert time.monotonic() - left < 1.0, "claim still held after the client left"
             await asyncio.sleep(0.01)
         # Had the upstream request stayed open, lifting the hang would let the backend answer it.
@@ -212,7 +212,7 @@ async def test_clients_that_hang_up_mid_stream_never_count_against_the_backend()
             await wait_for(lambda: len(accesses) == 4, timeout=5.0)
             (backend,) = balancer.components.registry
             assert {a.error for a in accesses} == {"client_closed"}
-            assert backend.errors_total == 0 and backend.state is BackendState.HEALTHY
+            assert backend.traffic.errors_total == 0 and backend.state is BackendState.HEALTHY
             async with session.post(balancer.url + "/v1/chat/completions", json=CHAT) as reply:
                 assert reply.status == 200
 
@@ -238,7 +238,7 @@ async def test_a_client_that_stops_reading_is_cut_off_after_the_idle_timeout_and
                 (access,) = accesses
                 assert access.error == "client_stalled" and access.status == 200
                 (backend,) = balancer.components.registry
-                assert backend.errors_total == 0 and backend.state is BackendState.HEALTHY
+                assert backend.traffic.errors_total == 0 and backend.state is BackendState.HEALTHY
                 started = time.monotonic()
                 while await _slots_busy(session, fake.url):
                     assert time.monotonic() - started < 1.0, "the backend's slot is still busy"

@@ -108,7 +108,7 @@ async def test_slots_are_never_exceeded_and_queued_requests_are_served_in_order(
         run_balancer(make_config([f.url for f in fakes])) as balancer,
         aiohttp.ClientSession() as session,
     ):
-        await wait_for(lambda: all(b.slots_total == 1 for b in balancer.components.registry), timeout=5)
+        await wait_for(lambda: all(b.health.slots_total == 1 for b in balancer.components.registry), timeout=5)
         finished: list[int] = []
 
         async def one(index: int) -> None:
@@ -133,7 +133,7 @@ async def test_higher_priority_is_served_first() -> None:
         run_balancer(make_config([fake.url])) as balancer,
         aiohttp.ClientSession() as session,
     ):
-        await wait_for(lambda: all(b.slots_total == 1 for b in balancer.components.registry), timeout=5)
+        await wait_for(lambda: all(b.health.slots_total == 1 for b in balancer.components.registry), timeout=5)
         order: list[str] = []
 
         async def one(name: str, priority: int) -> None:
@@ -157,7 +157,7 @@ async def test_queue_overflow_is_503_and_queue_timeout_is_504() -> None:
     async with run_fake_llama(hold) as fake:
         config = make_config([fake.url], **{"queue.max_size": 1, "queue.timeout": 0.5})
         async with run_balancer(config) as balancer, aiohttp.ClientSession() as session:
-            await wait_for(lambda: all(b.slots_total == 1 for b in balancer.components.registry), timeout=5)
+            await wait_for(lambda: all(b.health.slots_total == 1 for b in balancer.components.registry), timeout=5)
             running = asyncio.create_task(post(session, balancer.url, chat()))
             await wait_for(lambda: fake.stats["processing"] == 1, timeout=5)
             queued = asyncio.create_task(post(session, balancer.url, chat()))
@@ -178,7 +178,7 @@ async def test_a_client_that_disconnects_while_queued_leaves_the_queue() -> None
         aiohttp.ClientSession() as session,
     ):
         dispatcher = balancer.components.dispatcher
-        await wait_for(lambda: all(b.slots_total == 1 for b in balancer.components.registry), timeout=5)
+        await wait_for(lambda: all(b.health.slots_total == 1 for b in balancer.components.registry), timeout=5)
         running = asyncio.create_task(post(session, balancer.url, chat()))
         await wait_for(lambda: fake.stats["processing"] == 1, timeout=5)
         queued = asyncio.create_task(post(session, balancer.url, chat()))
@@ -197,7 +197,7 @@ async def test_sticky_sessions_stick_and_fail_over() -> None:
         run_balancer(make_config([f"{f.url}=b{i}" for i, f in enumerate(fakes)], **{"policy.name": "sticky"})) as bal,
         aiohttp.ClientSession() as session,
     ):
-        await wait_for(lambda: all(b.slots_total == 2 for b in bal.components.registry), timeout=5)
+        await wait_for(lambda: all(b.health.slots_total == 2 for b in bal.components.registry), timeout=5)
         for _ in range(5):
             assert (await post(session, bal.url, chat(), **{"X-Session-ID": "alice"}))[0] == 200
         served = [f for f in fakes if f.stats["requests"].get(CHAT)]
@@ -230,11 +230,11 @@ async def _follow_up_while_holder_busy(max_wait: float, blocker_tokens: int) -> 
         ) as balancer,
         aiohttp.ClientSession() as session,
     ):
-        await wait_for(lambda: all(b.slots_total == 1 for b in balancer.components.registry), timeout=5)
+        await wait_for(lambda: all(b.health.slots_total == 1 for b in balancer.components.registry), timeout=5)
         status, _ = await post(session, balancer.url, conversation(1))
         assert status == 200
         blocker = asyncio.create_task(post(session, balancer.url, conversation(1, max_tokens=blocker_tokens)))
-        await wait_for(lambda: any(b.in_flight for b in balancer.components.registry), timeout=5)
+        await wait_for(lambda: any(b.traffic.in_flight for b in balancer.components.registry), timeout=5)
         status, body = await post(session, balancer.url, conversation(2))
         assert status == 200, body
         assert (await asyncio.wait_for(blocker, timeout=20))[0] == 200

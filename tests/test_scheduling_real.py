@@ -29,7 +29,7 @@ async def test_slot_aware_never_sends_a_server_more_requests_than_its_slots(llam
     config = make_config([s.url for s in llama_fleet], **{"policy.name": "slot_aware"})
     async with run_balancer(config) as balancer, aiohttp.ClientSession() as session:
         registry = balancer.components.registry
-        await wait_for(lambda: all(b.slots_total == 2 for b in registry), timeout=10)
+        await wait_for(lambda: all(b.health.slots_total == 2 for b in registry), timeout=10)
         busiest, deferred_seen, queued_seen = 0, 0, 0
 
         async def one(index: int) -> None:
@@ -46,7 +46,7 @@ async def test_slot_aware_never_sends_a_server_more_requests_than_its_slots(llam
                     busy, deferred = await _server_load(session, server)
                     busiest, deferred_seen = max(busiest, busy), max(deferred_seen, deferred)
                 queued_seen = max(queued_seen, balancer.components.dispatcher.queue_depth)
-                assert all(b.in_flight <= 2 for b in registry)
+                assert all(b.traffic.in_flight <= 2 for b in registry)
                 await asyncio.sleep(0.05)
             await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
         finally:

@@ -177,7 +177,7 @@ async def test_admin_stop_drains_in_flight_requests_first_and_start_and_restart_
         first_pid = entry["pid"]
 
         slow = asyncio.ensure_future(session.get(balancer.url + "/slow"))
-        await wait_for(lambda: instance.backend.in_flight == 1)
+        await wait_for(lambda: instance.backend.traffic.in_flight == 1)
         async with session.post(balancer.url + "/admin/instances/slowpoke/stop") as reply:
             assert reply.status == 200
             assert (await reply.json())["instance"]["state"] == "stopped"

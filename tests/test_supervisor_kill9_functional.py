@@ -48,7 +48,7 @@ async def test_kill_9_of_one_instance_under_load_fails_no_request_and_it_rejoins
         await wait_for(lambda: victim.backend.routable and other.backend.routable, timeout=60)
         workers = [asyncio.create_task(client(session, balancer.url)) for _ in range(WORKERS)]
         try:
-            await wait_for(lambda: victim.backend.in_flight > 0 and sum(statuses.values()) >= 4, timeout=30)
+            await wait_for(lambda: victim.backend.traffic.in_flight > 0 and sum(statuses.values()) >= 4, timeout=30)
             assert victim.process is not None
             killed_pid = victim.process.pid
             os.kill(killed_pid, signal.SIGKILL)
@@ -58,8 +58,8 @@ async def test_kill_9_of_one_instance_under_load_fails_no_request_and_it_rejoins
             await wait_for(lambda: victim.backend.routable, timeout=10 - (time.monotonic() - killed_at))
             assert victim.status is InstanceStatus.RUNNING and victim.restarts == 1
             # Back in rotation: it takes requests of the stream again.
-            rejoined_total = victim.backend.requests_total
-            await wait_for(lambda: victim.backend.requests_total > rejoined_total + 2, timeout=15)
+            rejoined_total = victim.backend.traffic.requests_total
+            await wait_for(lambda: victim.backend.traffic.requests_total > rejoined_total + 2, timeout=15)
         finally:
             stop.set()
             await asyncio.gather(*workers)

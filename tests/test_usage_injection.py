@@ -108,7 +108,8 @@ def _sent_body(fake: FakeLlama, path: str = "/v1/chat/completions") -> dict[str,
 
 
 def _tokens(backend: Backend) -> tuple[int, int, int]:
-    return backend.prompt_tokens_total, backend.completion_tokens_total, backend.cached_tokens_total
+    traffic = backend.traffic
+    return traffic.prompt_tokens_total, traffic.completion_tokens_total, traffic.cached_tokens_total
 
 
 async def test_openai_backend_is_asked_for_usage_a_client_that_did_not_ask_never_sees(tmp_path: Path) -> None:
@@ -158,7 +159,7 @@ async def test_text_completions_get_usage_asked_for_and_cut_too(tmp_path: Path) 
             assert "".join(c.choices[0].text for c in chunks) == REPLY
             assert _sent_body(fake, "/v1/completions")["stream_options"] == {"include_usage": True}
             backend = balancer.components.registry.get("vllm")
-            assert backend is not None and backend.completion_tokens_total == len(REPLY.split())
+            assert backend is not None and backend.traffic.completion_tokens_total == len(REPLY.split())
 
 
 async def test_a_llama_cpp_backend_is_not_sent_stream_options_and_its_timings_still_count() -> None:
@@ -172,7 +173,7 @@ async def test_a_llama_cpp_backend_is_not_sent_stream_options_and_its_timings_st
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == REPLY
         assert "stream_options" not in _sent_body(fake)
         backend = balancer.components.registry.get("llama")
-        assert backend is not None and backend.completion_tokens_total == len(REPLY.split())
+        assert backend is not None and backend.traffic.completion_tokens_total == len(REPLY.split())
 
 
 async def test_an_auto_backend_found_to_have_only_the_openai_api_is_asked_for_usage() -> None:
@@ -183,12 +184,12 @@ async def test_an_auto_backend_found_to_have_only_the_openai_api_is_asked_for_us
     ):
         backend = balancer.components.registry.get("plain")
         assert backend is not None
-        await wait_for(lambda: backend.detected_kind == "openai")
+        await wait_for(lambda: backend.health.detected_kind == "openai")
         stream = await client.chat.completions.create(model="smollm2", messages=MESSAGES, stream=True)
         chunks = [chunk async for chunk in stream]
         assert all(chunk.choices for chunk in chunks)
         assert _sent_body(fake)["stream_options"] == {"include_usage": True}
-        assert backend.completion_tokens_total == len(REPLY.split())
+        assert backend.traffic.completion_tokens_total == len(REPLY.split())
 
 
 @contextlib.asynccontextmanager

@@ -1,10 +1,21 @@
-"""A backend (one inference server) as the balancer knows it, and the states it can be in."""
+"""A backend (one inference server) as the balancer knows it: identity and configuration, plus one view
+per owner, each written by exactly one module:
+
+- ``state`` (with its reason and time): the registry (``Registry.set_state``), on what the poller, the
+  supervisor, the proxy's outcomes and operators tell it;
+- ``health``: what the backend says of itself (slots, models, kind), written by the health poller;
+- ``traffic``: what this balancer sent it and how that went, written by the claim guard
+  (``scheduling/claims.py``);
+- ``breaker``: the circuit breaker's per-backend state, written by ``fleet/circuit.py``;
+- ``instance``: the supervised process behind it, when the balancer launched it (``supervisor/``).
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Protocol
 
 
 class BackendState(StrEnum):
@@ -17,7 +28,7 @@ class BackendState(StrEnum):
 
 
 class CircuitState(StrEnum):
-    """The passive-health circuit breaker's view (llmbalancer/circuit.py), beside the poller's state."""
+    """The passive-health circuit breaker's view (llmbalancer/fleet/circuit.py), beside the poller's state."""
 
     CLOSED = "closed"
     OPEN = "open"  # too many failed requests: none sent until the cooldown ends
@@ -28,25 +39,13 @@ class CircuitState(StrEnum):
 ROUTABLE = frozenset({BackendState.HEALTHY, BackendState.BUSY})
 
 
-@dataclass(eq=False, slots=True)
-class Backend:
-    """Mutable runtime record; the registry owns every instance and all changes of state."""
+@dataclass(slots=True)
+class Health:
+    """What the backend reports of itself, as of the last probe (written by the health poller only)."""
 
-    name: str
-    url: str
-    kind: str = "auto"
-    # For kind "auto": what the health poller found it to be ("openai": no llama.cpp /health), else None.
+    # For kind "auto": what the poller found it to be ("openai": no llama.cpp /health), else None.
     detected_kind: str | None = None
-    max_concurrency: int | None = None
-    models: tuple[str, ...] = ()
-    state: BackendState = BackendState.STARTING
-    state_reason: str = ""
-    state_since: float = field(default_factory=time.time)
-    # A supervised process is alive and has not yet been ready: refused connections mean "starting".
-    launching: bool = False
-    # Requests this balancer has sent and not yet finished (kept by Claim, never directly).
-    in_flight: int = 0
-    # From the health poller, when the backend reports them (llama.cpp /slots).
+    # Slots, when the backend reports them (llama.cpp /slots, llamafile's /health).
     slots_total: int | None = None
     slots_busy: int | None = None
     # Busy slots at the last poll that were not this balancer's requests (other clients).
@@ -55,24 +54,70 @@ class Backend:
     deferred: int | None = None
     # A backend that is itself a balancer: its /llmhealth says its GPUs are busy (None: not reported).
     gpu_busy: bool | None = None
-    # Models the backend says it serves (/v1/models, Ollama /api/tags), from the poller.
+    # Models the backend says it serves (/v1/models, Ollama /api/tags). Replaced, never edited in place:
+    # model routing caches by the identity of this tuple.
     served_models: tuple[str, ...] = ()
-    # Token counts from responses (usage or llama.cpp timings).
-    prompt_tokens_total: int = 0
-    completion_tokens_total: int = 0
-    cached_tokens_total: int = 0
-    # Passive health, kept by the circuit breaker.
-    circuit_state: CircuitState = CircuitState.CLOSED
-    circuit_opens: int = 0
-    health_score: float = 1.0
-    # Counters and last outcome, for /health, the snapshot and metrics.
+
+
+@dataclass(slots=True)
+class Traffic:
+    """What this balancer sent the backend and how it went (written by the claim guard only)."""
+
+    in_flight: int = 0  # requests claimed and not yet released
     requests_total: int = 0
     errors_total: int = 0
     consecutive_failures: int = 0
     last_error: str | None = None
     ttfb_avg: float | None = None  # exponentially weighted, seconds
     latency_avg: float | None = None
+    # Token counts from responses (usage or llama.cpp timings).
+    prompt_tokens_total: int = 0
+    completion_tokens_total: int = 0
+    cached_tokens_total: int = 0
+
+
+@dataclass(slots=True)
+class Breaker:
+    """The circuit breaker's state for one backend (written by ``fleet/circuit.py`` only)."""
+
+    state: CircuitState = CircuitState.CLOSED
+    opens: int = 0  # times it opened, ever
+    trips: int = 0  # consecutive openings without a close: the cooldown doubles with each
+    open_until: float = 0.0  # monotonic
+    probe_since: float | None = None  # when the half-open probe request was claimed
+    # 0..1: rises on success, falls on error; shown in the snapshot and metrics (no policy reads it).
+    health_score: float = 1.0
+
+
+class SupervisedProcess(Protocol):
+    """The supervisor's instance behind a backend it launched, as the fleet needs to see it."""
+
+    @property
+    def booting(self) -> bool:
+        """The process is alive and has not been ready since it started: a refused connection means
+        "not listening yet", not "down"."""
+        ...
+
+
+@dataclass(eq=False, slots=True)
+class Backend:
+    name: str
+    url: str
+    kind: str = "auto"
+    max_concurrency: int | None = None
+    models: tuple[str, ...] = ()  # declared in configuration
+    state: BackendState = BackendState.STARTING
+    state_reason: str = ""
+    state_since: float = field(default_factory=time.time)
+    health: Health = field(default_factory=Health)
+    traffic: Traffic = field(default_factory=Traffic)
+    breaker: Breaker = field(default_factory=Breaker)
+    instance: SupervisedProcess | None = None
 
     @property
     def routable(self) -> bool:
         return self.state in ROUTABLE
+
+    @property
+    def booting(self) -> bool:
+        return self.instance is not None and self.instance.booting

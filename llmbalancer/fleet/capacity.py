@@ -15,7 +15,7 @@ from llmbalancer.fleet.backend import Backend
 def capacity(backend: Backend) -> int | None:
     if backend.max_concurrency is not None:
         return backend.max_concurrency
-    return backend.slots_total
+    return backend.health.slots_total
 
 
 def free_slots(backend: Backend) -> int | None:
@@ -23,7 +23,7 @@ def free_slots(backend: Backend) -> int | None:
     total = capacity(backend)
     if total is None:
         return None
-    return max(0, total - backend.in_flight - backend.slots_external)
+    return max(0, total - backend.traffic.in_flight - backend.health.slots_external)
 
 
 def has_room(backend: Backend) -> bool:
@@ -31,8 +31,13 @@ def has_room(backend: Backend) -> bool:
     return free is None or free > 0
 
 
+def busy(backend: Backend) -> int:
+    """Slots in use: this balancer's in-flight requests plus other clients' at the last poll."""
+    return backend.traffic.in_flight + backend.health.slots_external
+
+
 def load(backend: Backend) -> float:
     """Fraction of capacity in use (in-flight count when capacity is unknown), for comparing backends."""
     total = capacity(backend)
-    busy = backend.in_flight + backend.slots_external
-    return busy / total if total else float(busy)
+    used = busy(backend)
+    return used / total if total else float(used)

@@ -115,29 +115,35 @@ class HealthPoller:
         if backend.state in (BackendState.DRAINING, BackendState.FAILED):
             return  # set by an operator or the supervisor; a probe does not undo it
         state, reason = judge(window, seen)
-        if backend.launching and state is BackendState.UNHEALTHY:
+        if backend.booting and state is BackendState.UNHEALTHY:
             return  # a supervised process still booting refuses connections until it binds its port
         if state is BackendState.HEALTHY and saturated:
             state, reason = BackendState.BUSY, f"every slot busy for {self._window:g} s"
-        if state is not None:
-            self._registry.set_state(backend, state, reason)
+        if state is None:
+            return
+        if state is BackendState.HEALTHY and not backend.routable:
+            # Back after an outage: the failures that opened its circuit were that outage; take it back now.
+            self._registry.circuit.reset(backend)
+        self._registry.set_state(backend, state, reason)
 
     def _update_slots(self, backend: Backend, seen: Observation) -> None:
-        """Write the polled figures in place; wake queued requests when capacity may have changed."""
-        before = (backend.slots_total, backend.slots_external, backend.gpu_busy)
-        backend.gpu_busy = seen.gpu_busy
+        """Write the polled figures in place (``backend.health`` is this module's alone); wake queued
+        requests when capacity or the model list may have changed."""
+        health = backend.health
+        before = (health.slots_total, health.slots_external, health.gpu_busy, health.served_models)
+        health.gpu_busy = seen.gpu_busy
         if seen.slots_total is not None:
-            backend.slots_total = seen.slots_total
-            backend.slots_busy = seen.slots_busy
+            health.slots_total = seen.slots_total
+            health.slots_busy = seen.slots_busy
             # Busy slots beyond our own requests belong to other clients. Ours may not show yet
             # (dispatched after the server's last decode step), so never count below zero.
-            backend.slots_external = max(0, (seen.slots_busy or 0) - backend.in_flight)
-        backend.deferred = seen.deferred
-        if seen.models is not None:
-            backend.served_models = seen.models
+            health.slots_external = max(0, (seen.slots_busy or 0) - backend.traffic.in_flight)
+        health.deferred = seen.deferred
+        if seen.models is not None and seen.models != health.served_models:
+            health.served_models = seen.models
         if seen.kind is not None:
-            backend.detected_kind = seen.kind
-        if (backend.slots_total, backend.slots_external, backend.gpu_busy) != before:
+            health.detected_kind = seen.kind
+        if (health.slots_total, health.slots_external, health.gpu_busy, health.served_models) != before:
             self._registry.notify_change()
 
     async def run(self) -> None:

@@ -156,7 +156,7 @@ async def _probe_balancer(session: aiohttp.ClientSession, backend: Backend, memo
 async def _read_models(
     session: aiohttp.ClientSession, backend: Backend, memory: ProbeMemory, seen: Observation
 ) -> None:
-    if backend.served_models and memory.probes % _MODELS_EVERY != 0:
+    if backend.health.served_models and memory.probes % _MODELS_EVERY != 0:
         return
     try:
         status, body = await _get(session, backend.url + "/v1/models")

@@ -1,4 +1,8 @@
-"""The one source of truth about backends: membership, state, in-flight claims; wakes waiters on change."""
+"""The one source of truth about backends: membership and state; wakes waiters on any change.
+
+What a backend is doing (claims, counters) is the claim guard's (``scheduling/claims.py``); it calls
+``notify_change`` when a slot frees.
+"""
 
 from __future__ import annotations
 
@@ -14,33 +18,6 @@ from llmbalancer.fleet.circuit import Circuit
 
 log = structlog.get_logger("llmbalancer.fleet.registry")
 
-_EWMA_WEIGHT = 0.2
-
-
-class Claim:
-    """One request's hold on a backend. Release is idempotent, so ``finally`` can always call it."""
-
-    __slots__ = ("_registry", "backend", "released")
-
-    def __init__(self, registry: Registry, backend: Backend) -> None:
-        self._registry = registry
-        self.backend = backend
-        self.released = False
-        backend.in_flight += 1
-        backend.requests_total += 1
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.backend.in_flight -= 1
-            self._registry.notify_change()
-
-    def __enter__(self) -> Claim:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.release()
-
 
 class Registry:
     def __init__(self) -> None:
@@ -51,6 +28,9 @@ class Registry:
         # Called with a backend that left rotation because it failed (not one draining): what waits on it
         # for an answer can give up now (the proxy retries such requests elsewhere).
         self.on_failed: list[Callable[[Backend], object]] = []
+        # Called with (backend, previous state) on every change of state, synchronously, before waiters
+        # wake: an owner of a view that follows the state (the supervisor's instance) is never behind it.
+        self.on_state: list[Callable[[Backend, BackendState], object]] = []
 
     @classmethod
     def from_configs(cls, configs: tuple[BackendConfig, ...]) -> Registry:
@@ -112,29 +92,12 @@ class Registry:
         log.info(
             "backend_state_changed", backend=backend.name, old=previous.value, new=state.value, reason=reason
         )
+        for follower in self.on_state:
+            follower(backend, previous)
         if previous in ROUTABLE and state in (BackendState.UNHEALTHY, BackendState.FAILED):
             for observer in self.on_failed:
                 observer(backend)
         self.notify_change()
-
-    def claim(self, backend: Backend) -> Claim:
-        return Claim(self, backend)
-
-    def record_success(self, backend: Backend, ttfb: float | None, latency: float) -> None:
-        backend.consecutive_failures = 0
-        if ttfb is not None:
-            backend.ttfb_avg = _ewma(backend.ttfb_avg, ttfb)
-        backend.latency_avg = _ewma(backend.latency_avg, latency)
-        self.circuit.success(backend, self._backends.values())
-
-    def record_failure(self, backend: Backend, error: str, *, unreachable: bool = False) -> None:
-        """A proxy outcome went wrong; an unreachable backend leaves rotation until a probe says ready."""
-        backend.errors_total += 1
-        backend.consecutive_failures += 1
-        backend.last_error = error
-        self.circuit.failure(backend)
-        if unreachable and backend.state is not BackendState.DRAINING:
-            self.set_state(backend, BackendState.UNHEALTHY, error)
 
     # --- change notification ------------------------------------------------------------------
 
@@ -156,6 +119,3 @@ class Registry:
         # shield: one cancelled waiter must not cancel the future the others wait on.
         return asyncio.shield(self._change)
 
-
-def _ewma(previous: float | None, sample: float) -> float:
-    return sample if previous is None else previous + _EWMA_WEIGHT * (sample - previous)

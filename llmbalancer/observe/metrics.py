@@ -211,7 +211,9 @@ def _backend_metrics(backends: list[dict[str, Any]]) -> Iterator[Metric]:
     deferred = _gauge(
         "llmbalancer_backend_queue_depth", "Requests waiting inside the backend for a slot.", ["backend"]
     )
-    score = _gauge("llmbalancer_backend_health_score", "The scheduler's health score.", ["backend"])
+    score = _gauge(
+        "llmbalancer_backend_health_score", "Health score, 0..1: falls on errors, rises on successes.", ["backend"]
+    )
     for backend in backends:
         name = backend["name"]
         up.add_metric([name], 1.0 if backend["routable"] else 0.0)
@@ -270,7 +272,7 @@ def _circuit_metrics(registry: Registry) -> Iterator[Metric]:
         "llmbalancer_circuit_opens", "Times a backend's circuit breaker opened.", labels=["backend"]
     )
     for backend in registry:
-        opens.add_metric([backend.name], float(backend.circuit_opens))
+        opens.add_metric([backend.name], float(backend.breaker.opens))
     yield opens
 
 

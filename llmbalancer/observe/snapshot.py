@@ -2,13 +2,13 @@
 and what the fleet gauges of ``/metrics`` are read from.
 
 The field names are a contract (README, "Monitoring"; ``tests/test_snapshot.py`` checks them):
-add fields, never rename or drop one. A field whose source is not built yet is present with
-``null`` (a number or object) so clients can rely on the key. Those sources are read by name
-when present, so they show up here the moment they land:
+add fields, never rename or drop one (a field with a clearer new name keeps its old one, marked
+deprecated: a backend's ``queue_depth`` is ``deferred``, requests waiting *inside* that backend, not
+in the balancer's admission queue, which is the top-level ``queue``). A value not known is ``null``.
+Sources:
 
-- per backend, attributes of ``Backend``: ``deferred`` (requests queued inside the backend),
-  ``circuit_state``, ``health_score``, ``served_models``, ``prompt_tokens_total``,
-  ``completion_tokens_total``;
+- per backend, its views (``fleet/backend.py``): ``health`` (the poller's), ``traffic`` (the claim
+  guard's), ``breaker`` (the circuit's);
 - the admission queue (``depth()``, ``depths()``, ``max_size``, ``timeout``);
 - sticky sessions: ``entries_count()`` on the selector;
 - supervised instances: ``Supervisor.describe()`` (a list of dicts with ``name``, ``pid``, ``state``,
@@ -35,7 +35,7 @@ BACKEND_FIELDS = (
     "slots_busy", "slots_total", "max_concurrency", "in_flight", "queue_depth",
     "circuit_state", "health_score", "models", "last_error", "requests_total", "errors_total",
     "latency_avg_s", "ttft_avg_s", "prompt_tokens_total", "completion_tokens_total", "cached_tokens_total",
-    "gpu_busy",
+    "gpu_busy", "deferred",
 )
 REQUEST_FIELDS = (
     "time", "request_id", "method", "path", "model", "backend", "status", "attempts",
@@ -55,24 +55,26 @@ def describe_backend(backend: Backend) -> dict[str, Any]:
         "state_reason": backend.state_reason,
         "state_since": backend.state_since,
         "routable": backend.routable,
-        "slots_busy": backend.slots_busy,
-        "slots_total": backend.slots_total,
+        "slots_busy": backend.health.slots_busy,
+        "slots_total": backend.health.slots_total,
         "max_concurrency": backend.max_concurrency,
-        "in_flight": backend.in_flight,
-        "queue_depth": backend.deferred,
-        "circuit_state": backend.circuit_state.value,
-        "health_score": backend.health_score,
-        "models": list(dict.fromkeys([*backend.models, *backend.served_models])),
-        "last_error": backend.last_error,
-        "requests_total": backend.requests_total,
-        "errors_total": backend.errors_total,
-        "latency_avg_s": backend.latency_avg,
+        "in_flight": backend.traffic.in_flight,
+        # Deprecated name of "deferred" (requests waiting inside the backend, not in our admission queue).
+        "queue_depth": backend.health.deferred,
+        "circuit_state": backend.breaker.state.value,
+        "health_score": backend.breaker.health_score,
+        "models": list(dict.fromkeys([*backend.models, *backend.health.served_models])),
+        "last_error": backend.traffic.last_error,
+        "requests_total": backend.traffic.requests_total,
+        "errors_total": backend.traffic.errors_total,
+        "latency_avg_s": backend.traffic.latency_avg,
         # Time to the first response byte: for a streamed completion, its first token.
-        "ttft_avg_s": backend.ttfb_avg,
-        "prompt_tokens_total": backend.prompt_tokens_total,
-        "completion_tokens_total": backend.completion_tokens_total,
-        "cached_tokens_total": backend.cached_tokens_total,
-        "gpu_busy": backend.gpu_busy,
+        "ttft_avg_s": backend.traffic.ttfb_avg,
+        "prompt_tokens_total": backend.traffic.prompt_tokens_total,
+        "completion_tokens_total": backend.traffic.completion_tokens_total,
+        "cached_tokens_total": backend.traffic.cached_tokens_total,
+        "gpu_busy": backend.health.gpu_busy,
+        "deferred": backend.health.deferred,
     }
 
 

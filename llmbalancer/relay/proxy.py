@@ -15,9 +15,9 @@ import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 import aiohttp
-import structlog
 from aiohttp import web
 from yarl import URL
 
@@ -31,11 +31,10 @@ from llmbalancer.relay.deadlines import Deadlines
 from llmbalancer.relay.http_headers import downstream_response_headers, upstream_request_headers
 from llmbalancer.relay.inbound import InboundBody, read_body, request_facts, with_model
 from llmbalancer.relay.usage_chunk import UsageCut, asks_usage_of, cut_whole, wants_usage, with_usage
+from llmbalancer.scheduling.claims import Claim
 from llmbalancer.scheduling.dispatch import Dispatcher
 from llmbalancer.scheduling.racing import Racing
 from llmbalancer.scheduling.selectors import RequestFacts
-
-log = structlog.get_logger("llmbalancer.proxy")
 
 # Statuses that mean "this backend could not take it", worth another backend when one is left.
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
@@ -50,6 +49,14 @@ class _ClientStopped(Exception):
     def __init__(self, code: str) -> None:
         super().__init__(code)
         self.code = code
+
+
+class _Relayed(NamedTuple):
+    """How relaying a response went: in full, broken off by the backend (why), or left by the client."""
+
+    response: web.StreamResponse
+    broken: str | None = None
+    client_left: bool = False
 
 
 class _AttemptFailed(Exception):
@@ -70,7 +77,6 @@ def _request_id(request: web.Request) -> str:
 
 class Proxy:
     def __init__(self, config: Config, registry: Registry, dispatcher: Dispatcher) -> None:
-        self._registry = registry
         self._dispatcher = dispatcher
         self._racing = Racing(dispatcher)
         self._max_body = config.server.max_body_bytes
@@ -145,40 +151,31 @@ class Proxy:
         attempt = 0
         while attempt < limit:
             attempt += 1
-            try:
-                asked = time.monotonic()
-                claim = await self._dispatcher.claim(facts, excluded)
-                if attempt == 1:
-                    access.queue_wait = time.monotonic() - asked
-            except ProxyError:
-                if last_error:
-                    raise errors.upstream_unreachable(attempt - 1, last_error) from None
-                raise
-            backend = claim.backend
-            access.backend = backend.name
-            access.attempts = attempt
+            claim = await self._claim(facts, excluded, access, attempt, last_error)
             try:
                 try:
                     # Racing (off unless configured) may hand back another racer's claim: the winner's.
                     claim, upstream = await self._racing.open(claim, facts, excluded, body.replayable, opener)
-                    backend = claim.backend
-                    access.backend = backend.name
                 except _AttemptFailed as failure:
+                    backend = claim.backend
                     last_error = f"{backend.name}: {failure.reason}"
                     if not failure.unreachable and body.replayable and not dropped_once:
                         # Most likely a pooled connection the backend closed (its idle keep-alive timeout)
                         # just as we reused it: try once more, this backend included, before blaming it.
                         dropped_once = True
                         limit += 1  # the pool's fault, not the backend's: this try does not use up an attempt
+                        claim.abandoned()
                         continue
-                    self._registry.record_failure(backend, failure.reason, unreachable=failure.unreachable)
+                    claim.failed(failure.reason, unreachable=failure.unreachable)
                     excluded.append(backend)
                     if failure.body_sent and not body.replayable:
                         raise errors.upstream_unreachable(attempt, last_error) from None
                     continue
                 except TimeoutError:
-                    self._registry.record_failure(backend, "no response in time")
+                    claim.failed("no response in time")
                     raise errors.upstream_timeout("response", self._first_byte_timeout) from None
+                backend = claim.backend
+                access.backend = backend.name
                 try:
                     if (
                         upstream.status in RETRY_STATUSES
@@ -187,19 +184,41 @@ class Proxy:
                         and self._dispatcher.candidates([*excluded, backend])
                     ):
                         last_error = f"{backend.name}: HTTP {upstream.status}"
-                        self._registry.record_failure(backend, f"HTTP {upstream.status}")
+                        claim.failed(f"HTTP {upstream.status}")
                         excluded.append(backend)
                         continue
-                    cut_usage = ask_usage and asks_usage_of(backend)
-                    response = await self._relay(request, upstream, backend, access, cut_usage)
-                    if access.error is None:
-                        self._dispatcher.completed(backend, facts, access.read_usage())
-                    return response
+                    relayed = await self._relay(request, upstream, access, ask_usage and asks_usage_of(backend))
                 finally:
                     upstream.close()
+                if relayed.client_left:
+                    claim.abandoned()  # the backend did its part: neither a failure nor a success of its own
+                elif relayed.broken is not None:
+                    claim.failed(f"failed mid-stream: {relayed.broken}")
+                else:
+                    ttfb = None if access.ttfb is None else access.ttfb - access.started
+                    claim.succeeded(access.read_usage(), ttfb, time.monotonic() - access.started)
+                return relayed.response
             finally:
-                claim.release()
+                claim.release()  # whatever happened above (cancellation included), the slot is given back
         raise errors.upstream_unreachable(attempt, last_error)
+
+    async def _claim(
+        self, facts: RequestFacts, excluded: list[Backend], access: Access, attempt: int, last_error: str
+    ) -> Claim:
+        """A claim for this attempt (waiting in the admission queue if need be); the first attempt's wait
+        is the request's queue time."""
+        try:
+            asked = time.monotonic()
+            claim = await self._dispatcher.claim(facts, excluded)
+        except ProxyError:
+            if last_error:
+                raise errors.upstream_unreachable(attempt - 1, last_error) from None
+            raise
+        if attempt == 1:
+            access.queue_wait = time.monotonic() - asked
+        access.backend = claim.backend.name
+        access.attempts = attempt
+        return claim
 
     async def _open(
         self, request: web.Request, backend: Backend, body: InboundBody, request_id: str
@@ -237,54 +256,46 @@ class Proxy:
             ) from None
 
     async def _relay(
-        self,
-        request: web.Request,
-        upstream: aiohttp.ClientResponse,
-        backend: Backend,
-        access: Access,
-        cut_usage: bool = False,
-    ) -> web.StreamResponse:
+        self, request: web.Request, upstream: aiohttp.ClientResponse, access: Access, cut_usage: bool = False
+    ) -> _Relayed:
         """Relay the response; ``cut_usage``: drop the usage event the balancer asked for (usage_chunk.py)."""
         whole = usage_tail = _whole_body(upstream)
         cut_usage = cut_usage and upstream.content_type == "text/event-stream"
-        kind = web.StreamResponse if whole is None else _WholeResponse
-        response = kind(status=upstream.status, reason=upstream.reason)
-        response.headers.extend(downstream_response_headers(upstream.headers, upstream.headers.items()))
-        response.headers["X-Request-ID"] = access.request_id
-        if upstream.content_length is not None:
-            response.content_length = upstream.content_length
         if cut_usage and whole is not None:  # a stream that came whole: cut here, not in the pump
             whole = cut_whole(whole)
-            response.content_length = len(whole)
+        response = (
+            web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            if whole is None
+            # Sent whole: aiohttp holds a Response's headers back to leave with its body in one write.
+            else web.Response(body=whole, status=upstream.status, reason=upstream.reason)
+        )
+        response.headers.extend(downstream_response_headers(upstream.headers, upstream.headers.items()))
+        response.headers["X-Request-ID"] = access.request_id
+        if whole is None and upstream.content_length is not None:
+            response.content_length = upstream.content_length
         access.status = upstream.status
         try:
             await response.prepare(request)
             if whole is not None:
-                # Nothing left to wait for: no idle timer, no read loop; headers and body leave in one write.
+                # Nothing left to wait for: no idle timer, no read loop.
                 if whole:
                     access.ttfb = time.monotonic()
-                await response.write_eof(whole)
+                await response.write_eof()
                 access.bytes = len(whole)
                 access.usage_tail = usage_tail or whole
-                broken = None
-            else:
-                broken = await self._pump(upstream, response, access, UsageCut(response.write) if cut_usage else None)
-                if broken is None:
-                    await response.write_eof()
+                return _Relayed(response)
+            broken = await self._pump(upstream, response, access, UsageCut(response.write) if cut_usage else None)
+            if broken is None:
+                await response.write_eof()
+                return _Relayed(response)
         except (_ClientStopped, ConnectionResetError) as stopped:
-            # The backend did its part: neither a failure nor a success of its own. Closing here (and the
-            # upstream in _forward) frees the backend's slot.
+            # Closing here (and the upstream in _forward) frees the backend's slot.
             access.error = stopped.code if isinstance(stopped, _ClientStopped) else "client_closed"
             response.force_close()
             if request.transport is not None:
                 request.transport.close()
-            return response
-        if broken is None:
-            self._registry.record_success(backend, access.ttfb and access.ttfb - access.started,
-                                          time.monotonic() - access.started)
-            return response
+            return _Relayed(response, client_left=True)
 
-        self._registry.record_failure(backend, f"failed mid-stream: {broken}")
         access.error = "upstream_stream_broken"
         response.force_close()
         if upstream.content_type == "text/event-stream":
@@ -294,7 +305,7 @@ class Proxy:
         elif request.transport is not None:
             # Closing without the final chunk tells the client the body is incomplete.
             request.transport.close()
-        return response
+        return _Relayed(response, broken=broken)
 
     async def _pump(
         self, upstream: aiohttp.ClientResponse, response: web.StreamResponse, access: Access, cut: UsageCut | None
@@ -346,13 +357,6 @@ class Proxy:
             access.bytes = sent - cut.cut_bytes
             access.usage_tail = cut.usage or access.usage_tail
         return None
-
-
-class _WholeResponse(web.StreamResponse):
-    """A response whose body is written at once: aiohttp holds its headers back to leave with the body
-    in one write, instead of sending them at ``prepare()`` in a packet of their own."""
-
-    _send_headers_immediately = False
 
 
 def _whole_body(upstream: aiohttp.ClientResponse) -> bytes | None:

@@ -42,7 +42,7 @@ def wants_usage(path: str, parsed: dict[str, Any] | None) -> bool:
 def asks_usage_of(backend: Backend) -> bool:
     """Whether usage is asked of this backend (a plain OpenAI-compatible server, configured or detected)."""
     kind = backend.kind
-    return kind == "openai" or (kind == "auto" and backend.detected_kind == "openai")
+    return kind == "openai" or (kind == "auto" and backend.health.detected_kind == "openai")
 
 
 def with_usage(body: InboundBody) -> InboundBody:

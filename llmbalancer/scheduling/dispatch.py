@@ -20,9 +20,9 @@ from llmbalancer import errors
 from llmbalancer.config import QueueConfig
 from llmbalancer.fleet.backend import Backend, BackendState
 from llmbalancer.fleet.capacity import has_room
-from llmbalancer.fleet.registry import Claim, Registry
-from llmbalancer.fleet.usage import Usage
+from llmbalancer.fleet.registry import Registry
 from llmbalancer.scheduling.admission import AdmissionQueue, priority_of
+from llmbalancer.scheduling.claims import Claim, claim_one
 from llmbalancer.scheduling.model_routing import ModelRouter
 from llmbalancer.scheduling.selectors import Hold, RequestFacts, Selector
 
@@ -50,9 +50,9 @@ class Dispatcher:
         """Routable backends with a free slot and a closed (or probing) circuit: all a policy is shown."""
         allows = self.registry.circuit.allows
         eligible = [b for b in self.registry if b.routable and b not in excluded and has_room(b) and allows(b)]
-        if any(b.gpu_busy for b in eligible):
+        if any(b.health.gpu_busy for b in eligible):
             # Balancers behind us that report busy GPUs (/llmhealth) take work only when no idle one can.
-            return [b for b in eligible if not b.gpu_busy] or eligible
+            return [b for b in eligible if not b.health.gpu_busy] or eligible
         return eligible
 
     async def claim(self, facts: RequestFacts, excluded: Collection[Backend] = ()) -> Claim:
@@ -98,14 +98,6 @@ class Dispatcher:
                 # The next in line re-checks now: it may be served by the slot this one did not take.
                 self.registry.notify_change()
 
-    def completed(self, backend: Backend, facts: RequestFacts, usage: Usage | None) -> None:
-        """A request finished well: record its token counts and let the policy learn from them."""
-        if usage is not None:
-            backend.prompt_tokens_total += usage.prompt_tokens or 0
-            backend.completion_tokens_total += usage.completion_tokens or 0
-            backend.cached_tokens_total += usage.cached_tokens or 0
-        self.selector.completed(backend, facts, usage)
-
     def _hold(self, facts: RequestFacts, excluded: Collection[Backend]) -> Hold | None:
         """The policy's choice of a full backend to wait for, if it wants one."""
         allows = self.registry.circuit.allows
@@ -118,13 +110,7 @@ class Dispatcher:
         eligible = self.eligible(excluded)
         if only is not None:
             eligible = [b for b in eligible if b is only]
-        backend = self.selector.select(eligible, facts) if eligible else None
-        if backend is None:
-            return None
-        claim = self.registry.claim(backend)
-        self.registry.circuit.claimed(backend)
-        self.selector.claimed(backend, facts)
-        return claim
+        return claim_one(self.registry, self.selector, eligible, facts)
 
     def _fail_if_hopeless(self, excluded: Collection[Backend]) -> None:
         """No backend healthy and none starting: 503 at once; a dead fleet does not hold requests."""

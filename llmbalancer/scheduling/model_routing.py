@@ -45,7 +45,7 @@ _CACHED_MODELS = 256
 
 def served_names(backend: Backend) -> tuple[str, ...]:
     """Declared then discovered model names, de-duplicated; empty means the backend is open."""
-    return tuple(dict.fromkeys((*backend.models, *backend.served_models)))
+    return tuple(dict.fromkeys((*backend.models, *backend.health.served_models)))
 
 
 def _bare(name: str) -> str:
@@ -127,7 +127,7 @@ class ModelRouter:
     def allowed(self, model: str, backends: Registry) -> frozenset[Backend]:
         """``eligible`` as a set, cached per model until membership or a backend's model lists change
         (an identity comparison of each backend's lists: the poller replaces them, never edits)."""
-        seen = tuple((b, b.models, b.served_models) for b in backends)
+        seen = tuple((b, b.models, b.health.served_models) for b in backends)
         cached = self._allowed.get(model)
         if cached is not None and cached[0] == seen:
             return cached[1]
@@ -148,7 +148,7 @@ class ModelRouter:
             return excluded
         if (
             not waiting and not self._routes and self._fallback is None
-            and not any(b.models or b.served_models for b in backends)
+            and not any(b.models or b.health.served_models for b in backends)
         ):
             # No routes and every backend open (none names a model): all may take any model, as below.
             # Not for a claim that waits: a backend naming models may join meanwhile.
@@ -171,7 +171,7 @@ class ModelRouter:
     def rename_for(self, facts: RequestFacts, backend: Backend) -> str | None:
         """The model name to put in the body sent to ``backend``, or None to send the body as it is."""
         model = self.model_of(facts)
-        if model is None or facts.body is None or not (backend.models or backend.served_models):
+        if model is None or facts.body is None or not (backend.models or backend.health.served_models):
             return None  # an open backend takes the model by the client's name
         name = self.instance_for(model, backend)
         return None if name == model else name

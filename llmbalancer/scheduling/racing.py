@@ -22,7 +22,7 @@ import aiohttp
 import structlog
 
 from llmbalancer.fleet.backend import Backend
-from llmbalancer.fleet.registry import Claim
+from llmbalancer.scheduling.claims import Claim, claim_one
 from llmbalancer.scheduling.dispatch import Dispatcher
 from llmbalancer.scheduling.selectors import RequestFacts
 
@@ -58,12 +58,11 @@ class Racing:
         for _ in range(count):
             allowed = dispatcher.routing.exclusion(facts, dispatcher.registry, taken)
             candidates = dispatcher.eligible(allowed)  # routable, serves the model, a free slot now
-            backend = dispatcher.selector.select(candidates, facts) if candidates else None
-            if backend is None:
+            claim = claim_one(dispatcher.registry, dispatcher.selector, candidates, facts)
+            if claim is None:
                 break
-            claims.append(dispatcher.registry.claim(backend))
-            dispatcher.selector.claimed(backend, facts)
-            taken.append(backend)
+            claims.append(claim)
+            taken.append(claim.backend)
         return claims
 
 

@@ -42,7 +42,9 @@ _PORT_CHECK_EVERY = 0.5
 
 
 class InstanceStatus(StrEnum):
-    STARTING = "starting"  # process alive, not ready yet
+    """An instance's one status (its backend's routing state is the registry's, beside it)."""
+
+    STARTING = "starting"  # process alive, not ready since it started
     RUNNING = "running"  # has been ready since it was (re)started
     BACKOFF = "backoff"  # exited; waiting to be restarted
     STOPPED = "stopped"  # stopped by an operator, or exited as its restart policy allows
@@ -58,6 +60,7 @@ class Instance:
     reason: str = ""
     process: asyncio.subprocess.Process | None = None
     started_at: float | None = None  # monotonic
+    ready_at: float | None = None  # monotonic: first ready since the last start
     restarts: int = 0
     last_exit: int | None = None
     task: asyncio.Task[None] | None = None
@@ -71,6 +74,11 @@ class Instance:
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.returncode is None
+
+    @property
+    def booting(self) -> bool:
+        """Alive and not yet ready since it started: refused connections mean "not listening yet"."""
+        return self.status is InstanceStatus.STARTING and self.alive
 
     def describe(self) -> dict[str, object]:
         return {
@@ -118,6 +126,19 @@ class Supervisor:
             )
             for ic in instances
         }
+        for instance in self.instances.values():
+            instance.backend.instance = instance
+        # An instance is running from the moment its backend first turns routable, not some loop turns
+        # later when _await_ready wakes: anyone who sees the backend routable sees the instance running.
+        registry.on_state.append(self._backend_state_changed)
+
+    def _backend_state_changed(self, backend: Backend, previous: BackendState) -> None:
+        instance = self.instances.get(backend.name)
+        if instance is None or instance.backend is not backend or not backend.routable:
+            return
+        if instance.status is InstanceStatus.STARTING and instance.alive:
+            instance.status, instance.reason = InstanceStatus.RUNNING, ""
+            instance.ready_at = time.monotonic()
 
     async def run(self) -> None:
         for instance in self.instances.values():
@@ -173,10 +194,10 @@ class Supervisor:
         self._registry.set_state(backend, BackendState.DRAINING, why)
         try:
             async with asyncio.timeout(self._config.drain_timeout):
-                while backend.in_flight:
+                while backend.traffic.in_flight:
                     await self._registry.next_change()
         except TimeoutError:
-            log.warning("instance_drain_timeout", instance=instance.name, in_flight=backend.in_flight)
+            log.warning("instance_drain_timeout", instance=instance.name, in_flight=backend.traffic.in_flight)
 
     async def _halt(self, instance: Instance) -> None:
         task = instance.task
@@ -189,7 +210,6 @@ class Supervisor:
 
     def _launch(self, instance: Instance) -> None:
         backend = instance.backend
-        backend.launching = False
         self._registry.set_state(backend, BackendState.STARTING, "launching")
         if self._registry.get(instance.name) is None:
             self._registry.add(backend)
@@ -218,7 +238,6 @@ class Supervisor:
                 await self._close_output(instance)
                 now = time.monotonic()
                 instance.last_exit = code
-                instance.backend.launching = False
                 if ready_at is not None and now - ready_at >= config.backoff_reset:
                     delay = config.restart_backoff
                     crashes.clear()
@@ -250,7 +269,6 @@ class Supervisor:
                 instance.last_exit = code
                 log.info("instance_terminated", instance=instance.name, exit=describe_exit(code))
             await self._close_output(instance)
-            instance.backend.launching = False
 
     async def _port_free(self, instance: Instance) -> bool:
         """Whether the instance's port is free to launch on, waiting (up to ``stop_grace``) for another
@@ -286,8 +304,8 @@ class Supervisor:
         instance.process = process
         instance.pump = asyncio.create_task(_pump(process.stdout, instance.output), name=f"output:{ic.name}")
         instance.started_at = time.monotonic()
+        instance.ready_at = None
         instance.status, instance.reason = InstanceStatus.STARTING, ""
-        instance.backend.launching = True
         self._registry.set_state(instance.backend, BackendState.STARTING, f"pid {process.pid} starting")
         log.info("instance_started", instance=ic.name, pid=process.pid, url=ic.url, log=str(instance.output.path))
         return process
@@ -319,17 +337,14 @@ class Supervisor:
     async def _await_ready(
         self, instance: Instance, process: asyncio.subprocess.Process, exited: asyncio.Future[int]
     ) -> float | None:
-        backend = instance.backend
         limit = instance.config.ready_timeout
         deadline = time.monotonic() + limit if limit else None
         while not exited.done():
-            if backend.routable:
-                backend.launching = False
-                instance.status = InstanceStatus.RUNNING
-                started = instance.started_at or time.monotonic()
+            if instance.status is InstanceStatus.RUNNING and instance.ready_at is not None:
+                started = instance.started_at or instance.ready_at
                 log.info("instance_ready", instance=instance.name, pid=process.pid,
-                         startup_s=round(time.monotonic() - started, 2))
-                return time.monotonic()
+                         startup_s=round(instance.ready_at - started, 2))
+                return instance.ready_at
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 log.error("instance_not_ready", instance=instance.name, ready_timeout_s=limit,

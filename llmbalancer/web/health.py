@@ -20,7 +20,7 @@ def health_handler(registry: Registry) -> Callable[[web.Request], Awaitable[web.
             "backends_total": len(registry),
             "states": dict(states),
             "backends": [
-                {"name": b.name, "url": b.url, "state": b.state.value, "in_flight": b.in_flight}
+                {"name": b.name, "url": b.url, "state": b.state.value, "in_flight": b.traffic.in_flight}
                 for b in registry
             ],
         }

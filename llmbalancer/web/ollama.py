@@ -91,7 +91,7 @@ async def _show(components: Components, request: web.Request) -> web.StreamRespo
     registry = components.registry
     eligible = router.eligible(model, registry)
     if not eligible:
-        served = client_names(n for b in registry for n in (*b.models, *b.served_models))
+        served = client_names(n for b in registry for n in (*b.models, *b.health.served_models))
         raise errors.model_not_found(model, served)
     session = components.proxy.session
     assert session is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from llmbalancer.fleet.backend import Backend
+from llmbalancer.fleet.capacity import busy
 from llmbalancer.scheduling.selectors.base import RequestFacts, Selector
 
 
@@ -17,4 +18,4 @@ class LeastConnections(Selector):
     name = "least_connections"
 
     def select(self, candidates: Sequence[Backend], facts: RequestFacts) -> Backend | None:
-        return min(candidates, key=lambda b: (b.in_flight + b.slots_external, b.requests_total))
+        return min(candidates, key=lambda b: (busy(b), b.traffic.requests_total))

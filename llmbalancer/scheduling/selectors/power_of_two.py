@@ -24,4 +24,4 @@ class PowerOfTwo(Selector):
         if len(candidates) == 1:
             return candidates[0]
         first, second = self._random.sample(list(candidates), 2)
-        return first if (load(first), first.in_flight) <= (load(second), second.in_flight) else second
+        return first if (load(first), first.traffic.in_flight) <= (load(second), second.traffic.in_flight) else second

@@ -69,6 +69,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from llmbalancer.fleet.backend import Backend
+from llmbalancer.fleet.capacity import busy
 from llmbalancer.fleet.usage import Usage
 from llmbalancer.scheduling.selectors.base import Hold, RequestFacts, Selector
 from llmbalancer.scheduling.selectors.follow_ups import FollowUps, family_of
@@ -195,8 +196,8 @@ class Prefix(Selector):
     def select(self, candidates: Sequence[Backend], facts: RequestFacts) -> Backend | None:
         chain = self.chain(facts)
         if chain:
-            least_busy = min(b.in_flight + b.slots_external for b in candidates)
-            near = [b for b in candidates if b.in_flight + b.slots_external <= least_busy + self.max_imbalance]
+            least_busy = min(busy(b) for b in candidates)
+            near = [b for b in candidates if busy(b) <= least_busy + self.max_imbalance]
             cost = self._cost(chain)
             # Costs closer than the good-enough match count as equal: then load decides.
             quantum = min(self.min_match_blocks, len(chain)) * self._block_seconds(None)
@@ -237,7 +238,7 @@ class Prefix(Selector):
         if self.tokens_per_char is None or self.token_seconds is None:
             return None  # no prompt rate learned yet: what a wait would save is unknown
         cost = self._cost(chain)
-        holder = min(full, key=lambda b: (cost(b), b.in_flight))
+        holder = min(full, key=lambda b: (cost(b), b.traffic.in_flight))
         enough = min(self.min_match_blocks, len(chain))
         if self.match(holder, chain) < enough:
             return None

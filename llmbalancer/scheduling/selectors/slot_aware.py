@@ -19,7 +19,7 @@ from llmbalancer.scheduling.selectors.base import RequestFacts, Selector
 def slot_rank(backend: Backend) -> tuple[int, int, float, int]:
     """Smaller is better: known free slots first (most first), then lowest load, then fewest served."""
     free = free_slots(backend)
-    return (0 if free is not None else 1, -(free or 0), load(backend), backend.requests_total)
+    return (0 if free is not None else 1, -(free or 0), load(backend), backend.traffic.requests_total)
 
 
 class SlotAware(Selector):
