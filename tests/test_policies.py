@@ -359,3 +359,19 @@ async def test_a_queued_retry_does_not_block_the_waiters_behind_it_from_the_back
     busy_other.release()
     with await asyncio.wait_for(retry, timeout=2) as claim:
         assert claim.backend is other
+
+
+def test_a_removed_backend_is_forgotten_by_the_policy_prefix_index_and_sticky_pins_alike() -> None:
+    registry = Registry()
+    a, b = registry.add(backend("a")), registry.add(backend("b"))
+    prefix = Prefix()
+    sticky = Sticky(prefix, ttl=60)
+    dispatcher = Dispatcher(registry, sticky)
+    request = facts(conversation(1), headers={"X-Session-ID": "s1"})
+    dispatcher.selector.claimed(a, request)
+    prefix.completed(a, request, Usage(prompt_tokens=300, completion_tokens=4, cached_tokens=0))
+    assert sticky.pinned(request) == "a" and prefix.remembers("a")
+    registry.remove("a")
+    assert sticky.pinned(request) is None and sticky.entries_count() == 0
+    assert not prefix.remembers("a")
+    assert b in registry.backends

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -54,7 +54,6 @@ class ProbeMemory:
     props_slots: int | None = None
     health_endpoint: bool = True
     probes: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:

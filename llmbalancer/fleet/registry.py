@@ -31,6 +31,8 @@ class Registry:
         # Called with (backend, previous state) on every change of state, synchronously, before waiters
         # wake: an owner of a view that follows the state (the supervisor's instance) is never behind it.
         self.on_state: list[Callable[[Backend, BackendState], object]] = []
+        # Called with a backend once it has left the registry: whoever keeps memories of it drops them.
+        self.on_removed: list[Callable[[Backend], object]] = []
 
     @classmethod
     def from_configs(cls, configs: tuple[BackendConfig, ...]) -> Registry:
@@ -58,8 +60,11 @@ class Registry:
         return backend
 
     def remove(self, name: str) -> None:
-        if self._backends.pop(name, None) is not None:
+        backend = self._backends.pop(name, None)
+        if backend is not None:
             log.info("backend_removed", backend=name)
+            for forget in self.on_removed:
+                forget(backend)
             self.notify_change()
 
     def get(self, name: str) -> Backend | None:

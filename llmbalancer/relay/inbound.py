@@ -105,6 +105,8 @@ def client_address(request: web.Request) -> str:
 def request_facts(request: web.Request, body: InboundBody) -> RequestFacts:
     parsed = body.parsed
     model = parsed.get("model") if parsed is not None else None
+    if model is None and parsed is not None and request.path == "/api/show":
+        model = parsed.get("name")  # Ollama's older field name, still accepted there
     return RequestFacts(
         method=request.method,
         path=request.path,
@@ -114,9 +116,6 @@ def request_facts(request: web.Request, body: InboundBody) -> RequestFacts:
         body=parsed,
     )
 
-
-def wants_stream(body: InboundBody) -> bool:
-    return bool(body.parsed and body.parsed.get("stream"))
 
 
 def with_model(body: InboundBody, name: str | None) -> InboundBody:

@@ -37,6 +37,7 @@ class Dispatcher:
         self.routing = routing or ModelRouter()
         queue = queue or QueueConfig()
         self.admission = AdmissionQueue(queue.max_size, queue.timeout)
+        registry.on_removed.append(lambda backend: self.selector.forget(backend.name))
 
     @property
     def queue_depth(self) -> int:

@@ -62,6 +62,10 @@ class Selector(ABC):
         """The request finished well on ``backend``; ``usage`` is what the backend reported, if anything."""
         return None
 
+    def forget(self, backend_name: str) -> None:
+        """``backend_name`` left the fleet: drop what the policy remembers of it (indexes, pins)."""
+        return None
+
     def entries_count(self) -> int | None:
         """Sessions the policy holds pinned (sticky), or None for policies that pin nothing."""
         return None

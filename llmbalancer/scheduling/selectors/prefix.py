@@ -297,6 +297,10 @@ class Prefix(Selector):
             self.token_seconds = _ewma(self.token_seconds, usage.prompt_token_seconds)
             self._rates[backend_name] = _ewma(self._rates.get(backend_name), usage.prompt_token_seconds)
 
+    def remembers(self, backend_name: str) -> bool:
+        """Whether it holds a prefix index of ``backend_name`` (dropped by ``forget``)."""
+        return backend_name in self._indexes
+
     def forget(self, backend_name: str) -> None:
         self._indexes.pop(backend_name, None)
         self._rates.pop(backend_name, None)

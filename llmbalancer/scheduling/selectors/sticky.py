@@ -107,3 +107,8 @@ class Sticky(Selector):
 
     def completed(self, backend: Backend, facts: RequestFacts, usage: Usage | None) -> None:
         self.inner.completed(backend, facts, usage)
+
+    def forget(self, backend_name: str) -> None:
+        for key in [key for key, (name, _) in self._pins.items() if name == backend_name]:
+            del self._pins[key]
+        self.inner.forget(backend_name)
