@@ -19,7 +19,7 @@ from llmbalancer.scheduling.selectors.power_of_two import PowerOfTwo
 from llmbalancer.scheduling.selectors.prefix import Prefix
 from llmbalancer.scheduling.selectors.slot_aware import SlotAware
 from llmbalancer.scheduling.selectors.sticky import Sticky, session_key
-from tests.support import occupy
+from tests.support import occupy, wait_for
 
 
 def backend(name: str, slots: int | None = 2, in_flight: int = 0, slots_external: int = 0, **extra: Any) -> Backend:
@@ -241,8 +241,8 @@ async def test_a_follow_up_waits_for_its_full_holder_when_it_frees_within_the_bo
     dispatcher, holder, _ = _held_dispatcher(max_wait=5.0)
     busy = occupy(dispatcher.registry, holder)
     waiting = asyncio.create_task(dispatcher.claim(facts(conversation(2))))
-    await asyncio.sleep(0.05)
-    assert not waiting.done() and dispatcher.queue_depth == 1  # other is free, yet it waits for holder
+    await wait_for(lambda: dispatcher.queue_depth == 1)
+    assert not waiting.done()  # other is free, yet it waits for holder
     busy.release()
     with await asyncio.wait_for(waiting, timeout=2) as claim:
         assert claim.backend is holder
@@ -260,7 +260,7 @@ async def test_a_held_request_does_not_block_the_queue_behind_it() -> None:
     dispatcher, holder, other = _held_dispatcher(max_wait=5.0)
     with occupy(dispatcher.registry, holder):
         held = asyncio.create_task(dispatcher.claim(facts(conversation(2))))
-        await asyncio.sleep(0.02)
+        await wait_for(lambda: dispatcher.queue_depth == 1)
         unrelated = facts(conversation(1, system="Completely different instructions here. " * 20))
         with await asyncio.wait_for(dispatcher.claim(unrelated), timeout=2) as claim:
             assert claim.backend is other  # went past the held waiter to the free server
@@ -348,10 +348,9 @@ async def test_a_queued_retry_does_not_block_the_waiters_behind_it_from_the_back
     dispatcher = Dispatcher(registry, LeastConnections())
     busy_failed, busy_other = occupy(registry, failed), occupy(registry, other)
     retry = asyncio.create_task(dispatcher.claim(facts(), excluded=[failed]))
-    await asyncio.sleep(0.02)
+    await wait_for(lambda: dispatcher.queue_depth == 1)
     fresh = asyncio.create_task(dispatcher.claim(facts()))
-    await asyncio.sleep(0.02)
-    assert dispatcher.queue_depth == 2
+    await wait_for(lambda: dispatcher.queue_depth == 2)
     busy_failed.release()  # the retry may not use it; the request behind it may
     with await asyncio.wait_for(fresh, timeout=2) as claim:
         assert claim.backend is failed

@@ -116,10 +116,15 @@ async def test_slots_are_never_exceeded_and_queued_requests_are_served_in_order(
             assert status == 200, body
             finished.append(index)
 
+        registry, dispatcher = balancer.components.registry, balancer.components.dispatcher
         tasks = []
         for index in range(6):
             tasks.append(asyncio.create_task(one(index)))
-            await asyncio.sleep(0.02)  # a known arrival order
+            # A known arrival order: each is in a slot or in the queue before the next is sent.
+            await wait_for(
+                lambda n=index + 1: sum(b.traffic.requests_total for b in registry) + dispatcher.queue_depth >= n,
+                timeout=5,
+            )
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=20)
         assert all(f.stats["max_processing"] <= 1 and f.stats["max_deferred"] == 0 for f in fakes)
         assert finished[2:] == sorted(finished[2:])  # the queued ones, in arrival order
@@ -187,8 +192,9 @@ async def test_a_client_that_disconnects_while_queued_leaves_the_queue() -> None
         await asyncio.gather(queued, return_exceptions=True)
         await wait_for(lambda: dispatcher.queue_depth == 0, timeout=5)
         assert (await running)[0] == 200
-        await asyncio.sleep(0.3)
-        assert fake.stats["requests"][CHAT] == 1  # the one that left was never sent
+        # The one that left was never claimed, so never sent: a claim is the only way to a backend.
+        assert balancer.components.registry.backends[0].traffic.requests_total == 1
+        assert fake.stats["requests"][CHAT] == 1
 
 
 async def test_sticky_sessions_stick_and_fail_over() -> None:
