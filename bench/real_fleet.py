@@ -2,7 +2,7 @@
 ``tests.support.start_llama_server``) through llmbalancer ``prefix`` and ``round_robin``: does cache-aware
 routing show in the real server's own ``timings.cache_n``? Servers are restarted (cold caches) per policy.
 
-    python bench/scheduling.py --real [--no-write]
+    python bench/real_fleet.py [--seed N] [--no-write]
 """
 
 from __future__ import annotations
@@ -55,8 +55,12 @@ def run_policy(workdir: Path, policy: str, sessions: list[workload.Session]) -> 
     return row
 
 
-def main(args: argparse.Namespace) -> int:
-    sessions = workload.sessions(SHAPE, int(args.seeds.split(",")[0]), SESSION_RATE, WINDOW_S)  # one seed: slow
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=7, help="workload seed (one: each policy takes minutes)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    args = parser.parse_args(argv)
+    sessions = workload.sessions(SHAPE, args.seed, SESSION_RATE, WINDOW_S)
     started = datetime.datetime.now(datetime.UTC)
     header = results.machine()
     rows = []
@@ -69,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
     body = "\n".join([
         "### Two real llama-servers",
         "",
-        f"`python bench/scheduling.py --real` — {started:%Y-%m-%d %H:%M} UTC, {header}. SmolLM2 (llama-server "
+        f"`python bench/real_fleet.py` — {started:%Y-%m-%d %H:%M} UTC, {header}. SmolLM2 (llama-server "
         f"`-np 2 -t 1`), {len(sessions)} sessions, {sum(len(s.turns) for s in sessions)} requests "
         f"({SESSION_RATE:g} sessions/s over {WINDOW_S:g} s, {SHAPE.turns[0]}-{SHAPE.turns[1]} turns, "
         f"system prompts {SHAPE.system_words[0]}-{SHAPE.system_words[1]} words); cache hit ratio from the real "
@@ -82,3 +86,7 @@ def main(args: argparse.Namespace) -> int:
         results.write_section(SECTION, body)
         print(f"\nwritten to {results.RESULTS}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

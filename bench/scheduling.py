@@ -10,10 +10,10 @@ slots are busy. Fleets: ``homogeneous`` (4 servers x 2 slots) and ``mixed`` (the
 
     python bench/scheduling.py            # full matrix (~35 min), writes bench/RESULTS.md's Scheduling section
     python bench/scheduling.py --quick    # mixed fleet at 80 %, 4 targets, a short window (~3 min), own section
-    python bench/scheduling.py --real     # small run against two real llama-servers: prefix vs round_robin
+    python bench/real_fleet.py            # small run against two real llama-servers: prefix vs round_robin
 
 Prerequisites (the script installs nothing; a missing peer's rows say "not run"): Linux, ``apt-get install -y
-nginx haproxy``, ``pip install sglang-router`` (0.3.2 measured), and for ``--real`` the llama-server
+nginx haproxy``, ``pip install sglang-router`` (0.3.2 measured), and for ``real_fleet.py`` the llama-server
 binary and model (``python -m llmbalancer install-llama-server``). Every process runs in its own session and
 is stopped (SIGTERM, then SIGKILL) after its run whatever the outcome; a run's sessions are cut off
 ``DRAIN_CAP_S`` after its arrival window (counted as errors).
@@ -361,7 +361,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="mixed fleet at 80 %% only, 4 targets, 15 s window (~3 min)"
     )
-    parser.add_argument("--real", action="store_true", help="two real llama-servers, prefix vs round_robin")
     parser.add_argument("--window", type=float, help="seconds of session arrivals per run (default 30, quick 20)")
     parser.add_argument("--fleets", help="comma-separated: homogeneous,mixed")
     parser.add_argument("--loads", help="comma-separated fractions of capacity (default 0.5,0.8,0.95)")
@@ -376,10 +375,6 @@ def main(argv: list[str] | None = None) -> int:
         help="the RESULTS.md section to (re)write (default: scheduling, the full matrix; --quick: scheduling-quick)",
     )
     args = parser.parse_args(argv)
-    if args.real:
-        import real_fleet
-
-        return real_fleet.main(args)
     window = args.window or (15.0 if args.quick else 30.0)
     fleets = args.fleets.split(",") if args.fleets else (["mixed"] if args.quick else list(FLEETS))
     loads = [float(x) for x in args.loads.split(",")] if args.loads else ([0.8] if args.quick else [0.5, 0.8, 0.95])
