@@ -249,27 +249,29 @@ async def test_backend_dying_mid_stream_ends_it_with_an_error_event_never_replay
                 assert reply.choices[0].message.content
 
 
-async def test_mid_stream_error_event_is_the_last_thing_on_a_cleanly_closed_connection() -> None:
+async def test_mid_stream_error_event_ends_the_stream_and_the_connection_stays_usable() -> None:
     async with run_fake_llama() as fake:
         fake.set_fault("crash_mid_stream", after_tokens=2)
         async with run_balancer(make_config([fake.url])) as balancer:
             payload = json.dumps({**CHAT, "stream": True}).encode()
+            request = (
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload)
+            )
             reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
             try:
-                writer.write(
-                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n"
-                    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(payload), payload)
-                )
-                # The whole exchange up to the server closing the connection (EOF), bounded in time.
-                raw = await asyncio.wait_for(reader.read(-1), 10)
+                writer.write(request)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                # The whole chunked body, up to its terminator, bounded in time.
+                chunked = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), 10)
+                fake.clear_fault()
+                writer.write(request)  # the same connection, at once, as a pooling client does
+                again = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
             finally:
                 writer.close()
                 await writer.wait_closed()
-    head, _, chunked = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
-    assert b"transfer-encoding: chunked" in head.lower()
-    # Closed cleanly: the chunked body has its terminator, and then the balancer closed the connection.
-    assert chunked.endswith(b"\r\n0\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower() and b"connection: close" not in head.lower()
     body = _dechunk(chunked)
     events = [e for e in body.split(b"\n\n") if e]
     assert events[0].startswith(b"data: {")
@@ -278,6 +280,21 @@ async def test_mid_stream_error_event_is_the_last_thing_on_a_cleanly_closed_conn
     error = json.loads(last.split(b"data: ", 1)[1])["error"]
     assert error["code"] == "upstream_stream_broken" and error["type"] and error["message"]
     assert b"[DONE]" not in body
+    assert again.startswith(b"HTTP/1.1 200")
+
+
+async def test_a_pooled_client_reuses_its_connection_right_after_a_mid_stream_death() -> None:
+    async with run_fake_llama() as fake, run_balancer(make_config([fake.url])) as balancer:
+        connector = aiohttp.TCPConnector(limit=1)  # every request on the one pooled connection
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for _ in range(10):
+                fake.set_fault("crash_mid_stream", after_tokens=2)
+                async with session.post(balancer.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+                    assert b"event: error" in await r.read()
+                fake.clear_fault()
+                async with session.post(balancer.url + "/v1/chat/completions", json=CHAT) as reply:
+                    assert reply.status == 200
+                    await reply.read()
 
 
 def _dechunk(data: bytes) -> bytes:

@@ -297,14 +297,18 @@ class Proxy:
             return _Relayed(response, client_left=True)
 
         access.error = "upstream_stream_broken"
-        response.force_close()
-        if upstream.content_type == "text/event-stream":
+        if upstream.content_type == "text/event-stream" and response.headers.get("Transfer-Encoding") == "chunked":
+            # The chunked framing is intact: end the stream with an error event the SDKs raise, then the
+            # final chunk, and keep the connection (pooling clients send their next request on it at once).
             with contextlib.suppress(ConnectionError):
                 await response.write(errors.upstream_failed_mid_stream(broken).sse_event())
                 await response.write_eof()
-        elif request.transport is not None:
-            # Closing without the final chunk tells the client the body is incomplete.
-            request.transport.close()
+        else:
+            # A body of announced length, or not an event stream: closing without completing it is the only
+            # way to tell the client the body is incomplete.
+            response.force_close()
+            if request.transport is not None:
+                request.transport.close()
         return _Relayed(response, broken=broken)
 
     async def _pump(
