@@ -21,12 +21,15 @@ import time
 from collections import deque
 
 import aiohttp
+import structlog
 
 from llmbalancer.config import HealthConfig, TimeoutsConfig
 from llmbalancer.fleet.backend import Backend, BackendState
 from llmbalancer.fleet.capacity import free_slots
 from llmbalancer.fleet.probes import Observation, ProbeMemory, probe
 from llmbalancer.fleet.registry import Registry
+
+log = structlog.get_logger("llmbalancer.fleet.health_poller")
 
 _FAST_RECHECK = 0.25
 _FAILURES_TO_EJECT = 2
@@ -100,9 +103,24 @@ class HealthPoller:
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._windows: dict[str, _Window] = {}
         self._memories: dict[str, ProbeMemory] = {}
+        self._crashes: dict[str, str] = {}  # the last unexpected error per backend, logged once
 
     async def poll_once(self, session: aiohttp.ClientSession) -> None:
-        await asyncio.gather(*(self._check(session, backend) for backend in self._registry.backends))
+        """One probe of every backend (the start-up round): whatever they answer, it returns."""
+        await asyncio.gather(*(self._guarded_check(session, backend) for backend in self._registry.backends))
+
+    async def _guarded_check(self, session: aiohttp.ClientSession, backend: Backend) -> None:
+        """A check that cannot fail: a bug of ours meeting an answer nobody foresaw is logged (once per
+        backend and kind of error) and counts as a failed probe; the watch goes on."""
+        try:
+            await self._check(session, backend)
+        except Exception as exc:
+            kind = f"{type(exc).__name__}: {str(exc)[:200]}"
+            if self._crashes.get(backend.name) != kind:
+                self._crashes[backend.name] = kind
+                log.exception("health_check_crashed", backend=backend.name)
+            if backend.routable:
+                self._registry.set_state(backend, BackendState.UNHEALTHY, f"health check failed ({kind})")
 
     async def _check(self, session: aiohttp.ClientSession, backend: Backend) -> None:
         memory = self._memories.setdefault(backend.name, ProbeMemory())
@@ -171,8 +189,10 @@ class HealthPoller:
                 self._loops.pop(name).cancel()
                 self._windows.pop(name, None)
                 self._memories.pop(name, None)
+                self._crashes.pop(name, None)
         for backend in self._registry:
-            if backend.name not in self._loops:
+            task = self._loops.get(backend.name)
+            if task is None or task.done():  # done: it cannot end on its own, but never leave a backend unwatched
                 self._loops[backend.name] = asyncio.create_task(
                     self._watch(session, backend), name=f"health:{backend.name}"
                 )
@@ -181,7 +201,7 @@ class HealthPoller:
         if backend.name in self._windows:
             await self._pause(backend)  # the start-up round (poll_once) just saw it
         while True:
-            await self._check(session, backend)
+            await self._guarded_check(session, backend)
             await self._pause(backend)
 
     async def _pause(self, backend: Backend) -> None:

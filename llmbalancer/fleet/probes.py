@@ -19,6 +19,7 @@ slot figures unknown for that round; it never makes a ready backend unhealthy.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -56,9 +57,27 @@ class ProbeMemory:
     probes: int = 0
 
 
+# A probe's answer is read whole, so it is bounded: /slots lists every slot (with its prompt, on some
+# versions); nothing a health endpoint says needs more.
+MAX_ANSWER_BYTES = 8 * 1024 * 1024
+# Figures outside these bounds are not believed (NaN, negative, a slot count no server has).
+MAX_SLOTS = 65536
+MAX_MODELS = 4096
+MAX_MODEL_NAME = 512
+
+
+class _UnreadableAnswer(Exception):
+    """The backend answered something a probe cannot use (too large, malformed): a failed probe."""
+
+
 async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
     async with session.get(url) as response:
-        return response.status, await response.read()
+        if (response.content_length or 0) > MAX_ANSWER_BYTES:
+            raise _UnreadableAnswer(f"{url.rsplit('/', 1)[-1]} answer of {response.content_length} bytes")
+        body = await response.content.read(MAX_ANSWER_BYTES + 1)
+        if len(body) > MAX_ANSWER_BYTES:
+            raise _UnreadableAnswer(f"/{url.rsplit('/', 1)[-1]} answer over {MAX_ANSWER_BYTES} bytes")
+        return response.status, body
 
 
 def _json(body: bytes) -> Any:
@@ -66,20 +85,44 @@ def _json(body: bytes) -> Any:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return None
+    except RecursionError:
+        raise _UnreadableAnswer("JSON nested deeper than anything a server reports") from None
+
+
+def _number(text: bytes) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def count(value: Any, limit: int = MAX_SLOTS) -> int | None:
+    """``value`` as a count when it is a sane one (an int or a finite integral float in 0..limit), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            return None
+        value = int(value)
+    if isinstance(value, int) and 0 <= value <= limit:
+        return value
+    return None
 
 
 def models_of(payload: Any) -> tuple[str, ...]:
     """Model names from ``/v1/models`` (OpenAI ``data[].id``, Ollama-style ``models[].name``) or ``/api/ps``."""
-    names: list[str] = []
+    names: dict[str, None] = {}
     if isinstance(payload, dict):
-        for entry in payload.get("data") or ():
-            if isinstance(entry, dict) and isinstance(entry.get("id"), str):
-                names.append(entry["id"])
-        for entry in payload.get("models") or ():
-            if isinstance(entry, dict):
-                name = entry.get("name") or entry.get("model")
-                if isinstance(name, str) and name not in names:
-                    names.append(name)
+        for key, field_names in (("data", ("id",)), ("models", ("name", "model"))):
+            entries = payload.get(key)
+            if not isinstance(entries, list):
+                continue
+            for entry in entries[:MAX_MODELS]:
+                if not isinstance(entry, dict):
+                    continue
+                name = next((entry[f] for f in field_names if isinstance(entry.get(f), str) and entry[f]), None)
+                if name is not None and len(name) <= MAX_MODEL_NAME and len(names) < MAX_MODELS:
+                    names[name] = None
     return tuple(names)
 
 
@@ -99,6 +142,10 @@ async def probe(session: aiohttp.ClientSession, backend: Backend, memory: ProbeM
         return Observation(False, "no answer to the health check in time (timeouts.health)")
     except aiohttp.ClientError as exc:
         return Observation(False, str(exc) or type(exc).__name__)
+    except _UnreadableAnswer as exc:
+        return Observation(False, f"unreadable health answer: {exc}")
+    except Exception as exc:
+        return Observation(False, f"unreadable health answer ({type(exc).__name__}: {str(exc)[:200]})")
 
 
 async def _probe_models(session: aiohttp.ClientSession, backend: Backend, path: str) -> Observation:
@@ -128,10 +175,10 @@ async def _probe_llamacpp(session: aiohttp.ClientSession, backend: Backend, memo
         seen.kind = "openai"  # ready without llama.cpp's {"status": "ok"} (vLLM: an empty body): OpenAI API only
     if isinstance(health, dict) and "backends_total" in health:
         return await _probe_balancer(session, backend, memory)  # another llmbalancer's /health
-    if isinstance(health, dict) and isinstance(health.get("slots_idle"), int):
-        busy = health.get("slots_processing")
-        seen.slots_busy = busy if isinstance(busy, int) else 0
-        seen.slots_total = health["slots_idle"] + seen.slots_busy
+    idle = count(health.get("slots_idle")) if isinstance(health, dict) else None
+    if idle is not None:
+        seen.slots_busy = count(health.get("slots_processing")) or 0
+        seen.slots_total = count(idle + seen.slots_busy)
     else:
         await _read_slots(session, backend, memory, seen)
     await _read_models(session, backend, memory, seen)
@@ -161,7 +208,7 @@ async def _read_models(
         status, body = await _get(session, backend.url + "/v1/models")
         if status == 200:
             seen.models = models_of(_json(body))
-    except (aiohttp.ClientError, TimeoutError):
+    except (aiohttp.ClientError, TimeoutError, _UnreadableAnswer):
         pass  # the model list is a nicety; readiness was already decided
 
 
@@ -172,9 +219,9 @@ async def _read_slots(
         if memory.slots_endpoint:
             status, body = await _get(session, backend.url + "/slots")
             slots = _json(body) if status == 200 else None
-            if isinstance(slots, list):
+            if isinstance(slots, list) and count(len(slots)):
                 seen.slots_total = len(slots)
-                seen.slots_busy = sum(1 for s in slots if isinstance(s, dict) and s.get("is_processing"))
+                seen.slots_busy = sum(1 for s in slots if isinstance(s, dict) and s.get("is_processing") is True)
                 return
             if status in (404, 501):
                 memory.slots_endpoint = False  # started without --slots; do not ask every second
@@ -183,14 +230,14 @@ async def _read_slots(
             if status != 200:
                 memory.metrics_endpoint = status not in (404, 501)
                 return
-            values = {m.group(1): int(float(m.group(2))) for m in _METRIC.finditer(body)}
-            seen.slots_busy = values.get(b"requests_processing")
-            seen.deferred = values.get(b"requests_deferred")
+            values = {m.group(1): _number(m.group(2)) for m in _METRIC.finditer(body)}
+            seen.slots_busy = count(values.get(b"requests_processing"))
+            seen.deferred = count(values.get(b"requests_deferred"), limit=1 << 31)
             if memory.props_slots is None:
                 status, body = await _get(session, backend.url + "/props")
                 props = _json(body) if status == 200 else None
-                if isinstance(props, dict) and isinstance(props.get("total_slots"), int):
-                    memory.props_slots = props["total_slots"]
+                if isinstance(props, dict):
+                    memory.props_slots = count(props.get("total_slots")) or None
             seen.slots_total = memory.props_slots
-    except (aiohttp.ClientError, TimeoutError):
+    except (aiohttp.ClientError, TimeoutError, _UnreadableAnswer):
         pass  # slot figures unknown this round
