@@ -16,7 +16,7 @@ import aiohttp
 import structlog
 
 from llmbalancer.fleet.backend import BackendState
-from llmbalancer.relay.proxy import Access
+from llmbalancer.relay.access import Access
 from llmbalancer.testing.fake_llama import FakeLlamaConfig, run_fake_fleet, run_fake_llama
 from tests.support import (
     LlamaServer,

@@ -8,7 +8,7 @@ from typing import Any
 
 import aiohttp
 
-from llmbalancer.relay.proxy import Access
+from llmbalancer.relay.access import Access
 from tests.support import LlamaServer, make_config, run_balancer, wait_for
 
 CHAT = "/v1/chat/completions"

@@ -34,7 +34,9 @@ class Access:
     cached_tokens: int | None = None
     finished: float = 0.0
     queue_wait: float | None = None  # seconds the first claim waited (admission queue), when it got one
-    usage_tail: Tail = b""  # the response's last chunks, for the usage reader (dispatcher.completed)
+    usage_tail: Tail = b""
+    # Why each failed attempt before the last failed ("backend: reason"), when any did.
+    attempt_errors: list[str] | None = None  # the response's last chunks, for the usage reader (dispatcher.completed)
 
     def emit(self) -> None:
         now = self.finished = time.monotonic()
@@ -55,7 +57,13 @@ class Access:
             completion_tokens=self.completion_tokens,
             cached_tokens=self.cached_tokens,
             error=self.error,
+            attempt_errors=self.attempt_errors,
         )
+
+    def attempt_failed(self, reason: str) -> None:
+        if self.attempt_errors is None:
+            self.attempt_errors = []
+        self.attempt_errors.append(reason)
 
     def read_usage(self) -> Usage | None:
         """The token counts at the response's tail, copied into this record (the tail is then dropped)."""
