@@ -26,7 +26,8 @@ What it models, and where:
   under `/_fake/` (`control`), never faulted, never 503.
 
 The HTTP surface is `endpoints` (llama-server's endpoints) and `server` (`FakeLlama`: lifecycle,
-middleware, headers); `state` is what they share; `wire` holds the constant bodies and headers.
+middleware, headers); `state` is what they share, with the test counters of `stats`; `wire` holds the
+constant bodies and headers.
 
 Run in-process with `async with run_fake_llama(FakeLlamaConfig(...)) as fake:` (or `run_fake_fleet`),
 or as a process: `python -m llmbalancer.testing.fake_llama --port P [...]` (`cli`; prints

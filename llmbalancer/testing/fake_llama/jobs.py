@@ -41,6 +41,8 @@ _PARAM_KEYS = (
 
 @dataclass
 class Job:
+    """One generation request as parsed: its prompt as tokens, the limit, how to answer."""
+
     kind: Kind
     stream: bool
     include_usage: bool

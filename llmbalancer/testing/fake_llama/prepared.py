@@ -92,6 +92,8 @@ def _props(config: FakeLlamaConfig) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Prepared:
+    """One config with its derived pieces; rebuilt whenever the config changes."""
+
     config: FakeLlamaConfig
     alias_json: bytes
     reply_tokens: tuple[str, ...]  # with leading spaces, as streamed

@@ -37,6 +37,8 @@ class RequestRecord:
 
 @dataclass
 class Stats:
+    """The counters; the engine updates the peaks and the timeline, the middleware and generations the rest."""
+
     requests: dict[str, int] = field(default_factory=dict)
     requests_total: int = 0
     completed: int = 0
