@@ -7,7 +7,7 @@ false`` gives one JSON object), ``/api/embed``, and the OpenAI-compatible ``/v1/
 ``/v1/chat/completions``. An unknown model is a 404 ``{"error": "model \\"x\\" not found, try pulling
 it first"}``; ``llama3`` names ``llama3:latest``. There is no ``/health`` (a 404, as on Ollama).
 
-It shares fake_llama's machinery (it *is* a ``FakeLlama`` with other routes): the slots and their
+It shares fake_llama's machinery (it *is* a ``FakeLlama`` with other routes and the same ``state``): the slots and their
 FIFO (``slots`` is ``OLLAMA_NUM_PARALLEL``), the reply and ``token_delay`` pacing, faults (give
 ``paths``, e.g. ``["/api/chat"]``), load time, the request records of ``stats``. ``served`` counts
 the generation requests per model name, as this server saw it.
@@ -85,10 +85,11 @@ class FakeOllama(FakeLlama):
         r.add_post("/api/embed", self._embed)
         r.add_get("/v1/models", self._openai_models)
         r.add_post("/v1/chat/completions", self._openai_chat)
+        c = self.control
         for method, path, handler in (
-            ("GET", "/_fake/fault", self._ctl_get_fault), ("POST", "/_fake/fault", self._ctl_set_fault),
-            ("DELETE", "/_fake/fault", self._ctl_clear_fault), ("GET", "/_fake/stats", self._ctl_stats),
-            ("DELETE", "/_fake/stats", self._ctl_reset_stats),
+            ("GET", "/_fake/fault", c.get_fault), ("POST", "/_fake/fault", c.set_fault),
+            ("DELETE", "/_fake/fault", c.clear_fault), ("GET", "/_fake/stats", c.stats),
+            ("DELETE", "/_fake/stats", c.reset_stats),
         ):
             r.add_route(method, path, handler)
         r.add_route("*", "/{tail:.*}", self._page_not_found)
@@ -175,16 +176,16 @@ class FakeOllama(FakeLlama):
 
     async def _tokens(self, prompt: str, limit: int) -> AsyncIterator[str]:
         """The reply's tokens, paced by ``token_delay``, while holding one slot."""
-        engine = self._engine
+        engine = self.state.engine
         slot, _ = await engine.acquire(tuple(tokenize(prompt)))
         try:
-            for token in self._prep.reply_tokens[:limit]:
+            for token in self.state.prep.reply_tokens[:limit]:
                 if self.config.token_delay:
                     await asyncio.sleep(self.config.token_delay)
                 yield token
-            self._stats.completed += 1
+            self.state.stats.completed += 1
         except (asyncio.CancelledError, ConnectionError):
-            self._stats.cancelled += 1
+            self.state.stats.cancelled += 1
             raise
         finally:
             engine.release(slot)
