@@ -41,6 +41,7 @@ MODEL_ROUTES = frozenset(
 _ALIAS = re.compile(r"(?P<base>.+)-(?P<n>[2-9]|[1-9][0-9]+)")
 _LATEST = ":latest"
 _CACHED_MODELS = 256
+_CACHED_NAME_CHARS = 256
 
 
 def served_names(backend: Backend) -> tuple[str, ...]:
@@ -132,6 +133,8 @@ class ModelRouter:
         if cached is not None and cached[0] == seen:
             return cached[1]
         allowed = frozenset(self.eligible(model, backends))
+        if len(model) > _CACHED_NAME_CHARS:
+            return allowed  # the cache keeps names: not a client's megabyte-long one
         if len(self._allowed) >= _CACHED_MODELS:
             self._allowed.clear()  # clients naming ever new models must not grow it without bound
         self._allowed[model] = (seen, allowed)
