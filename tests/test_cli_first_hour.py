@@ -1,5 +1,5 @@
 """The command line as a newcomer meets it: help that lists every command and shows examples, output that
-goes quietly into a closed pipe."""
+goes quietly into a closed pipe, and a warning when ``serve`` has no fleet to balance."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from llmbalancer.cli import _parser
-from tests.support import make_config, run_balancer
+from tests.support import free_port, make_config, run_balancer
 
 CLI = [sys.executable, "-m", "llmbalancer"]
 
@@ -84,3 +85,47 @@ def test_check_config_and_help_into_a_closed_pipe_exit_without_a_traceback(tmp_p
     assert run.returncode == 1
     run = _into_a_closed_pipe("--help")  # argparse itself ignores the failed write: exit 0
     assert run.stderr == "", run.stderr
+
+
+def test_serve_without_any_fleet_source_warns_once_naming_the_ways_to_give_one(tmp_path: Path) -> None:
+    # Outside the repository: no llamafile_commands.txt in the working directory.
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*CLI, "serve", "--port", str(free_port()), "--log-format", "json"],
+            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=_clean_env(),
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while '"listening"' not in log_path.read_text() and time.monotonic() < deadline:
+                assert process.poll() is None, log_path.read_text()
+                time.sleep(0.05)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    warnings = [line for line in log_path.read_text().splitlines() if '"no_backends"' in line]
+    assert len(warnings) == 1, log_path.read_text()
+    [warning] = warnings
+    assert '"level":"warning"' in warning.replace(" ", "")
+    for way in ("--backend URL", "--backends-file", "--commands FILE", "--server-list", "backends:", "instances:"):
+        assert way in warning
+
+
+def test_serve_with_a_backend_does_not_warn(tmp_path: Path) -> None:
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [*CLI, "serve", "--port", str(free_port()), "--log-format", "json",
+             "--backend", f"http://127.0.0.1:{free_port()}"],
+            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=_clean_env(),
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while '"listening"' not in log_path.read_text() and time.monotonic() < deadline:
+                assert process.poll() is None, log_path.read_text()
+                time.sleep(0.05)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    assert '"listening"' in log_path.read_text()
+    assert '"no_backends"' not in log_path.read_text()
