@@ -129,3 +129,16 @@ def test_serve_with_a_backend_does_not_warn(tmp_path: Path) -> None:
             process.wait(timeout=30)
     assert '"listening"' in log_path.read_text()
     assert '"no_backends"' not in log_path.read_text()
+
+
+def test_status_tells_requests_waiting_inside_a_server_from_the_balancers_queue() -> None:
+    from llmbalancer.status import format_table
+
+    backend = {"name": "a", "state": "healthy", "routable": True, "in_flight": 2, "slots_total": 2, "slots_busy": 2}
+    snapshot = {"policy": "slot_aware", "queue": {"depth": 5, "capacity": 100}, "gpu": {},
+                "backends": [{**backend, "deferred": 3, "queue_depth": 3}, {**backend, "name": "b", "queue_depth": 4}]}
+    summary, columns, a, b = format_table(snapshot).splitlines()
+    assert "balancer queue 5/100" in summary
+    position = columns.index("SERVER-QUEUE")
+    assert a[position] == "3"
+    assert b[position] == "4"  # a snapshot from before the field was named `deferred`
