@@ -49,7 +49,7 @@ def build_components(config: Config) -> Components:
     gpu = GpuSampler(config.gpu)
     services: list[Service] = [poller, gpu]
     recent = RecentRequests(config.monitor.recent_requests)
-    metrics = Metrics()
+    metrics = Metrics(registry, dispatcher.routing)
     proxy.on_complete += [metrics.observe, recent.observe]
     components = Components(
         config, registry, dispatcher, proxy, poller, services, gpu=gpu, recent=recent, metrics=metrics

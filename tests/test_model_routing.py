@@ -155,5 +155,6 @@ def test_a_backend_that_joins_or_learns_its_models_later_is_judged_on_what_it_se
     assert late in excluded  # joined while the claim waited: judged, and it does not serve alpha
     twin = registry.add(Backend(name="twin", url="http://twin", models=("alpha-2",)))
     assert twin not in excluded
-    late.health.served_models = ("alpha",)  # the poller replaced its discovered list
+    late.health.served_models = ("alpha",)  # the poller replaced its discovered list, and says so
+    registry.models_changed()
     assert late not in router.exclusion(_facts("alpha"), registry, ())

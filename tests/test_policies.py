@@ -18,7 +18,7 @@ from llmbalancer.scheduling.selectors.least_connections import LeastConnections
 from llmbalancer.scheduling.selectors.power_of_two import PowerOfTwo
 from llmbalancer.scheduling.selectors.prefix import Prefix
 from llmbalancer.scheduling.selectors.slot_aware import SlotAware
-from llmbalancer.scheduling.selectors.sticky import Sticky, session_key
+from llmbalancer.scheduling.selectors.sticky import Sticky, session_name
 from tests.support import occupy, wait_for
 
 
@@ -86,12 +86,12 @@ def test_power_of_two_picks_the_less_loaded_of_two() -> None:
 
 def test_session_key_order_header_then_user_then_system_name_then_client() -> None:
     body = {"model": "m", "user": "bob", "messages": [{"role": "system", "content": "The user is carol."}]}
-    assert session_key(facts(body, {"X-Session-ID": "s1"})).endswith("session:s1")
-    assert session_key(facts(body)).endswith("user:bob")
+    assert session_name(facts(body, {"X-Session-ID": "s1"})).endswith("session:s1")
+    assert session_name(facts(body)).endswith("user:bob")
     body.pop("user")
-    assert session_key(facts(body)).endswith("user:carol")
-    assert session_key(facts({"model": "m"})).endswith("client:10.0.0.1")
-    assert session_key(facts({"model": "m"})) != session_key(facts({"model": "other"}))
+    assert session_name(facts(body)).endswith("user:carol")
+    assert session_name(facts({"model": "m"})).endswith("client:10.0.0.1")
+    assert session_name(facts({"model": "m"})) != session_name(facts({"model": "other"}))
 
 
 def test_sticky_keeps_a_session_on_its_backend_then_fails_over_and_repins() -> None:

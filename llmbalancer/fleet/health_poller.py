@@ -146,9 +146,9 @@ class HealthPoller:
 
     def _update_slots(self, backend: Backend, seen: Observation) -> None:
         """Write the polled figures in place (``backend.health`` is this module's alone); wake queued
-        requests when capacity or the model list may have changed."""
+        requests when capacity may have changed (the registry wakes them when the model list does)."""
         health = backend.health
-        before = (health.slots_total, health.slots_external, health.gpu_busy, health.served_models)
+        before = (health.slots_total, health.slots_external, health.gpu_busy)
         health.gpu_busy = seen.gpu_busy
         if seen.slots_total is not None:
             health.slots_total = seen.slots_total
@@ -159,9 +159,10 @@ class HealthPoller:
         health.deferred = seen.deferred
         if seen.models is not None and seen.models != health.served_models:
             health.served_models = seen.models
+            self._registry.models_changed()
         if seen.kind is not None:
             health.detected_kind = seen.kind
-        if (health.slots_total, health.slots_external, health.gpu_busy, health.served_models) != before:
+        if (health.slots_total, health.slots_external, health.gpu_busy) != before:
             self._registry.notify_change()
 
     async def run(self) -> None:

@@ -23,6 +23,9 @@ class Registry:
     def __init__(self) -> None:
         self._backends: dict[str, Backend] = {}
         self._change: asyncio.Future[None] | None = None
+        # Moves whenever membership or any backend's model lists change: caches of "who serves model M"
+        # compare it instead of re-reading every backend per request.
+        self.models_version = 0
         self.circuit = Circuit()
         self.circuit.on_reopen = self.notify_change
         # Called with a backend that left rotation because it failed (not one draining): what waits on it
@@ -55,6 +58,7 @@ class Registry:
         if backend.name in self._backends:
             raise ValueError(f"backend {backend.name!r} is already registered")
         self._backends[backend.name] = backend
+        self.models_version += 1
         log.info("backend_added", backend=backend.name, url=backend.url, state=backend.state.value)
         self.notify_change()
         return backend
@@ -62,6 +66,7 @@ class Registry:
     def remove(self, name: str) -> None:
         backend = self._backends.pop(name, None)
         if backend is not None:
+            self.models_version += 1
             log.info("backend_removed", backend=name)
             for forget in self.on_removed:
                 forget(backend)
@@ -82,6 +87,11 @@ class Registry:
 
     def routable(self) -> list[Backend]:
         return [b for b in self._backends.values() if b.routable]
+
+    def models_changed(self) -> None:
+        """A backend's model lists changed (the poller discovered new ones, an update declared some)."""
+        self.models_version += 1
+        self.notify_change()  # a queued request for a model a backend now serves may take it
 
     # --- state --------------------------------------------------------------------------------
 

@@ -9,6 +9,10 @@ Two sources, so that nothing is added to the per-chunk loop:
 
 Each app owns its own ``CollectorRegistry``: several balancers in one process (the tests) never
 share a series.
+
+The ``model`` label comes from request bodies, so it names only models the fleet knows (``ModelLabels``);
+any other name a client sends is counted under ``model="other"``: a client inventing names cannot grow
+the exposition or the process.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from prometheus_client.utils import floatToGoString
 
 from llmbalancer.fleet.backend import BackendState
 from llmbalancer.fleet.registry import Registry
-from llmbalancer.relay.access import Access
+from llmbalancer.relay.access import MAX_TEXT, Access
+from llmbalancer.scheduling.model_routing import ModelRouter, instances, served_names
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -35,9 +40,8 @@ DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
-# The model label comes from request bodies: cap its distinct values so a client sending random
-# names cannot grow the exposition without bound.
-MAX_MODEL_LABELS = 100
+# Models named only by a route's pattern (``"qwen.*"`` names many) get their own label up to this many.
+MAX_ROUTED_LABELS = 100
 OTHER_MODEL = "other"
 
 
@@ -66,14 +70,52 @@ class _Histogram:
         return out
 
 
+class ModelLabels:
+    """The ``model`` label of a request: its model when a backend serves it (declared ``models`` or discovered
+    ``served_models``, instance aliases and Ollama's ``:latest`` as model routing reads them) or when a
+    ``routing.models`` pattern names it (the first ``MAX_ROUTED_LABELS`` such names, each at most
+    ``MAX_TEXT`` characters); else ``other``.
+
+    Per request: a set lookup. The served set is filled as names are asked for and emptied when the
+    registry's ``models_version`` moves (membership or a model list changed)."""
+
+    def __init__(self, registry: Registry, routing: ModelRouter | None = None) -> None:
+        self._registry = registry
+        self._routing = routing
+        self._version = -1
+        self._served: set[str] = set()
+        self._routed: set[str] = set()
+
+    def __call__(self, model: str | None) -> str:
+        if not model:
+            return ""
+        version = self._registry.models_version
+        if version != self._version:
+            self._version = version
+            self._served = set()
+        if model in self._served or model in self._routed:
+            return model
+        if any(instances(model, served_names(b)) for b in self._registry):
+            self._served.add(model)  # bounded: a few spellings of each name served
+            return model
+        routing = self._routing
+        if (
+            routing is not None and len(self._routed) < MAX_ROUTED_LABELS and len(model) <= MAX_TEXT
+            and routing.route_for(model) is not None
+        ):
+            self._routed.add(model)
+            return model
+        return OTHER_MODEL
+
+
 class Metrics:
     """Request counters and histograms as plain ints and lists, moved per request without any label
     lookup or lock (prometheus-client's cost per request); ``RequestCollector`` turns them into the
     exposition's families at scrape time, under the same names, labels and buckets."""
 
-    def __init__(self) -> None:
+    def __init__(self, backends: Registry, routing: ModelRouter | None = None) -> None:
         self.registry = CollectorRegistry()
-        self._models: set[str] = set()
+        self.model_label = ModelLabels(backends, routing)
         self.requests: dict[tuple[str, str, int], int] = defaultdict(int)  # (backend, model, status)
         self.duration: dict[str, _Histogram] = {}  # by backend
         self.ttft: dict[str, _Histogram] = {}
@@ -83,20 +125,10 @@ class Metrics:
         self.retries = 0
         self.registry.register(RequestCollector(self))
 
-    def _model_label(self, model: str | None) -> str:
-        if not model:
-            return ""
-        if model in self._models:
-            return model
-        if len(self._models) < MAX_MODEL_LABELS:
-            self._models.add(model)
-            return model
-        return OTHER_MODEL
-
     def observe(self, access: Access) -> None:
         """One finished request (``Proxy.on_complete``): a handful of dict updates, no I/O."""
         backend = access.backend or ""
-        model = self._model_label(access.model)
+        model = self.model_label(access.model)
         self.requests[backend, model, access.status] += 1
         started = access.started
         duration = self.duration.get(backend)

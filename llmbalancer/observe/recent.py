@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import deque
 from dataclasses import dataclass
 
+from llmbalancer.relay.access import MAX_TEXT, clip
 from llmbalancer.relay.proxy import Access
 
 
@@ -69,7 +71,8 @@ def from_access(access: Access, wall_offset: float | None = None) -> RecentReque
 class RecentRequests:
     """A bounded ring: appending is O(1) and the oldest entry falls off. It keeps the finished requests'
     ``Access`` records themselves (done with once observed) and makes ``RecentRequest``s only when read:
-    requests finish far more often than the snapshot is asked for."""
+    requests finish far more often than the snapshot is asked for. A record naming a long model, path or
+    error (a client's 1 MiB model name) is kept as a copy with those cut to ``MAX_TEXT`` characters."""
 
     def __init__(self, size: int) -> None:
         self._ring: deque[Access] = deque(maxlen=size)
@@ -77,6 +80,15 @@ class RecentRequests:
 
     def observe(self, access: Access) -> None:
         self.observed += 1
+        if (
+            len(access.path) > MAX_TEXT
+            or (access.model is not None and len(access.model) > MAX_TEXT)
+            or (access.error is not None and len(access.error) > MAX_TEXT)
+        ):
+            # A copy: the record is the other observers' too.
+            access = dataclasses.replace(
+                access, path=clip(access.path), model=clip(access.model), error=clip(access.error), usage_tail=b""
+            )
         self._ring.append(access)  # a deque of maxlen 0 keeps nothing
 
     def newest_first(self) -> list[RecentRequest]:

@@ -5,12 +5,28 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import overload
 
 import structlog
 
 from llmbalancer.fleet.usage import Tail, Usage, read_usage
 
 log = structlog.get_logger("llmbalancer.access")
+
+# Model names, paths and errors come from clients and backends: what is logged or kept of them is bounded.
+MAX_TEXT = 200
+
+
+@overload
+def clip(text: str, limit: int = MAX_TEXT) -> str: ...
+@overload
+def clip(text: None, limit: int = MAX_TEXT) -> None: ...
+def clip(text: str | None, limit: int = MAX_TEXT) -> str | None:
+    """``text`` cut to at most ``limit`` characters, ending with an ellipsis and its full length; else itself."""
+    if text is None or len(text) <= limit:
+        return text
+    tail = f"\u2026 ({len(text)} chars)"
+    return text[: max(0, limit - len(tail))] + tail
 
 
 @dataclass(slots=True)
@@ -44,8 +60,8 @@ class Access:
             "request",
             request_id=self.request_id,
             method=self.method,
-            path=self.path,
-            model=self.model,
+            path=clip(self.path),
+            model=clip(self.model),
             backend=self.backend,
             status=self.status,
             attempts=self.attempts,
@@ -56,7 +72,7 @@ class Access:
             prompt_tokens=self.prompt_tokens,
             completion_tokens=self.completion_tokens,
             cached_tokens=self.cached_tokens,
-            error=self.error,
+            error=clip(self.error),
             attempt_errors=self.attempt_errors,
         )
 

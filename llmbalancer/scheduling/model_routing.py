@@ -23,7 +23,6 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Collection, Iterable, Iterator
-from typing import Any
 
 from llmbalancer import errors
 from llmbalancer.config import Config, ModelRoute, RoutingConfig
@@ -41,6 +40,7 @@ MODEL_ROUTES = frozenset(
 _ALIAS = re.compile(r"(?P<base>.+)-(?P<n>[2-9]|[1-9][0-9]+)")
 _LATEST = ":latest"
 _CACHED_MODELS = 256
+_CACHED_NAME_CHARS = 256
 
 
 def served_names(backend: Backend) -> tuple[str, ...]:
@@ -88,7 +88,7 @@ class ModelRouter:
         self._races = any(route.race > 1 for route in routing.models)
         # Several instances on one backend take turns (the backend sees each by its own name).
         self._turns: dict[tuple[str, str], Iterator[int]] = {}
-        self._allowed: dict[str, tuple[tuple[Any, ...], frozenset[Backend]]] = {}
+        self._allowed: dict[str, tuple[int, frozenset[Backend]]] = {}
 
     @staticmethod
     def model_of(facts: RequestFacts) -> str | None:
@@ -126,12 +126,14 @@ class ModelRouter:
 
     def allowed(self, model: str, backends: Registry) -> frozenset[Backend]:
         """``eligible`` as a set, cached per model until membership or a backend's model lists change
-        (an identity comparison of each backend's lists: the poller replaces them, never edits)."""
-        seen = tuple((b, b.models, b.health.served_models) for b in backends)
+        (``Registry.models_version``)."""
+        seen = backends.models_version
         cached = self._allowed.get(model)
         if cached is not None and cached[0] == seen:
             return cached[1]
         allowed = frozenset(self.eligible(model, backends))
+        if len(model) > _CACHED_NAME_CHARS:
+            return allowed  # the cache keeps names: not a client's megabyte-long one
         if len(self._allowed) >= _CACHED_MODELS:
             self._allowed.clear()  # clients naming ever new models must not grow it without bound
         self._allowed[model] = (seen, allowed)

@@ -16,7 +16,8 @@ from llmbalancer.scheduling.selectors.base import RequestFacts, Selector
 
 
 def stable_weight(key: str, backend_name: str) -> int:
-    digest = hashlib.blake2b(f"{key}\x00{backend_name}".encode(), digest_size=8).digest()
+    # surrogatepass: aiohttp decodes header bytes that are not UTF-8 as lone surrogates.
+    digest = hashlib.blake2b(f"{key}\x00{backend_name}".encode(errors="surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "big")
 
 

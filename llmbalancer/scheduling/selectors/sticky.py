@@ -9,11 +9,13 @@ A pin lasts ``ttl`` seconds (default 180) after the session's last request. When
 is not among the candidates (unhealthy, draining, gone, or with no free slot) the inner policy picks
 and the session is re-pinned there; whether to wait for a full server instead is the inner policy's
 ``hold_for`` (``sticky:prefix`` may wait). Pins live in an LRU map bounded to ``max_sessions``;
-expired pins are dropped as new ones are made.
+expired pins are dropped as new ones are made. A pin is keyed by a 16-byte digest of the session key,
+never the client's string: a megabyte-long ``user`` costs the map what a short one does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 from collections import OrderedDict
@@ -37,7 +39,8 @@ def _system_text(facts: RequestFacts) -> str | None:
     return None
 
 
-def session_key(facts: RequestFacts) -> str:
+def session_name(facts: RequestFacts) -> str:
+    """The session as the client named it (readable, unbounded): what ``session_key`` digests."""
     model = facts.model or ""
     header = facts.headers.get("X-Session-ID")
     if header:
@@ -51,6 +54,10 @@ def session_key(facts: RequestFacts) -> str:
         if found:
             return f"{model}\x00user:{found.group(1).rstrip('.')}"
     return f"{model}\x00client:{facts.client}"
+
+
+def session_key(facts: RequestFacts) -> bytes:
+    return hashlib.blake2b(session_name(facts).encode(errors="surrogatepass"), digest_size=16).digest()
 
 
 class Sticky(Selector):
@@ -67,14 +74,24 @@ class Sticky(Selector):
         self._ttl = ttl
         self._max = max_sessions
         self._clock = clock
-        self._pins: OrderedDict[str, tuple[str, float]] = OrderedDict()  # key -> (backend, expiry)
+        self._pins: OrderedDict[bytes, tuple[str, float]] = OrderedDict()  # key -> (backend, expiry)
+        # pinned() and claimed() ask about one request in turn: its key is digested once.
+        self._keyed: tuple[RequestFacts, bytes] | None = None
+
+    def _key(self, facts: RequestFacts) -> bytes:
+        keyed = self._keyed
+        if keyed is not None and keyed[0] is facts:
+            return keyed[1]
+        key = session_key(facts)
+        self._keyed = (facts, key)
+        return key
 
     def entries_count(self) -> int:
         """Sessions pinned now (for the snapshot; expired pins are dropped as new ones are made)."""
         return len(self._pins)
 
     def pinned(self, facts: RequestFacts) -> str | None:
-        pin = self._pins.get(session_key(facts))
+        pin = self._pins.get(self._key(facts))
         if pin is None or pin[1] < self._clock():
             return None
         return pin[0]
@@ -97,7 +114,7 @@ class Sticky(Selector):
 
     def claimed(self, backend: Backend, facts: RequestFacts) -> None:
         now = self._clock()
-        key = session_key(facts)
+        key = self._key(facts)
         self._pins[key] = (backend.name, now + self._ttl)
         self._pins.move_to_end(key)
         # Oldest first: refreshed pins move to the end, so expired ones gather at the front.
