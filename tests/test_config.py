@@ -337,3 +337,22 @@ def test_the_example_config_shows_every_key_of_a_backend_an_instance_and_a_route
     for model in (BackendConfig, InstanceConfig, ModelRoute):
         for key in model.model_fields:
             assert re.search(rf"^#\s+(- )?{key}:|[{{ ]{key}:", text, re.MULTILINE), f"{model.__name__}.{key}"
+
+
+def test_a_route_written_as_a_mapping_is_named_by_its_index_and_line(tmp_path: Path) -> None:
+    config_file = _write(
+        tmp_path, "routes.yaml",
+        "backends: [http://127.0.0.1:1=a]\n"   # 1
+        "routing:\n"                           # 2
+        "  models:\n"                          # 3
+        "    'x.*': [a]\n"                     # 4
+        "    'y.*':\n"                         # 5
+        "      race: 0\n"                      # 6
+        "    'z.*': {backends: [a, 5]}\n",     # 7
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_file=config_file, environ={})
+    assert [str(p) for p in caught.value.problems] == [
+        "routing.models[1].race (line 6): must be at least 1, got 0",
+        "routing.models[2].backends (line 7): names unknown backend(s) 5 for 'z.*'",
+    ]

@@ -54,7 +54,7 @@ def _index_lines(node: yaml.Node | None, prefix: str, lines: dict[str, int]) -> 
             if isinstance(value_node, yaml.MappingNode):
                 _index_lines(value_node, route, lines)
             else:
-                lines[f"{route}.backends"] = value_node.start_mark.line + 1
+                lines[f"{route}.backends"] = key_node.start_mark.line + 1
                 _index_lines(value_node, f"{route}.backends", lines)
     elif isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
@@ -114,7 +114,7 @@ def environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
 def without_settings(environ: Mapping[str, str]) -> dict[str, str]:
     """The environment less the variables that set configuration keys: what ``${VAR}`` and ``PATH``
     are read from when only a file is checked (``check-config``)."""
-    return {k: v for k, v in environ.items() if k not in environment_layer({k: v})}
+    return {k: v for k, v in environ.items() if not environment_layer({k: v})}
 
 
 # --- where each key came from ------------------------------------------------------------------
