@@ -356,3 +356,12 @@ def test_a_route_written_as_a_mapping_is_named_by_its_index_and_line(tmp_path: P
         "routing.models[1].race (line 6): must be at least 1, got 0",
         "routing.models[2].backends (line 7): names unknown backend(s) 5 for 'z.*'",
     ]
+
+
+def test_a_section_or_list_left_empty_reads_as_its_default(tmp_path: Path) -> None:
+    config_file = _write(tmp_path, "empty.yaml", "server:\n#  port: 1\nbackends:\nrouting:\n  models:\n1: x\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_file=config_file, environ={})
+    assert [(p.key, p.line) for p in caught.value.problems] == [("1", 6)]  # a key that is a number: unknown
+    config_file = _write(tmp_path, "empty.yaml", "server:\n#  port: 1\nbackends:\nrouting:\n  models:\n")
+    assert load_config(config_file=config_file, environ={}) == Config()

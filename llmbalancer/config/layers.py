@@ -43,7 +43,16 @@ def load_yaml(path: str) -> tuple[dict[str, Any], dict[str, int]]:
         raise ConfigError([Problem("config", f"{path} must hold a mapping at the top level", 1)])
     lines: dict[str, int] = {}
     _index_lines(node, "", lines)
-    return data, lines
+    return _string_keys(data), lines
+
+
+def _string_keys(value: Any) -> Any:
+    """Every key is a name: ``1: x`` is the (unknown) key ``1``, as the line index has it."""
+    if isinstance(value, dict):
+        return {str(k): _string_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_string_keys(v) for v in value]
+    return value
 
 
 def _index_lines(node: yaml.Node | None, prefix: str, lines: dict[str, int]) -> None:

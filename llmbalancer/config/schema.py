@@ -52,6 +52,22 @@ class Section(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_default(cls, data: Any) -> Any:
+        # `server:` or `backends:` with everything under it commented out reads as null: its default.
+        if not isinstance(data, Mapping):
+            return data
+        fields = cls.model_fields
+        return {
+            k: v for k, v in data.items()
+            if v is not None or k not in fields or not _is_container(fields[k].default, fields[k].default_factory)
+        }
+
+
+def _is_container(default: Any, factory: Any) -> bool:
+    return factory is not None or isinstance(default, tuple)
+
 
 class ServerConfig(Section):
     host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 is a choice you make")
