@@ -57,11 +57,13 @@ def validate(raw: Mapping[str, Any]) -> Validated:
         try:
             config = Config.model_validate(pruned)
         except ValidationError as exc:
+            dropped = set()
             for error in exc.errors():
                 path = _original(error["loc"], kept)
                 if round_ == 0:
                     problems.append(Problem(dotted(path), message(error, path)))
-                drops.add(_present(raw, path, drops))
+                dropped.add(_present(raw, path, drops))
+            drops |= dropped
         else:
             return Validated(config, problems, kept, lengths)
     return Validated(Config(), problems)
