@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from llmbalancer import __version__
-from llmbalancer.config import DEFAULT_COMMANDS_FILE, LOG_FORMATS, LOG_LEVELS, Config, ConfigError
+from llmbalancer.config import DEFAULT_COMMANDS_FILE, LOG_FORMATS, LOG_LEVELS, Config, ConfigError, without_settings
 from llmbalancer.configure import load_config
 from llmbalancer.scheduling.selectors import POLICIES
 
@@ -172,7 +172,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    config: Config = load_config(config_file=args.file, environ={})
+    # The file alone: no LLMBALANCER_* layered over it; the rest of the environment is what ${VAR} and
+    # PATH (an instance's executable must be there) are read from, as `serve` would.
+    config: Config = load_config(config_file=args.file, environ=without_settings(os.environ), check_executables=True)
     print(yaml.safe_dump(config.as_dict(), sort_keys=False), end="")
     return 0
 

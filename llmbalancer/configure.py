@@ -28,12 +28,15 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
     default_commands_file: str | None = None,
+    check_executables: bool = False,
 ) -> Config:
-    """``build_config`` with the domain's cross-checks; raises ``ConfigError`` listing every problem."""
+    """``build_config`` with the domain's cross-checks; raises ``ConfigError`` listing every problem.
+    ``check_executables`` (``check-config``): an instance whose executable is missing is one too."""
     return build_config(
         config_file=config_file,
         environ=environ,
         overrides=overrides,
         default_commands_file=default_commands_file,
         checks=CHECKS,
+        check_executables=check_executables,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,63 @@ def test_default_commands_file_is_ignored_when_a_backend_is_given(tmp_path: Path
 def test_a_missing_default_commands_file_is_no_error(tmp_path: Path) -> None:
     config = load_config(environ={}, overrides={}, default_commands_file=str(tmp_path / "absent.txt"))
     assert config.instances == () and fleet_sources(config) == []
+
+
+def test_yaml_instance_commands_expand_variables_as_a_commands_file_does(tmp_path: Path) -> None:
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(
+        "instances:\n"
+        "  - command: ${BIN}/llama-server --port 9100 -m '${MODELS}/a b.gguf'\n"
+        "  - command: [\"${BIN}/llama-server\", --port, '9101']\n"
+    )
+    config = load_config(config_file=str(config_file), environ={"BIN": "/opt/bin", "MODELS": "/m"})
+    assert [i.command for i in config.instances] == [
+        ("/opt/bin/llama-server", "--port", "9100", "-m", "/m/a b.gguf"),
+        ("/opt/bin/llama-server", "--port", "9101"),
+    ]
+    assert config.instances[0].name == "llama-server-9100"
+
+
+def test_an_undefined_variable_in_a_yaml_instance_names_its_key_and_line(tmp_path: Path) -> None:
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text("server:\n  port: 9000\ninstances:\n  - command: ${NOPE}/llama-server --port 9100\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_file=str(config_file), environ={})
+    (problem,) = caught.value.problems
+    assert str(problem) == "instances[0].command (line 4): undefined environment variable(s): NOPE"
+
+
+def test_a_commands_file_problem_names_the_key_naming_the_file_and_the_files_line(tmp_path: Path) -> None:
+    commands = tmp_path / "cmds.txt"
+    commands.write_text("/bin/a --port 8080\n/bin/b -m ${NOPE}\n/bin/c --port 8080\n")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(f"logging:\n  level: info\nsupervisor:\n  commands_file: {commands}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_file=str(config_file), environ={})
+    assert [str(p) for p in caught.value.problems] == [  # every problem of the file, not the first
+        f"supervisor.commands_file (line 4): {commands} line 2: undefined environment variable(s): NOPE",
+        f"instances[1] (line 4, from {commands} line 3): listens on port 8080, as does instances[0] "
+        "(/bin/c --port 8080)",
+    ]
+
+
+def test_a_missing_executable_is_a_problem_only_when_asked_for(tmp_path: Path) -> None:
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(
+        "instances:\n"
+        f"  - command: [{sys.executable}, --port, '9100']\n"
+        "  - command: no-such-server-binary --port 9101\n"
+        "  - command: ./server --port 9102\n"
+        f"    cwd: {tmp_path}\n"
+        f"  - command: {config_file} --port 9103\n"
+    )
+    environ = {"PATH": str(tmp_path)}
+    config = load_config(config_file=str(config_file), environ=environ)  # as serve: the others start
+    assert len(config.instances) == 4
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_file=str(config_file), environ=environ, check_executables=True)
+    assert [str(p) for p in caught.value.problems] == [
+        "instances[1].command (line 3): executable 'no-such-server-binary' not found on PATH",
+        f"instances[2].command (line 4): executable './server' does not exist (relative to {tmp_path})",
+        f"instances[3].command (line 6): '{config_file}' is not executable",
+    ]

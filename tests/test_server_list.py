@@ -109,3 +109,25 @@ async def test_the_readme_routes_send_each_model_where_llama_balancer_sent_it(tm
                     assert reply.status == 200, await reply.text()
         assert dict(pc1.served) == {"gpt-oss:20b-64k": 2, "gpt-oss:20b-128k-q8": 2}
         assert dict(pc2.served) == {"gpt-oss:20b-64k": 2, "llama3": 2}
+
+
+def test_a_server_list_problem_names_the_line_that_names_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path, json.dumps({"servers": {"PC1": {"addr": "192.168.1.20", "model-port": 8081}}}))
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(f"server:\n  port: 9000\nserver_list: {path}\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_file=str(config_file), environ={})
+    (problem,) = caught.value.problems
+    assert str(problem).startswith("server_list.servers.PC1.addr (line 3): must be a base URL")
+
+
+def test_a_route_from_the_server_list_is_located_in_that_file(tmp_path: Path) -> None:
+    data = json.loads(README_EXAMPLE)
+    data["models"]["x.*"] = ["PC9"]
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ={"SERVER_LIST_JSON": _write(tmp_path, json.dumps(data))})
+    (problem,) = caught.value.problems
+    assert str(problem) == (
+        f"routing.models[2].backends (from {tmp_path}/server-list.json (SERVER_LIST_JSON)): "
+        "names unknown backend(s) PC9 for 'x.*'"
+    )

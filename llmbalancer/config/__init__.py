@@ -1,20 +1,16 @@
-"""Configuration: the schema (typed, frozen), loading and layering (YAML with line numbers, the
-environment, flags), and the fleet formats it imports (commands file, ``server-list.json``, backends file).
+"""Configuration: the schema (pydantic models, frozen: ``schema.py``), loading and layering (YAML with
+line numbers, the environment, flags: ``layers.py``), validation into problems by key and line
+(``validation.py``), and the fleet formats it imports after that (``fleet.py``: commands file,
+``server-list.json``, backends file).
 
 Owns: every key and its default, validation, and error reporting by key and YAML line.
 May import: nothing else of llmbalancer (domain cross-checks are passed in: ``llmbalancer.configure``).
 """
 
-from llmbalancer.config.loading import (
-    ENV_KEYS,
-    build_config,
-    default_backend_name,
-    environment_overrides,
-    fleet_sources,
-    load_yaml,
-    parse_backend_spec,
-    read_backends_file,
-)
+from llmbalancer.config.fleet import fleet_sources, read_backends_file
+from llmbalancer.config.layers import ENV_KEYS, environment_overrides, load_yaml, without_settings
+from llmbalancer.config.loading import build_config
+from llmbalancer.config.problems import ConfigError, Problem
 from llmbalancer.config.schema import (
     BACKEND_KINDS,
     DEFAULT_COMMANDS_FILE,
@@ -24,7 +20,6 @@ from llmbalancer.config.schema import (
     BackendConfig,
     CircuitConfig,
     Config,
-    ConfigError,
     GpuConfig,
     HealthConfig,
     InstanceConfig,
@@ -32,13 +27,14 @@ from llmbalancer.config.schema import (
     ModelRoute,
     MonitorConfig,
     PolicyConfig,
-    Problem,
     QueueConfig,
     RetryConfig,
     RoutingConfig,
     ServerConfig,
     SupervisorConfig,
     TimeoutsConfig,
+    default_backend_name,
+    parse_backend_spec,
 )
 
 __all__ = [
@@ -73,4 +69,5 @@ __all__ = [
     "load_yaml",
     "parse_backend_spec",
     "read_backends_file",
+    "without_settings",
 ]

@@ -2,7 +2,7 @@
 
 One command per line, as the original llamafile balancer read them::
 
-    # comments and blank lines are ignored; ${VAR} comes from the environment
+    # comments and blank lines are ignored; ${VAR} comes from the environment (an undefined one is an error)
     ${HOME}/bin/llamafile --server --nobrowser --host 0.0.0.0 --port 8080 -m gemma.gguf --alias gemma1
 
 A line is split like a shell would (``shlex``) but never run through one. Its backend URL comes from
@@ -12,15 +12,17 @@ executable and port. The same resolution applies to ``instances:`` written in th
 
 from __future__ import annotations
 
-import dataclasses
+import os
 import re
 import shlex
+import shutil
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from llmbalancer.config.schema import ConfigError, InstanceConfig, Problem
+from llmbalancer.config.problems import ConfigError, Problem
+from llmbalancer.config.schema import InstanceConfig
 
 KEY = "supervisor.commands_file"
 # llama-server's and llamafile's own defaults when a command does not say.
@@ -31,40 +33,87 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def read_commands_file(path: str, environ: Mapping[str, str]) -> list[InstanceConfig]:
+def expand_variables(tokens: Sequence[str], environ: Mapping[str, str]) -> tuple[tuple[str, ...], list[str]]:
+    """Each ``${VAR}`` replaced by its value in ``environ``; and the undefined ones, sorted (when there
+    are any, the tokens come back as they were). The one expansion of both a commands file's lines and
+    the YAML's ``instances[].command``, after the split (a value with spaces stays one argument)."""
+    missing = sorted({name for token in tokens for name in _VAR.findall(token) if name not in environ})
+    if missing:
+        return tuple(tokens), missing
+    return tuple(_VAR.sub(lambda match: environ[match.group(1)], token) for token in tokens), []
+
+
+def has_variable(token: str) -> bool:
+    return _VAR.search(token) is not None
+
+
+def undefined_message(names: Sequence[str]) -> str:
+    return f"undefined environment variable(s): {', '.join(names)}"
+
+
+def read_commands_text(path: str) -> str:
     try:
-        text = Path(path).read_text()
+        return Path(path).read_text()
     except OSError as exc:
         raise ConfigError([Problem(KEY, f"cannot read {path}: {exc.strerror}")]) from exc
-    return parse_commands(text, environ, path)
+
+
+def read_commands_file(path: str, environ: Mapping[str, str]) -> list[InstanceConfig]:
+    return parse_commands(read_commands_text(path), environ, path)
 
 
 def parse_commands(text: str, environ: Mapping[str, str], source: str = "commands file") -> list[InstanceConfig]:
-    """Every problem is collected, each with its line, and raised together as one ConfigError."""
-    instances: list[InstanceConfig] = []
+    """Every problem is collected, each with its line (in ``line`` and in the message), and raised
+    together as one ConfigError."""
+    instances, problems = scan_commands(text, environ, source)
+    if problems:
+        raise ConfigError(problems)
+    return [instance for _, instance in instances]
+
+
+def scan_commands(
+    text: str, environ: Mapping[str, str], source: str = "commands file"
+) -> tuple[list[tuple[int, InstanceConfig]], list[Problem]]:
+    """The instances of the lines that are valid, each with its line; and the others' problems."""
+    instances: list[tuple[int, InstanceConfig]] = []
     problems: list[Problem] = []
     for number, line in enumerate(text.splitlines(), start=1):
+        where = f"{source} line {number}"
         try:
             tokens = shlex.split(line, comments=True)
         except ValueError as exc:  # an unclosed quote
-            problems.append(Problem(KEY, f"{source}: cannot split the command: {exc}", number))
+            problems.append(Problem(KEY, f"{where}: cannot split the command: {exc}", number))
             continue
         if not tokens:
             continue
-        missing = sorted({name for token in tokens for name in _VAR.findall(token) if name not in environ})
+        command, missing = expand_variables(tokens, environ)
         if missing:
-            problems.append(Problem(KEY, f"{source}: undefined environment variable(s): {', '.join(missing)}", number))
+            problems.append(Problem(KEY, f"{where}: {undefined_message(missing)}", number))
             continue
-        command = tuple(_VAR.sub(lambda match: environ[match.group(1)], token) for token in tokens)
         try:
             command_address(command)
         except ValueError as exc:
-            problems.append(Problem(KEY, f"{source}: {exc}", number))
+            problems.append(Problem(KEY, f"{where}: {exc}", number))
             continue
-        instances.append(InstanceConfig(command=command))
-    if problems:
-        raise ConfigError(problems)
-    return instances
+        instances.append((number, InstanceConfig(command=command)))
+    return instances, problems
+
+
+def executable_problem(command: Sequence[str], environ: Mapping[str, str], cwd: str | None = None) -> str | None:
+    """Why ``command[0]`` cannot be started, as the supervisor would start it (searched on the ``PATH``
+    of ``environ`` when it names no directory, else relative to ``cwd``), or None."""
+    program = command[0]
+    if os.sep not in program:
+        if shutil.which(program, path=environ.get("PATH", os.defpath)) is None:
+            return f"executable {program!r} not found on PATH"
+        return None
+    path = Path(cwd or ".") / program  # an absolute one stays itself
+    if not path.exists():
+        relative = f" (relative to {cwd})" if cwd and path != Path(program) else ""
+        return f"executable {program!r} does not exist{relative}"
+    if not path.is_file() or not os.access(path, os.X_OK):
+        return f"{program!r} is not executable"
+    return None
 
 
 def _flag_value(command: Sequence[str], *flags: str) -> str | None:
@@ -135,7 +184,7 @@ def resolve_instances(instances: Sequence[InstanceConfig]) -> tuple[tuple[Instan
         except ValueError as exc:
             problems.append(Problem(f"{key}.command", str(exc)))
             continue
-        valid.append((index, dataclasses.replace(instance, url=url)))
+        valid.append((index, instance.model_copy(update={"url": url})))
 
     defaults = Counter(_default_name(i.command) for _, i in valid if not i.name)
     resolved: list[InstanceConfig] = []
@@ -160,5 +209,5 @@ def resolve_instances(instances: Sequence[InstanceConfig]) -> tuple[tuple[Instan
         if port is not None:
             ports[port] = index
         names[name] = index
-        resolved.append(dataclasses.replace(instance, name=name))
+        resolved.append(instance.model_copy(update={"name": name}))
     return tuple(resolved), problems

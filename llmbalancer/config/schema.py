@@ -1,219 +1,302 @@
-"""Configuration: parsed and validated once, at the edge, into frozen dataclasses.
+"""Configuration: every key, its type, bounds and default, as frozen pydantic models (the reference for
+every key; ``config.example.yaml`` shows them as YAML).
 
 Sources, lowest precedence first: built-in defaults, the YAML file (``--config``), the environment
-(``LLMBALANCER_*``), command-line flags. Every problem found is collected and reported together as
-``ConfigError``, each naming its key (and YAML line where known). Nothing deeper in the program
-reads raw dicts or the environment.
+(``LLMBALANCER_*``), command-line flags (``loading.py``). Unknown keys are errors. Nothing deeper in the
+program reads raw dicts or the environment; the models are read by plain attribute access.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import shlex
+import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-LOG_FORMATS = ("auto", "console", "json")
-LOG_LEVELS = ("debug", "info", "warning", "error")
-BACKEND_KINDS = ("auto", "llamacpp", "llamafile", "ollama", "openai", "llmbalancer")
-RESTART_MODES = ("always", "on-failure", "never")
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
-
-def _choices(*values: str) -> dict[str, Any]:
-    return {"choices": values}
-
-
-def _at_least(minimum: float) -> dict[str, Any]:
-    return {"min": minimum}
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = field(default=8088, metadata={"min": 0, "max": 65535})
-    max_body_bytes: int = field(default=16 * 1024 * 1024, metadata=_at_least(1))
-    drain_timeout: float = field(default=30.0, metadata=_at_least(0))
-
-
-@dataclass(frozen=True)
-class PolicyConfig:
-    name: str = "slot_aware"
-    inner: str | None = None
-    # What `hash` hashes: "client" (the client address) or "header:<Name>".
-    hash_key: str = "client"
-    # `sticky`: how long a session stays pinned to its backend after its last request.
-    sticky_ttl: float = field(default=180.0, metadata=_at_least(0))
-    # `prefix`: see llmbalancer/selectors/prefix.py for what each does.
-    prefix_block_chars: int = field(default=64, metadata=_at_least(8))
-    prefix_min_match_blocks: int = field(default=4, metadata=_at_least(1))
-    prefix_max_imbalance: int = field(default=2, metadata=_at_least(0))
-    prefix_max_blocks: int = field(default=65536, metadata=_at_least(16))
-    prefix_max_wait: float = field(default=1.0, metadata=_at_least(0))
-    prefix_protect_histories: bool = True
-
-
-@dataclass(frozen=True)
-class BackendConfig:
-    url: str
-    name: str = ""
-    kind: str = field(default="auto", metadata=_choices(*BACKEND_KINDS))
-    max_concurrency: int | None = field(default=None, metadata=_at_least(1))
-    models: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class InstanceConfig:
-    command: tuple[str, ...]
-    name: str = ""
-    url: str = ""
-    env: Mapping[str, str] = field(default_factory=dict)
-    cwd: str | None = None
-    restart: str = field(default="always", metadata=_choices(*RESTART_MODES))
-    ready_timeout: float = field(default=120.0, metadata=_at_least(0))
-
+LogFormat = Literal["auto", "console", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+BackendKind = Literal["auto", "llamacpp", "llamafile", "ollama", "openai", "llmbalancer"]
+RestartMode = Literal["always", "on-failure", "never"]
+LOG_FORMATS: tuple[str, ...] = typing.get_args(LogFormat)
+LOG_LEVELS: tuple[str, ...] = typing.get_args(LogLevel)
+BACKEND_KINDS: tuple[str, ...] = typing.get_args(BackendKind)
+RESTART_MODES: tuple[str, ...] = typing.get_args(RestartMode)
 
 # Launched by `serve` when no fleet source is given at all (as the original llamafile balancer did).
 DEFAULT_COMMANDS_FILE = "llamafile_commands.txt"
 
 
-@dataclass(frozen=True)
-class SupervisorConfig:
-    commands_file: str | None = None
-    output_dir: str = "llamafile_outputs"
-    stop_grace: float = field(default=10.0, metadata=_at_least(0))
-    log_max_bytes: int = field(default=10 * 1024 * 1024, metadata=_at_least(1024))
-    log_backups: int = field(default=3, metadata=_at_least(0))
-    # Admin stop/restart: how long to wait for an instance's in-flight requests before signalling it.
-    drain_timeout: float = field(default=30.0, metadata=_at_least(0))
-    # Restart delay: `restart_backoff` seconds, doubling per crash up to `restart_backoff_max`; back to
-    # the start once an instance has stayed ready for `backoff_reset` seconds.
-    restart_backoff: float = field(default=1.0, metadata=_at_least(0))
-    restart_backoff_max: float = field(default=60.0, metadata=_at_least(0))
-    backoff_reset: float = field(default=30.0, metadata=_at_least(0))
-    # More than `max_restarts` crashes within `restart_window` seconds: the instance is marked failed.
-    max_restarts: int = field(default=5, metadata=_at_least(0))
-    restart_window: float = field(default=300.0, metadata=_at_least(0))
-
-
-@dataclass(frozen=True)
-class TimeoutsConfig:
-    connect: float = field(default=5.0, metadata=_at_least(0.001))
-    first_byte: float = field(default=300.0, metadata=_at_least(0.001))
-    idle: float = field(default=120.0, metadata=_at_least(0.001))
-    health: float = field(default=2.0, metadata=_at_least(0.001))
-
-
-@dataclass(frozen=True)
-class RetryConfig:
-    attempts: int = field(default=3, metadata=_at_least(1))
-
-
-@dataclass(frozen=True)
-class HealthConfig:
-    interval: float = field(default=1.0, metadata=_at_least(0.05))
-    window: float = field(default=5.0, metadata=_at_least(0))
-
-
-@dataclass(frozen=True)
-class CircuitConfig:
-    """Passive health (llmbalancer/circuit.py): eject a backend whose requests keep failing."""
-
-    failures: int = field(default=3, metadata=_at_least(1))
-    cooldown: float = field(default=5.0, metadata=_at_least(0))
-    cooldown_max: float = field(default=60.0, metadata=_at_least(0))
-
-
-@dataclass(frozen=True)
-class QueueConfig:
-    """The admission queue: requests wait here, per model, while every eligible backend is full."""
-
-    max_size: int = field(default=100, metadata=_at_least(0))
-    timeout: float = field(default=30.0, metadata=_at_least(0))
-
-
-@dataclass(frozen=True)
-class LoggingConfig:
-    format: str = field(default="auto", metadata=_choices(*LOG_FORMATS))
-    level: str = field(default="info", metadata=_choices(*LOG_LEVELS))
-
-
-@dataclass(frozen=True)
-class GpuConfig:
-    # /llmhealth says busy when the highest GPU utilisation over `window` reaches this percentage.
-    busy_threshold: float = field(default=50.0, metadata={"min": 0, "max": 100})
-    interval: float = field(default=1.0, metadata=_at_least(0.05))
-    window: float = field(default=5.0, metadata=_at_least(0.05))
-
-
-@dataclass(frozen=True)
-class MonitorConfig:
-    # Finished requests kept for the snapshot and the monitor page.
-    recent_requests: int = field(default=50, metadata=_at_least(0))
-
-
-@dataclass(frozen=True)
-class ModelRoute:
-    """Requests whose model matches ``pattern`` in full go to ``backends`` (see model_routing.py)."""
-
-    pattern: str
-    # Empty: every backend that serves the model (a route that only sets `race`).
-    backends: tuple[str, ...] = ()
-    # Send each request to this many backends at once and keep the first to answer (racing.py).
-    race: int = field(default=1, metadata=_at_least(1))
-
-
-@dataclass(frozen=True)
-class RoutingConfig:
-    # Ordered, first full match wins; written in YAML as a mapping `pattern: [backend, ...]`.
-    models: tuple[ModelRoute, ...] = ()
-    # The backend for a model that no route matches and no backend is known to serve.
-    fallback: str | None = None
-
-
-@dataclass(frozen=True)
-class Config:
-    server: ServerConfig = field(default_factory=ServerConfig)
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
-    backends: tuple[BackendConfig, ...] = ()
-    backends_file: str | None = None
-    instances: tuple[InstanceConfig, ...] = ()
-    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
-    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
-    retries: RetryConfig = field(default_factory=RetryConfig)
-    health: HealthConfig = field(default_factory=HealthConfig)
-    queue: QueueConfig = field(default_factory=QueueConfig)
-    circuit: CircuitConfig = field(default_factory=CircuitConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    gpu: GpuConfig = field(default_factory=GpuConfig)
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)
-    routing: RoutingConfig = field(default_factory=RoutingConfig)
-    # llama-balancer's server-list.json, imported as backends and routes (llmbalancer/server_list.py).
-    server_list: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+def _not_bool(value: Any) -> Any:
+    # pydantic's lax mode reads `true` as 1; a number written as a boolean is a mistake.
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, got {value!r}")
     return value
 
 
-@dataclass(frozen=True)
-class Problem:
-    key: str
-    message: str
-    line: int | None = None
-
-    def __str__(self) -> str:
-        where = f" (line {self.line})" if self.line else ""
-        return f"{self.key or '<root>'}{where}: {self.message}"
+def _one_or_many(value: Any) -> Any:
+    return (value,) if isinstance(value, str) else value
 
 
-class ConfigError(Exception):
-    def __init__(self, problems: list[Problem]) -> None:
-        self.problems = problems
-        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+Count = Annotated[int, BeforeValidator(_not_bool)]
+Seconds = Annotated[float, BeforeValidator(_not_bool)]
+Number = Annotated[float, BeforeValidator(_not_bool)]
+# A list of names; one name may be written without the list.
+Names = Annotated[tuple[str, ...], BeforeValidator(_one_or_many)]
+
+
+class Section(BaseModel):
+    """Frozen, unknown keys refused; a number is read as a string where a string is expected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_default(cls, data: Any) -> Any:
+        # `server:` or `backends:` with everything under it commented out reads as null: its default.
+        if not isinstance(data, Mapping):
+            return data
+        fields = cls.model_fields
+        return {
+            k: v for k, v in data.items()
+            if v is not None or k not in fields or not _is_container(fields[k].default, fields[k].default_factory)
+        }
+
+
+def _is_container(default: Any, factory: Any) -> bool:
+    return factory is not None or isinstance(default, tuple)
+
+
+class ServerConfig(Section):
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 is a choice you make")
+    port: Count = Field(8088, ge=0, le=65535, description="port to bind")
+    max_body_bytes: Count = Field(16 * 1024 * 1024, ge=1, description="larger request bodies get 413")
+    drain_timeout: Seconds = Field(30.0, ge=0, description="seconds in-flight requests may finish after SIGTERM")
+    keepalive_timeout: Seconds = Field(75.0, gt=0, description="seconds an idle client connection is kept open")
+    header_timeout: Seconds = Field(60.0, gt=0, description="seconds a client has to send a request's headers")
+    body_timeout: Seconds = Field(60.0, gt=0, description="seconds a client has to send a request's body")
+
+
+class PolicyConfig(Section):
+    name: str = Field("slot_aware", description="the routing policy (`sticky:prefix` = sticky wrapping prefix)")
+    inner: str | None = Field(None, description="the policy `sticky` wraps (default slot_aware)")
+    hash_key: str = Field("client", description="what `hash` hashes: client (the address) or header:<Name>")
+    sticky_ttl: Seconds = Field(180.0, ge=0, description="sticky: seconds a session stays pinned after its last use")
+    prefix_block_chars: Count = Field(64, ge=8, description="prefix: prompt block size, in characters")
+    prefix_min_match_blocks: Count = Field(4, ge=1, description="prefix: shortest shared prefix that beats load")
+    prefix_max_imbalance: Count = Field(
+        2, ge=0, description="prefix: requests a prefix holder may carry above the least busy and still win"
+    )
+    prefix_max_blocks: Count = Field(65536, ge=16, description="prefix: per-backend index size (LRU)")
+    prefix_max_wait: Seconds = Field(
+        1.0, ge=0, description="prefix: longest wait for a full server holding the prompt's prefix; 0 = never wait"
+    )
+    prefix_protect_histories: bool = Field(
+        True, description="prefix: a new chat avoids servers whose chats share its system prompt"
+    )
+
+    @field_validator("hash_key")
+    @classmethod
+    def _hash_key(cls, value: str) -> str:
+        if value != "client" and not value.startswith("header:"):
+            raise ValueError(f"must be 'client' or 'header:<Name>', got {value!r}")
+        return value
+
+
+def parse_backend_spec(spec: str) -> dict[str, str]:
+    """``URL`` or ``URL=name`` (as in ``http://10.0.0.5:8080=gpu1``)."""
+    url, sep, name = spec.strip().rpartition("=")
+    # In `http://h/x?a=b` the `=` belongs to the query: a name follows only a complete query pair.
+    query_pair = url.partition("?")[2].rsplit("&", 1)[-1]
+    if not sep or "/" in name or ":" in name or ("?" in url and "=" not in query_pair):
+        url, name = spec.strip(), ""
+    return {"url": url, "name": name}
+
+
+def default_backend_name(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.netloc or url
+
+
+class BackendConfig(Section):
+    """A server already running. Written as a mapping or as the string ``URL[=name]``."""
+
+    url: str = Field(description="http(s) base URL; a trailing / is dropped")
+    name: str = Field("", description="default: host:port of the URL")
+    kind: BackendKind = Field("auto", description="the server's API; auto: found out by probing")
+    max_concurrency: Count | None = Field(None, ge=1, description="cap on requests in flight to it")
+    models: Names = Field((), description="models it serves (else discovered)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_spec(cls, value: Any) -> Any:
+        data = parse_backend_spec(value) if isinstance(value, str) else value
+        if isinstance(data, Mapping) and not data.get("name") and isinstance(data.get("url"), str):
+            data = {**data, "name": default_backend_name(data["url"].strip())}
+        return data
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http(s) URL with a host, got {url!r}")
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise ValueError(f"has an invalid port: {url!r}") from None
+        return url.rstrip("/")
+
+
+def _split_command(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    try:
+        return shlex.split(value)
+    except ValueError as exc:  # an unclosed quote
+        raise ValueError(f"cannot split the command: {exc}") from None
+
+
+def _env_values(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: str(v) if isinstance(v, bool | int | float) else v for k, v in value.items()}
+    return value
+
+
+class InstanceConfig(Section):
+    """A server the balancer launches, supervises and balances over."""
+
+    command: Annotated[tuple[str, ...], BeforeValidator(_split_command)] = Field(
+        description="list, or one string split as a shell would (never run by one); ${VAR} from the environment"
+    )
+    name: str = Field("", description="default: from --alias/-a, else executable-port")
+    url: str = Field("", description="default: from --host/--port in the command")
+    env: Annotated[Mapping[str, str], BeforeValidator(_env_values)] = Field(
+        default_factory=dict, description="laid over the balancer's environment"
+    )
+    cwd: str | None = Field(None, description="working directory (default: the balancer's)")
+    restart: RestartMode = Field("always", description="when an exited instance is started again")
+    ready_timeout: Seconds = Field(
+        120.0, ge=0, description="not ready within this many seconds: killed and restarted (0: no limit)"
+    )
+
+
+class SupervisorConfig(Section):
+    commands_file: str | None = Field(
+        None, description="llamafile_commands.txt format; used by default when no fleet source is given"
+    )
+    output_dir: str = Field("llamafile_outputs", description="one <name>.log per instance")
+    stop_grace: Seconds = Field(10.0, ge=0, description="seconds between SIGTERM and SIGKILL")
+    log_max_bytes: Count = Field(10 * 1024 * 1024, ge=1024, description="rotate an instance log at this size")
+    log_backups: Count = Field(3, ge=0, description="rotated logs kept (<name>.log.1 .. .N)")
+    drain_timeout: Seconds = Field(
+        30.0, ge=0, description="admin stop/restart: wait this long for in-flight requests before signalling"
+    )
+    restart_backoff: Seconds = Field(1.0, ge=0, description="first restart delay after a crash; doubles per crash")
+    restart_backoff_max: Seconds = Field(60.0, ge=0, description="the longest restart delay")
+    backoff_reset: Seconds = Field(
+        30.0, ge=0, description="an instance ready this long starts again from restart_backoff"
+    )
+    max_restarts: Count = Field(5, ge=0, description="more crashes than this within restart_window: marked failed")
+    restart_window: Seconds = Field(300.0, ge=0, description="seconds over which crashes are counted")
+
+
+class TimeoutsConfig(Section):
+    connect: Seconds = Field(5.0, ge=0.001, description="TCP connect to a backend")
+    first_byte: Seconds = Field(300.0, ge=0.001, description="until the backend's first response byte")
+    idle: Seconds = Field(120.0, ge=0.001, description="longest gap between two chunks of a response")
+    health: Seconds = Field(2.0, ge=0.001, description="one health probe")
+
+
+class RetryConfig(Section):
+    attempts: Count = Field(3, ge=1, description="backends tried per request before 502")
+
+
+class HealthConfig(Section):
+    interval: Seconds = Field(1.0, ge=0.05, description="seconds between probes of a routable backend")
+    window: Seconds = Field(5.0, ge=0, description="sliding window for judging state")
+
+
+class CircuitConfig(Section):
+    """Passive health (fleet/circuit.py): eject a backend whose requests keep failing."""
+
+    failures: Count = Field(3, ge=1, description="consecutive failures that open the circuit")
+    cooldown: Seconds = Field(5.0, ge=0, description="seconds before one probe request may try it; doubles")
+    cooldown_max: Seconds = Field(60.0, ge=0, description="the longest cooldown")
+
+
+class QueueConfig(Section):
+    """The admission queue: requests wait here, per model, while every eligible backend is full."""
+
+    max_size: Count = Field(100, ge=0, description="beyond this: 503 with Retry-After")
+    timeout: Seconds = Field(30.0, ge=0, description="seconds a request may wait for a slot: then 504")
+
+
+class LoggingConfig(Section):
+    format: LogFormat = Field("auto", description="auto: console on a terminal, else JSON lines")
+    level: LogLevel = Field("info")
+
+
+class GpuConfig(Section):
+    busy_threshold: Number = Field(
+        50.0, ge=0, le=100, description="/llmhealth says busy when the highest utilisation reaches this percentage"
+    )
+    interval: Seconds = Field(1.0, ge=0.05, description="seconds between samples")
+    window: Seconds = Field(5.0, ge=0.05, description="seconds of samples kept (and judged)")
+
+
+class MonitorConfig(Section):
+    recent_requests: Count = Field(50, ge=0, description="finished requests kept for the snapshot and monitor page")
+
+
+class ModelRoute(Section):
+    """Requests whose model matches ``pattern`` in full go to ``backends`` (scheduling/model_routing.py)."""
+
+    pattern: str = Field(description="a regular expression, matched in full")
+    backends: Names = Field((), description="empty: every backend that serves the model (a route setting only race)")
+    race: Count = Field(1, ge=1, description="send each request to this many backends at once, keep the first")
+
+    def __init__(self, pattern: str, backends: tuple[str, ...] = (), race: int = 1, **extra: Any) -> None:
+        # Positional, as the dataclass it was: ModelRoute("smol.*", ("a",), 2).
+        fields: dict[str, Any] = {"pattern": pattern, "backends": backends, "race": race}
+        super().__init__(**fields, **extra)
+
+
+class RoutingConfig(Section):
+    models: tuple[ModelRoute, ...] = Field(
+        (), description="ordered, first full match wins; in YAML a mapping `pattern: [backend, ...]`"
+    )
+    fallback: str | None = Field(None, description="the backend for a model no route matches")
+    strict_models: bool = Field(False, description="refuse a model no backend serves instead of trying open backends")
+
+
+class Config(Section):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    backends: tuple[BackendConfig, ...] = Field((), description="servers already running")
+    backends_file: str | None = Field(None, description="a file with one URL[=name] per line, # comments")
+    instances: tuple[InstanceConfig, ...] = Field((), description="servers the balancer launches")
+    supervisor: SupervisorConfig = Field(default_factory=SupervisorConfig)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    retries: RetryConfig = Field(default_factory=RetryConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    circuit: CircuitConfig = Field(default_factory=CircuitConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    gpu: GpuConfig = Field(default_factory=GpuConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    server_list: str | None = Field(
+        None, description="llama-balancer's server-list.json, imported as backends and routes"
+    )
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _one_or_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str | Mapping) else value
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON-ready values (tuples as lists), for ``check-config``."""
+        return self.model_dump(mode="json")

@@ -12,7 +12,7 @@ caps its concurrent requests (``max_concurrency``); ``models`` are ordered full-
 first match wins; ``fallback_server`` takes models no route matches. ``health-port`` pointed
 llama-balancer at a peer's GPU-load ``/llmhealth``; llmbalancer probes the model port's own
 readiness instead, so the value is checked and otherwise unused. Parsing happens here, once, into
-the same raw shape a YAML file gives, so config.py validates both alike.
+the same raw shape a YAML file gives, so the schema validates both alike (``fleet.py`` merges it).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from llmbalancer.config.schema import Problem
+from llmbalancer.config.problems import Problem
 
 KEY = "server_list"
 
@@ -43,27 +43,6 @@ def routes_from_mapping(models: Mapping[Any, Any]) -> list[dict[str, Any]]:
         else:
             routes.append({"pattern": str(pattern), "backends": [value] if isinstance(value, str) else value})
     return routes
-
-
-def merge_server_list(raw: dict[str, Any]) -> list[Problem]:
-    """Add the file named by ``server_list`` to ``raw``: its servers after any other backends, its
-    routes after any from the config file, its fallback unless the config names one."""
-    path = raw.get(KEY)
-    if not path:
-        return []
-    try:
-        backends, routes, fallback = read_server_list(str(path))
-    except ServerListError as exc:
-        return exc.problems
-    raw["backends"] = [*(raw.get("backends") or []), *backends]
-    routing = raw.get("routing")
-    if not isinstance(routing, dict):
-        routing = raw["routing"] = {}
-    existing = routing.get("models") or []
-    routing["models"] = [*existing, *routes] if isinstance(existing, list) else existing
-    if fallback is not None and routing.get("fallback") is None:
-        routing["fallback"] = fallback
-    return []
 
 
 class ServerListError(Exception):
