@@ -67,21 +67,23 @@ class LlamaServer:
             self.process.wait(timeout=10)
 
 
-def llama_server_command(port: int, slots: int = 2) -> list[str]:
+def llama_server_command(port: int, slots: int = 2, alias: str | None = "smollm2") -> list[str]:
     paths = expected_paths()
     if not paths.llama_server.exists() or not paths.model.exists():
         raise RuntimeError("llama-server is not installed: run `python -m llmbalancer install-llama-server`")
     return [
         str(paths.llama_server), "-m", str(paths.model), "--host", "127.0.0.1", "--port", str(port),
-        "-np", str(slots), "-t", "1", "-c", str(2048 * slots), "--metrics", "-a", "smollm2",
+        "-np", str(slots), "-t", "1", "-c", str(2048 * slots), "--metrics", *(["-a", alias] if alias else []),
     ]
 
 
-def start_llama_server(tmp_dir: Path, port: int | None = None, slots: int = 2) -> LlamaServer:
+def start_llama_server(
+    tmp_dir: Path, port: int | None = None, slots: int = 2, alias: str | None = "smollm2"
+) -> LlamaServer:
     port = port or free_port()
     log_path = tmp_dir / f"llama-{port}.log"
     with log_path.open("wb") as log:
-        process = subprocess.Popen(llama_server_command(port, slots), stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(llama_server_command(port, slots, alias), stdout=log, stderr=subprocess.STDOUT)
     return LlamaServer(port, process, log_path)
 
 

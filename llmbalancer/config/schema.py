@@ -269,7 +269,9 @@ class RoutingConfig(Section):
         (), description="ordered, first full match wins; in YAML a mapping `pattern: [backend, ...]`"
     )
     fallback: str | None = Field(None, description="the backend for a model no route matches")
-    strict_models: bool = Field(False, description="refuse a model no backend serves instead of trying open backends")
+    strict_models: bool = Field(
+        False, description="refuse a model no backend names even when the fleet serves one model only"
+    )
 
 
 class Config(Section):

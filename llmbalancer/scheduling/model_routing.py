@@ -10,7 +10,14 @@ any model, because a single-model llama.cpp server ignores the request's ``model
 2. Else the ``routing.fallback`` backend, when configured (as llama-balancer's ``fallback_server``:
    every model no route matches goes there).
 3. Else the backends known to serve M.
-4. Else the open backends; when there are none either, M is unknown: 404 listing what is served.
+4. Else the open backends.
+5. Else, when the fleet serves one model only (every backend that lists models lists exactly one, the
+   same one), that model's backends answer any name, as a single llama.cpp server does — unless
+   ``routing.strict_models``. Otherwise M is unknown: 404 listing what is served.
+
+Names match when equal, ignoring case and Ollama's implicit ``:latest`` tag, or when M is a served
+model file's stem: llama-server started without ``--alias`` names its model by its GGUF path
+(``/models/SmolLM2-135M-Instruct.Q4_1.gguf``), which ``SmolLM2-135M-Instruct.Q4_1`` (any case) names too.
 
 Instance aliases: ``name``, ``name-2``, ``name-3`` (llama-balancer's convention for several copies
 of one model) are one model to clients. A backend serving ``name-2`` serves ``name``; the proxy
@@ -23,6 +30,8 @@ from __future__ import annotations
 import itertools
 import re
 from collections.abc import Collection, Iterable, Iterator
+
+import structlog
 
 from llmbalancer import errors
 from llmbalancer.config import Config, ModelRoute, RoutingConfig
@@ -37,10 +46,13 @@ MODEL_ROUTES = frozenset(
         "/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show",
     }
 )
+log = structlog.get_logger("llmbalancer.scheduling.model_routing")
+
 _ALIAS = re.compile(r"(?P<base>.+)-(?P<n>[2-9]|[1-9][0-9]+)")
 _LATEST = ":latest"
 _CACHED_MODELS = 256
 _CACHED_NAME_CHARS = 256
+_MODEL_FILE_EXTENSIONS = (".gguf", ".llamafile", ".safetensors", ".bin")
 
 
 def served_names(backend: Backend) -> tuple[str, ...]:
@@ -52,19 +64,45 @@ def _bare(name: str) -> str:
     return name.removesuffix(_LATEST)
 
 
+def _keys(name: str) -> tuple[str, ...]:
+    """What ``name`` answers to, folded: itself, and a model file's stem (directories and extension gone)."""
+    key = _bare(name).casefold()
+    stem = key.rsplit("/", 1)[-1]
+    for extension in _MODEL_FILE_EXTENSIONS:
+        if stem.endswith(extension):
+            stem = stem[: -len(extension)]
+            break
+    return (key,) if stem == key else (key, stem)
+
+
 def instances(model: str, names: Iterable[str]) -> list[str]:
     """The names in ``names`` that are ``model`` or one of its ``-N`` instances, ``model`` first."""
-    wanted = _bare(model)
+    wanted = _bare(model).casefold()
     found: list[tuple[int, str]] = []
     for name in names:
-        bare = _bare(name)
-        if bare == wanted:
+        keys = _keys(name)
+        if wanted in keys:
             found.append((1, name))
             continue
-        alias = _ALIAS.fullmatch(bare)
-        if alias is not None and alias["base"] == wanted:
-            found.append((int(alias["n"]), name))
+        for key in keys:
+            alias = _ALIAS.fullmatch(key)
+            if alias is not None and alias["base"] == wanted:
+                found.append((int(alias["n"]), name))
+                break
     return [name for _, name in sorted(found)]
+
+
+def single_model(backends: Iterable[Backend]) -> str | None:
+    """The one model the fleet serves, when every backend that lists models lists exactly that one."""
+    only: str | None = None
+    for backend in backends:
+        names = served_names(backend)
+        if not names:
+            continue
+        if len(names) != 1 or (only is not None and _keys(names[0])[0] != _keys(only)[0]):
+            return None
+        only = names[0]
+    return only
 
 
 def client_names(names: Iterable[str]) -> list[str]:
@@ -85,6 +123,8 @@ class ModelRouter:
         routing = routing or RoutingConfig()
         self._routes = [(re.compile(route.pattern), route) for route in routing.models]
         self._fallback = routing.fallback
+        self._strict = routing.strict_models
+        self._single_noted: set[str] = set()  # single-model fleets already logged (one line per model)
         self._races = any(route.race > 1 for route in routing.models)
         # Several instances on one backend take turns (the backend sees each by its own name).
         self._turns: dict[tuple[str, str], Iterator[int]] = {}
@@ -122,7 +162,17 @@ class ModelRouter:
         known = [b for b in pool if instances(model, served_names(b))]
         if known:
             return known
-        return [b for b in pool if not served_names(b)]
+        open_backends = [b for b in pool if not served_names(b)]
+        if open_backends or self._strict:
+            return open_backends
+        only = single_model(pool)
+        if only is None:
+            return []
+        if only not in self._single_noted:
+            self._single_noted.add(only)
+            log.info("single_model_fleet", serves=only, asked=model[:200],
+                     note="requests naming other models are answered by it (routing.strict_models refuses them)")
+        return [b for b in pool if served_names(b)]
 
     def allowed(self, model: str, backends: Registry) -> frozenset[Backend]:
         """``eligible`` as a set, cached per model until membership or a backend's model lists change
