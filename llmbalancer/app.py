@@ -24,6 +24,7 @@ from llmbalancer.scheduling.selectors import make_selector
 from llmbalancer.service import Service, running
 from llmbalancer.supervisor.instances import Supervisor
 from llmbalancer.web.admin import add_admin_routes
+from llmbalancer.web.guard import guard
 from llmbalancer.web.health import health_handler
 from llmbalancer.web.llmhealth import llmhealth_handler
 from llmbalancer.web.models import add_model_routes
@@ -64,7 +65,7 @@ def build_components(config: Config) -> Components:
 
 def build_app(config: Config) -> web.Application:
     components = build_components(config)
-    app = web.Application(client_max_size=config.server.max_body_bytes)
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[guard])
     app[COMPONENTS] = components
     app.router.add_get("/health", health_handler(components.registry))
     app.router.add_get("/llmhealth", llmhealth_handler(components.gpu))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import Awaitable, Callable
 
@@ -26,10 +25,11 @@ from llmbalancer.config import Config
 from llmbalancer.errors import ProxyError
 from llmbalancer.fleet.backend import Backend
 from llmbalancer.fleet.registry import Registry
-from llmbalancer.relay.access import Access
+from llmbalancer.relay.access import Access, answer_unexpected
 from llmbalancer.relay.deadlines import Deadlines
 from llmbalancer.relay.http_headers import downstream_response_headers, upstream_request_headers
-from llmbalancer.relay.inbound import InboundBody, read_body, request_facts, with_model
+from llmbalancer.relay.inbound import InboundBody, origin_form, read_body, request_facts, with_model
+from llmbalancer.relay.inbound import request_id as _request_id
 from llmbalancer.relay.usage_chunk import UsageCut, asks_usage_of, cut_whole, wants_usage, with_usage
 from llmbalancer.scheduling.dispatch import Dispatcher
 from llmbalancer.scheduling.racing import Racing
@@ -40,7 +40,6 @@ log = structlog.get_logger("llmbalancer.proxy")
 # Statuses that mean "this backend could not take it", worth another backend when one is left.
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 CLIENT_CLOSED = 499  # nginx's convention, for the access log only
-_MAX_REQUEST_ID = 128
 _WHOLE_BODY_MAX = 65536  # a reply up to this size that arrived with its headers is relayed in one write
 
 
@@ -58,14 +57,6 @@ class _AttemptFailed(Exception):
         self.reason = reason
         self.unreachable = unreachable
         self.body_sent = body_sent
-
-
-def _request_id(request: web.Request) -> str:
-    given = request.headers.get("X-Request-ID", "")
-    if given and len(given) <= _MAX_REQUEST_ID and given.isprintable():
-        return given
-    # An identifier, not a secret: the Mersenne Twister's 128 bits, without secrets' urandom syscall.
-    return f"{random.getrandbits(128):032x}"
 
 
 class Proxy:
@@ -120,6 +111,8 @@ class Proxy:
             access.status = access.status or CLIENT_CLOSED
             access.error = access.error or "client_closed"
             raise
+        except Exception:
+            return answer_unexpected(request, access)
         finally:
             access.emit()
             for observer in self.on_complete:
@@ -214,7 +207,7 @@ class Proxy:
             request_id=request_id,
             keep_content_length=not body.replayable,
         )
-        url = URL(backend.url + request.raw_path, encoded=True)
+        url = URL(backend.url + origin_form(request), encoded=True)
         data = body.data if body.replayable else body.stream
         try:
             with self._first_byte.within(self._first_byte_timeout, backend):
