@@ -33,6 +33,12 @@ class ServerConfig:
     port: int = field(default=8088, metadata={"min": 0, "max": 65535})
     max_body_bytes: int = field(default=16 * 1024 * 1024, metadata=_at_least(1))
     drain_timeout: float = field(default=30.0, metadata=_at_least(0))
+    # The client's side of a connection: idle time between requests on a kept-alive connection; a
+    # request head (request line and headers) not complete within header_timeout, and a body that
+    # makes no progress for body_timeout, get 408.
+    keepalive_timeout: float = field(default=75.0, metadata=_at_least(0.1))
+    header_timeout: float = field(default=60.0, metadata=_at_least(0.1))
+    body_timeout: float = field(default=60.0, metadata=_at_least(0.1))
 
 
 @dataclass(frozen=True)
