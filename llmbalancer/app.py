@@ -36,6 +36,8 @@ log = structlog.get_logger("llmbalancer.app")
 
 
 COMPONENTS = web.AppKey("components", Components)
+# Any path but /health, /metrics, /llmhealth*, /admin and /admin/* (matched on the decoded path).
+_PROXIED = r"/{tail:(?!(?:health|metrics|admin)\Z|admin/|llmhealth).*}"
 
 
 def build_components(config: Config) -> Components:
@@ -75,8 +77,10 @@ def build_app(config: Config) -> web.Application:
     add_admin_routes(app, components.supervisor)
     add_model_routes(app, components)
     add_ollama_routes(app, components)
-    # Everything that is not the balancer's own goes to a backend, whatever the method.
-    app.router.add_route("*", "/{tail:.*}", components.proxy.handle)
+    # Everything that is not the balancer's own goes to a backend, whatever the method. The balancer's own
+    # paths never do: a method they do not answer is aiohttp's 405 (with Allow), another path under
+    # theirs its 404 (both made OpenAI-style JSON by the guard).
+    app.router.add_route("*", _PROXIED, components.proxy.handle)
     app.cleanup_ctx.append(_lifecycle)
     return app
 

@@ -5,7 +5,8 @@ answer that is not OpenAI-style JSON, and the request targets and versions no ha
   ``CONNECT host:443``) is 400; an absolute URL's path and query are what the proxy forwards.
 * A request that made it past the parser labelled other than HTTP/1.x (pipelined behind another) is 400.
 * A body aiohttp could not read (bad chunked framing, a Content-Encoding that does not decode) is 400.
-* A ``ProxyError`` a handler lets out is answered as OpenAI-style JSON.
+* aiohttp's own 404 and 405 (a path of the balancer's own with a method it does not answer) become
+  OpenAI-style JSON, ``Allow`` kept; so does a ``ProxyError`` a handler lets out.
 * Any other exception is a bug: one 500 ``internal_error`` carrying the request id, the traceback logged
   once under it, and a ``request`` access event with the status it got.
 """
@@ -38,10 +39,26 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         return error.response(request_id(request))
     except web.RequestPayloadError as exc:  # a body read by a handler other than the proxy's
         return unreadable(exc).response(request_id(request))
-    except web.HTTPException:
-        raise
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _json_of(request, exc)
     except Exception:
         return _internal_error(request)
+
+
+def _json_of(request: web.Request, exc: web.HTTPException) -> web.StreamResponse:
+    if exc.status == 404:
+        error = errors.not_found(f"No route for {request.method} {request.path}")
+    elif exc.status == 405:
+        error = errors.method_not_allowed(request.method, request.path, exc.headers.get("Allow", "none"))
+    else:
+        code = exc.reason.lower().replace(" ", "_").replace("-", "_")
+        error = ProxyError(exc.status, exc.text or exc.reason, "invalid_request_error", code)
+    response = error.response(request_id(request))
+    if "Allow" in exc.headers:
+        response.headers["Allow"] = exc.headers["Allow"]
+    return response
 
 
 def _internal_error(request: web.Request) -> web.StreamResponse:
