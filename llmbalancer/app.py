@@ -24,7 +24,7 @@ from llmbalancer.scheduling.selectors import make_selector
 from llmbalancer.service import Service, running
 from llmbalancer.supervisor.instances import Supervisor
 from llmbalancer.web.admin import add_admin_routes
-from llmbalancer.web.guard import guard
+from llmbalancer.web.guard import expect_handler, guard
 from llmbalancer.web.health import health_handler
 from llmbalancer.web.llmhealth import llmhealth_handler
 from llmbalancer.web.models import add_model_routes
@@ -80,7 +80,9 @@ def build_app(config: Config) -> web.Application:
     # Everything that is not the balancer's own goes to a backend, whatever the method. The balancer's own
     # paths never do: a method they do not answer is aiohttp's 405 (with Allow), another path under
     # theirs its 404 (both made OpenAI-style JSON by the guard).
-    app.router.add_route("*", _PROXIED, components.proxy.handle)
+    app.router.add_route(
+        "*", _PROXIED, components.proxy.handle, expect_handler=expect_handler(config.server.max_body_bytes)
+    )
     app.cleanup_ctx.append(_lifecycle)
     return app
 

@@ -30,6 +30,7 @@ from llmbalancer.relay.deadlines import Deadlines
 from llmbalancer.relay.http_headers import downstream_response_headers, upstream_request_headers
 from llmbalancer.relay.inbound import InboundBody, origin_form, read_body, request_facts, with_model
 from llmbalancer.relay.inbound import request_id as _request_id
+from llmbalancer.relay.upstream_words import broke_off
 from llmbalancer.relay.usage_chunk import UsageCut, asks_usage_of, cut_whole, wants_usage, with_usage
 from llmbalancer.scheduling.dispatch import Dispatcher
 from llmbalancer.scheduling.racing import Racing
@@ -173,6 +174,11 @@ class Proxy:
                     self._registry.record_failure(backend, "no response in time")
                     raise errors.upstream_timeout("response", self._first_byte_timeout) from None
                 try:
+                    if upstream.status < 200:
+                        # A 1xx final answer (101: the backend switched protocols unasked; hop-by-hop headers
+                        # such as Upgrade never reach it): nothing a client of this request could use.
+                        self._registry.record_failure(backend, f"HTTP {upstream.status}")
+                        raise errors.upstream_protocol_error(f"{upstream.status} {upstream.reason}, unasked")
                     if (
                         upstream.status in RETRY_STATUSES
                         and attempt < limit
@@ -326,7 +332,7 @@ class Proxy:
         except (aiohttp.ClientError, ConnectionResetError) as exc:
             if writing:
                 raise _ClientStopped("client_closed") from exc
-            return _describe(exc)
+            return broke_off(exc, sent)
         except TimeoutError:
             if writing:
                 raise _ClientStopped("client_stalled") from None

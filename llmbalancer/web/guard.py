@@ -9,6 +9,9 @@ answer that is not OpenAI-style JSON, and the request targets and versions no ha
   OpenAI-style JSON, ``Allow`` kept; so does a ``ProxyError`` a handler lets out.
 * Any other exception is a bug: one 500 ``internal_error`` carrying the request id, the traceback logged
   once under it, and a ``request`` access event with the status it got.
+
+``expect_handler``: ``Expect: 100-continue`` invites the upload only when the declared body is within
+``server.max_body_bytes``; over it, no ``100 Continue`` is sent and the handler answers 413.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from llmbalancer import errors
 from llmbalancer.errors import ProxyError
@@ -66,3 +69,20 @@ def _internal_error(request: web.Request) -> web.StreamResponse:
     response = answer_unexpected(request, access)
     access.emit()
     return response
+
+
+def expect_handler(limit: int) -> Callable[[web.Request], Awaitable[web.StreamResponse | None]]:
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        if request.version != HttpVersion11:
+            return None
+        value = request.headers.get("Expect", "")
+        if value.lower() != "100-continue":
+            return errors.expectation_failed(value).response(request_id(request))
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            return None  # no invitation: the handler answers 413 before reading a byte of it
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # as aiohttp's own: the response proper has not started
+        return None
+
+    return expect
