@@ -24,6 +24,7 @@ from llmbalancer.scheduling.selectors import make_selector
 from llmbalancer.service import Service, running
 from llmbalancer.supervisor.instances import Supervisor
 from llmbalancer.web.admin import add_admin_routes
+from llmbalancer.web.guard import expect_handler, guard
 from llmbalancer.web.health import health_handler
 from llmbalancer.web.llmhealth import llmhealth_handler
 from llmbalancer.web.models import add_model_routes
@@ -35,6 +36,8 @@ log = structlog.get_logger("llmbalancer.app")
 
 
 COMPONENTS = web.AppKey("components", Components)
+# Any path but /health, /metrics, /llmhealth*, /admin and /admin/* (matched on the decoded path).
+_PROXIED = r"/{tail:(?!(?:health|metrics|admin)\Z|admin/|llmhealth).*}"
 
 
 def build_components(config: Config) -> Components:
@@ -64,7 +67,7 @@ def build_components(config: Config) -> Components:
 
 def build_app(config: Config) -> web.Application:
     components = build_components(config)
-    app = web.Application(client_max_size=config.server.max_body_bytes)
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[guard])
     app[COMPONENTS] = components
     app.router.add_get("/health", health_handler(components.registry))
     app.router.add_get("/llmhealth", llmhealth_handler(components.gpu))
@@ -74,8 +77,12 @@ def build_app(config: Config) -> web.Application:
     add_admin_routes(app, components.supervisor)
     add_model_routes(app, components)
     add_ollama_routes(app, components)
-    # Everything that is not the balancer's own goes to a backend, whatever the method.
-    app.router.add_route("*", "/{tail:.*}", components.proxy.handle)
+    # Everything that is not the balancer's own goes to a backend, whatever the method. The balancer's own
+    # paths never do: a method they do not answer is aiohttp's 405 (with Allow), another path under
+    # theirs its 404 (both made OpenAI-style JSON by the guard).
+    app.router.add_route(
+        "*", _PROXIED, components.proxy.handle, expect_handler=expect_handler(config.server.max_body_bytes)
+    )
     app.cleanup_ctx.append(_lifecycle)
     return app
 

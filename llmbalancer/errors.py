@@ -42,6 +42,56 @@ def not_json_object() -> ProxyError:
     return ProxyError(400, "Request body must be a JSON object", "invalid_request_error", "invalid_json")
 
 
+def bad_request(reason: str) -> ProxyError:
+    """A request aiohttp's HTTP parser refused (a malformed head, conflicting lengths, ...)."""
+    return ProxyError(400, f"Malformed HTTP request: {reason}", "invalid_request_error", "bad_request")
+
+
+def unreadable_body(reason: str) -> ProxyError:
+    """A body that broke off or could not be decoded on its way in (bad chunked framing, bad gzip)."""
+    return ProxyError(400, f"The request body could not be read: {reason}", "invalid_request_error", "invalid_body")
+
+
+def unsupported_http_version(version: str) -> ProxyError:
+    return ProxyError(
+        400, f"Only HTTP/1.0 and HTTP/1.1 are served, not {version}", "invalid_request_error",
+        "unsupported_http_version",
+    )
+
+
+def invalid_request_target(target: str) -> ProxyError:
+    shown = target if len(target) <= 100 else target[:97] + "..."
+    return ProxyError(
+        400, f"The request target {shown!r} is not a path (origin form) or an absolute URL",
+        "invalid_request_error", "invalid_request_target",
+    )
+
+
+def request_timeout(message: str) -> ProxyError:
+    return ProxyError(408, message, "invalid_request_error", "request_timeout")
+
+
+def method_not_allowed(method: str, path: str, allowed: str) -> ProxyError:
+    return ProxyError(
+        405, f"{path} does not answer {method} (it answers {allowed})", "invalid_request_error", "method_not_allowed"
+    )
+
+
+def expectation_failed(expect: str) -> ProxyError:
+    return ProxyError(
+        417, f"Unsupported Expect header {expect[:100]!r} (only 100-continue)", "invalid_request_error",
+        "expectation_failed",
+    )
+
+
+def internal_error() -> ProxyError:
+    """The last line: an exception nobody expected. The traceback is in the log, under the request id."""
+    return ProxyError(
+        500, "The balancer failed to handle this request; its log has the details under this request's "
+        "X-Request-ID", "server_error", "internal_error",
+    )
+
+
 def body_too_large(limit: int) -> ProxyError:
     return ProxyError(
         413, f"Request body exceeds the limit of {limit} bytes", "invalid_request_error", "request_too_large"
@@ -74,6 +124,10 @@ def upstream_unreachable(attempts: int, last_error: str) -> ProxyError:
 
 def upstream_timeout(what: str, seconds: float) -> ProxyError:
     return ProxyError(504, f"Backend timed out: no {what} within {seconds:g} s", "timeout_error", "upstream_timeout")
+
+
+def upstream_protocol_error(what: str) -> ProxyError:
+    return ProxyError(502, f"The backend answered {what}", "bad_gateway", "upstream_protocol_error")
 
 
 def upstream_failed_mid_stream(reason: str) -> ProxyError:

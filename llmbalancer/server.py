@@ -17,6 +17,7 @@ from aiohttp import web
 from llmbalancer.app import COMPONENTS, build_app
 from llmbalancer.config import Config, fleet_sources
 from llmbalancer.observe.logs import flush_logs
+from llmbalancer.relay.connection import app_runner
 
 log = structlog.get_logger("llmbalancer.server")
 
@@ -25,13 +26,7 @@ EXIT_ON_SECOND_SIGNAL = 130
 
 async def serve(config: Config) -> int:
     app = build_app(config)
-    runner = web.AppRunner(
-        app,
-        # A client hanging up cancels its handler, which aborts the upstream request at once.
-        handler_cancellation=True,
-        access_log=None,  # our proxy logs one structured event per request
-        shutdown_timeout=config.server.drain_timeout,
-    )
+    runner = app_runner(app, config.server, shutdown_timeout=config.server.drain_timeout)
     await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

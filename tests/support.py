@@ -23,6 +23,7 @@ from llmbalancer.config import Config
 from llmbalancer.configure import load_config
 from llmbalancer.fleet.backend import Backend
 from llmbalancer.fleet.registry import Registry
+from llmbalancer.relay.connection import app_runner
 from llmbalancer.scheduling.claims import Claim
 from llmbalancer.scheduling.selectors import RequestFacts
 from llmbalancer.scheduling.selectors.slot_aware import SlotAware
@@ -132,9 +133,10 @@ def make_config(backends: list[str], **overrides: Any) -> Config:
 
 @contextlib.asynccontextmanager
 async def run_balancer(config: Config) -> AsyncIterator[RunningBalancer]:
-    """The real app on a real socket, as `serve` runs it (handler cancellation on)."""
+    """The real app on a real socket, as `serve` runs it (its runner: handler cancellation on, the client
+    connection's deadlines)."""
     app = build_app(config)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
+    runner = app_runner(app, config.server, shutdown_timeout=5)
     await runner.setup()
     port = free_port()
     site = web.TCPSite(runner, "127.0.0.1", port)

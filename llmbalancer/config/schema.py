@@ -74,9 +74,15 @@ class ServerConfig(Section):
     port: Count = Field(8088, ge=0, le=65535, description="port to bind")
     max_body_bytes: Count = Field(16 * 1024 * 1024, ge=1, description="larger request bodies get 413")
     drain_timeout: Seconds = Field(30.0, ge=0, description="seconds in-flight requests may finish after SIGTERM")
-    keepalive_timeout: Seconds = Field(75.0, gt=0, description="seconds an idle client connection is kept open")
-    header_timeout: Seconds = Field(60.0, gt=0, description="seconds a client has to send a request's headers")
-    body_timeout: Seconds = Field(60.0, gt=0, description="seconds a client has to send a request's body")
+    keepalive_timeout: Seconds = Field(
+        75.0, ge=0.1, description="seconds an idle kept-alive client connection stays open between requests"
+    )
+    header_timeout: Seconds = Field(
+        60.0, ge=0.1, description="seconds a client has to send a request's head (408 or a close after)"
+    )
+    body_timeout: Seconds = Field(
+        60.0, ge=0.1, description="seconds a request body may make no progress (408); a slow steady upload goes on"
+    )
 
 
 class PolicyConfig(Section):

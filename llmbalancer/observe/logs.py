@@ -20,10 +20,11 @@ from llmbalancer.config import LoggingConfig
 
 def configure_logging(config: LoggingConfig) -> None:
     use_console = config.format == "console" or (config.format == "auto" and sys.stderr.isatty())
-    renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+    renderers: list[structlog.typing.Processor] = (
+        [structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())]
         if use_console
-        else structlog.processors.JSONRenderer(serializer=_dumps)
+        # exc_info as the traceback's text under "exception" (the console renderer prints it its own way).
+        else [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(serializer=_dumps)]
     )
     level = getattr(logging, config.level.upper())
     structlog.configure(
@@ -31,7 +32,7 @@ def configure_logging(config: LoggingConfig) -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             _IsoUtcTimestamp(),
-            renderer,
+            *renderers,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.WriteLoggerFactory(file=_batched(sys.stderr)),  # type: ignore[arg-type]

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from typing import overload
 
 import structlog
+from aiohttp import web
 
+from llmbalancer import errors
 from llmbalancer.fleet.usage import Tail, Usage, read_usage
 
 log = structlog.get_logger("llmbalancer.access")
@@ -90,3 +92,18 @@ class Access:
             self.completion_tokens = usage.completion_tokens
             self.cached_tokens = usage.cached_tokens
         return usage
+
+
+def answer_unexpected(request: web.BaseRequest, access: Access) -> web.Response:
+    """The last line against a bug, called in its ``except`` block: the traceback logged once under the
+    request id, ``access`` given the status the client gets, and that answer: a 500 ``internal_error``, or,
+    when the response had started, a cut connection (the 500 is then never sent)."""
+    log.exception("unhandled_error", request_id=access.request_id, method=access.method, path=access.path)
+    error = errors.internal_error()
+    access.error = error.code
+    if request.writer.output_size > 0:
+        if request.transport is not None:
+            request.transport.close()
+    else:
+        access.status = error.status
+    return error.response(access.request_id)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from llmbalancer.relay.inbound import decoded_on_arrival
+
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -38,6 +40,10 @@ def upstream_request_headers(
     request_id: str, keep_content_length: bool,
 ) -> list[tuple[str, str]]:
     drop = _drop_set(headers, _REQUEST_DROP)
+    if "Content-Encoding" in headers and decoded_on_arrival(headers):
+        # aiohttp decoded the body on its way in: what goes on is the decoded body, of another length.
+        drop = drop | {"content-encoding"}
+        keep_content_length = False
     out = [(k, v) for k, v in items if k.lower() not in drop]
     if keep_content_length and "Content-Length" in headers:
         out.append(("Content-Length", headers["Content-Length"]))

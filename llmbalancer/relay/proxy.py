@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple
@@ -26,10 +25,12 @@ from llmbalancer.config import Config
 from llmbalancer.errors import ProxyError
 from llmbalancer.fleet.backend import Backend
 from llmbalancer.fleet.registry import Registry
-from llmbalancer.relay.access import Access
+from llmbalancer.relay.access import Access, answer_unexpected
 from llmbalancer.relay.deadlines import Deadlines
 from llmbalancer.relay.http_headers import downstream_response_headers, upstream_request_headers
-from llmbalancer.relay.inbound import InboundBody, read_body, request_facts, with_model
+from llmbalancer.relay.inbound import InboundBody, origin_form, read_body, request_facts, with_model
+from llmbalancer.relay.inbound import request_id as _request_id
+from llmbalancer.relay.upstream_words import broke_off
 from llmbalancer.relay.usage_chunk import UsageCut, asks_usage_of, cut_whole, wants_usage, with_usage
 from llmbalancer.scheduling.claims import Claim
 from llmbalancer.scheduling.dispatch import Dispatcher
@@ -39,7 +40,6 @@ from llmbalancer.scheduling.selectors import RequestFacts
 # Statuses that mean "this backend could not take it", worth another backend when one is left.
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 CLIENT_CLOSED = 499  # nginx's convention, for the access log only
-_MAX_REQUEST_ID = 128
 _WHOLE_BODY_MAX = 65536  # a reply up to this size that arrived with its headers is relayed in one write
 
 
@@ -65,14 +65,6 @@ class _AttemptFailed(Exception):
         self.reason = reason
         self.unreachable = unreachable
         self.body_sent = body_sent
-
-
-def _request_id(request: web.Request) -> str:
-    given = request.headers.get("X-Request-ID", "")
-    if given and len(given) <= _MAX_REQUEST_ID and given.isprintable():
-        return given
-    # An identifier, not a secret: the Mersenne Twister's 128 bits, without secrets' urandom syscall.
-    return f"{random.getrandbits(128):032x}"
 
 
 class Proxy:
@@ -126,6 +118,8 @@ class Proxy:
             access.status = access.status or CLIENT_CLOSED
             access.error = access.error or "client_closed"
             raise
+        except Exception:
+            return answer_unexpected(request, access)
         finally:
             access.emit()
             for observer in self.on_complete:
@@ -180,6 +174,11 @@ class Proxy:
                 backend = claim.backend
                 access.backend = backend.name
                 try:
+                    if upstream.status < 200:
+                        # A 1xx final answer (101: the backend switched protocols unasked; hop-by-hop headers
+                        # such as Upgrade never reach it): nothing a client of this request could use.
+                        claim.failed(f"HTTP {upstream.status}")
+                        raise errors.upstream_protocol_error(f"{upstream.status} {upstream.reason}, unasked")
                     if (
                         upstream.status in RETRY_STATUSES
                         and attempt < limit
@@ -240,7 +239,7 @@ class Proxy:
         )
         if close:
             headers.append(("Connection", "close"))
-        url = URL(backend.url + request.raw_path, encoded=True)
+        url = URL(backend.url + origin_form(request), encoded=True)
         data = body.data if body.replayable else body.stream
         try:
             with self._first_byte.within(self._first_byte_timeout, backend):
@@ -355,7 +354,7 @@ class Proxy:
         except (aiohttp.ClientError, ConnectionResetError) as exc:
             if writing:
                 raise _ClientStopped("client_closed") from exc
-            return _describe(exc)
+            return broke_off(exc, sent)
         except TimeoutError:
             if writing:
                 raise _ClientStopped("client_stalled") from None

@@ -17,12 +17,11 @@ object (Azure's ``prompt_filter_results``) passes.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from llmbalancer.fleet.backend import Backend
-from llmbalancer.relay.inbound import InboundBody
+from llmbalancer.relay.inbound import InboundBody, encode_json
 
 _ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 _EMPTY_CHOICES = (b'"choices":[]', b'"choices": []')
@@ -51,7 +50,7 @@ def with_usage(body: InboundBody) -> InboundBody:
     options = body.parsed.get("stream_options")
     merged = {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
     parsed: dict[str, Any] = {**body.parsed, "stream_options": merged}
-    return InboundBody(json.dumps(parsed, ensure_ascii=False).encode(), None, parsed)
+    return InboundBody(encode_json(parsed), None, parsed)
 
 
 def _find_any(data: bytes, needles: tuple[bytes, ...], start: int = 0) -> int:

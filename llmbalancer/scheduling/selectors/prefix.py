@@ -101,7 +101,8 @@ def prompt_text(body: Any) -> str:
                 continue
             content = message.get("content")
             if isinstance(content, list):  # OpenAI content parts
-                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+                # Only well-formed text parts: a client's {"text": 5} is the backend's to refuse, not a crash here.
+                content = "".join(t for p in content if isinstance(p, dict) and isinstance(t := p.get("text"), str))
             parts.append(f"{message.get('role', '')}\x1f{content if isinstance(content, str) else ''}\x1e")
         return "".join(parts)
     prompt = body.get("prompt")
@@ -110,10 +111,11 @@ def prompt_text(body: Any) -> str:
 
 def block_chain(text: str, model: str, block_chars: int) -> list[bytes]:
     chain: list[bytes] = []
-    previous = model.encode()
+    previous = model.encode("utf-8", "surrogatepass")
     for start in range(0, len(text) - block_chars + 1, block_chars):
+        # surrogatepass: a lone surrogate (valid JSON "\ud800") hashes like any character, never raises.
         previous = hashlib.blake2b(
-            previous + text[start : start + block_chars].encode(), digest_size=8
+            previous + text[start : start + block_chars].encode("utf-8", "surrogatepass"), digest_size=8
         ).digest()
         chain.append(previous)
     return chain
