@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -112,6 +113,8 @@ def test_hostile_requests_leave_no_memory_behind(tmp_path: Path) -> None:
             [sys.executable, "-m", "llmbalancer", "serve", "--port", str(port), "--policy", "sticky",
              "--log-format", "json", *backends],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            # Strict: invented model names are 404 (else this one-model fleet would answer them, as llama-server does).
+            env={**os.environ, "LLMBALANCER_ROUTING__STRICT_MODELS": "true"},
         )
         try:
             url = f"http://127.0.0.1:{port}"

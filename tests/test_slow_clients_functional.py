@@ -131,7 +131,7 @@ async def test_a_streamed_body_that_stalls_on_its_way_to_a_backend_gets_408_and_
         raw = await exchange(balancer.port, head + b"x" * 100_000, timeout=5.0)
         reply = parse_reply(raw)
         assert reply.status == 408 and reply.error_code() == "request_timeout"
-        assert all(b.routable and b.consecutive_failures == 0 for b in balancer.components.registry)
+        assert all(b.routable and b.traffic.consecutive_failures == 0 for b in balancer.components.registry)
 
 
 async def test_a_stalled_body_nobody_reads_closes_the_connection_after_body_timeout() -> None:
