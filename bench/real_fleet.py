@@ -81,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         scheduling.table(rows),
     ])
-    print("\n" + body)
-    if not args.no_write:
-        results.write_section(SECTION, body)
-        print(f"\nwritten to {results.RESULTS}")
+    results.report(SECTION, body, write=not args.no_write)
     return 0
 
 

@@ -31,3 +31,11 @@ def write_section(name: str, body: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     RESULTS.write_text(text)
+
+
+def report(name: str, body: str, write: bool) -> None:
+    """Print a benchmark's section and, when ``write``, put it in bench/RESULTS.md."""
+    print("\n" + body)
+    if write:
+        write_section(name, body)
+        print(f"\nwritten to {RESULTS}")
