@@ -28,7 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from llmbalancer.fleet.backend import BackendState
+from llmbalancer.fleet.backend import Backend, BackendState
 from llmbalancer.fleet.registry import Registry
 from llmbalancer.relay.access import MAX_TEXT, Access
 from llmbalancer.scheduling.model_routing import ModelRouter, instances, served_names
@@ -81,7 +81,7 @@ class ModelLabels:
 
     def __init__(self, registry: Registry, routing: ModelRouter | None = None) -> None:
         self._registry = registry
-        self._routing = routing
+        self.routing = routing  # replaced by a reload
         self._version = -1
         self._served: set[str] = set()
         self._routed: set[str] = set()
@@ -98,7 +98,7 @@ class ModelLabels:
         if any(instances(model, served_names(b)) for b in self._registry):
             self._served.add(model)  # bounded: a few spellings of each name served
             return model
-        routing = self._routing
+        routing = self.routing
         if (
             routing is not None and len(self._routed) < MAX_ROUTED_LABELS and len(model) <= MAX_TEXT
             and routing.route_for(model) is not None
@@ -124,6 +124,18 @@ class Metrics:
         self.completion_tokens: dict[tuple[str, str], int] = defaultdict(int)
         self.retries = 0
         self.registry.register(RequestCollector(self))
+        backends.on_removed.append(self.forget)
+
+    def forget(self, backend: Backend) -> None:
+        """``backend`` left the fleet: its series leave the exposition with it."""
+        name = backend.name
+        for request in [key for key in self.requests if key[0] == name]:
+            del self.requests[request]
+        for tokens in (self.prompt_tokens, self.completion_tokens):
+            for key in [key for key in tokens if key[0] == name]:
+                del tokens[key]
+        self.duration.pop(name, None)
+        self.ttft.pop(name, None)
 
     def observe(self, access: Access) -> None:
         """One finished request (``Proxy.on_complete``): a handful of dict updates, no I/O."""

@@ -77,8 +77,9 @@ class Instance:
 
     @property
     def booting(self) -> bool:
-        """Alive and not yet ready since it started: refused connections mean "not listening yet"."""
-        return self.status is InstanceStatus.STARTING and self.alive
+        """Launched (the process about to be spawned, or alive) and not yet ready since: refused connections
+        mean "not listening yet". The poller probes a backend from the moment it is added."""
+        return self.status is InstanceStatus.STARTING and (self.process is None or self.alive)
 
     def describe(self) -> dict[str, object]:
         return {
@@ -121,7 +122,7 @@ class Supervisor:
         self.instances: dict[str, Instance] = {
             ic.name: Instance(
                 ic,
-                Backend(name=ic.name, url=ic.url, kind="llamacpp"),
+                Backend(name=ic.name, url=ic.url, kind="llamacpp", source="instance"),
                 OutputLog(output_dir / f"{safe_name(ic.name)}.log", config.log_max_bytes, config.log_backups),
             )
             for ic in instances
@@ -214,6 +215,7 @@ class Supervisor:
         if self._registry.get(instance.name) is None:
             self._registry.add(backend)
         instance.status, instance.reason = InstanceStatus.STARTING, ""
+        instance.process = None  # the previous one, if any, has exited: this launch's is not spawned yet
         instance.task = asyncio.create_task(self._supervise(instance), name=f"supervise:{instance.name}")
 
     async def _supervise(self, instance: Instance) -> None:
