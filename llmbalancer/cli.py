@@ -160,15 +160,18 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _serve(args: argparse.Namespace) -> int:
     from llmbalancer.observe.logs import configure_logging
+    from llmbalancer.reloading import ConfigSource
     from llmbalancer.server import serve
 
-    config = load_config(overrides=_overrides(args), default_commands_file=DEFAULT_COMMANDS_FILE)
+    # Kept, so that a reload (SIGHUP, POST /admin/reload) loads with the same flags on top.
+    source = ConfigSource(overrides=_overrides(args), default_commands_file=DEFAULT_COMMANDS_FILE)
+    config = source.load()
     configure_logging(config.logging)
     try:
         import uvloop
     except ImportError:  # optional speed-up; the standard loop works the same
-        return asyncio.run(serve(config))
-    return uvloop.run(serve(config))
+        return asyncio.run(serve(config, source))
+    return uvloop.run(serve(config, source))
 
 
 def _check_config(args: argparse.Namespace) -> int:

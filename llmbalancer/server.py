@@ -17,14 +17,16 @@ from aiohttp import web
 from llmbalancer.app import COMPONENTS, build_app
 from llmbalancer.config import Config, fleet_sources
 from llmbalancer.observe.logs import flush_logs
+from llmbalancer.reloading import ConfigSource
 
 log = structlog.get_logger("llmbalancer.server")
 
 EXIT_ON_SECOND_SIGNAL = 130
 
 
-async def serve(config: Config) -> int:
-    app = build_app(config)
+async def serve(config: Config, source: ConfigSource | None = None) -> int:
+    """Serve ``config``; ``source`` is what it was loaded from, which SIGHUP loads again (``reloading.py``)."""
+    app = build_app(config, source)
     runner = web.AppRunner(
         app,
         # A client hanging up cancels its handler, which aborts the upstream request at once.
@@ -46,6 +48,16 @@ async def serve(config: Config) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    reloads: set[asyncio.Task[object]] = set()
+
+    def on_hangup() -> None:
+        reloader = app[COMPONENTS].reloader
+        if reloader is not None and not stop.is_set():
+            task = asyncio.create_task(reloader.reload(), name="reload")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         site = web.TCPSite(runner, config.server.host, config.server.port, backlog=1024)
         await site.start()

@@ -20,6 +20,7 @@ from llmbalancer.config.schema import (
     AdminConfig,
     AgentsConfig,
     BackendConfig,
+    BackendKind,
     CircuitConfig,
     Config,
     DiscoveryConfig,
@@ -38,6 +39,7 @@ from llmbalancer.config.schema import (
     SupervisorConfig,
     TimeoutsConfig,
     default_backend_name,
+    http_url,
     parse_backend_spec,
 )
 
@@ -51,6 +53,7 @@ __all__ = [
     "AdminConfig",
     "AgentsConfig",
     "BackendConfig",
+    "BackendKind",
     "CircuitConfig",
     "Config",
     "ConfigError",
@@ -74,6 +77,7 @@ __all__ = [
     "default_backend_name",
     "environment_overrides",
     "fleet_sources",
+    "http_url",
     "load_yaml",
     "parse_backend_spec",
     "read_backends_file",

@@ -115,6 +115,18 @@ def parse_backend_spec(spec: str) -> dict[str, str]:
     return {"url": url, "name": name}
 
 
+def http_url(url: str) -> str:
+    """``url`` without its trailing /, when it is an http(s) URL with a host and a valid port."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http(s) URL with a host, got {url!r}")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ValueError(f"has an invalid port: {url!r}") from None
+    return url.rstrip("/")
+
+
 def default_backend_name(url: str) -> str:
     parts = urlsplit(url)
     return parts.netloc or url
@@ -140,14 +152,7 @@ class BackendConfig(Section):
     @field_validator("url")
     @classmethod
     def _http_url(cls, url: str) -> str:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"must be an http(s) URL with a host, got {url!r}")
-        try:
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError:
-            raise ValueError(f"has an invalid port: {url!r}") from None
-        return url.rstrip("/")
+        return http_url(url)
 
 
 def _split_command(value: Any) -> Any:
@@ -242,6 +247,7 @@ class QueueConfig(Section):
 class AdminConfig(Section):
     token: SecretStr | None = Field(
         None,
+        min_length=1,
         description="set: every /admin/* route requires `Authorization: Bearer <token>`, from any address;"
         " unset: admin routes answer loopback clients only",
     )

@@ -28,7 +28,7 @@ from yarl import URL
 
 from llmbalancer.config import InstanceConfig, SupervisorConfig
 from llmbalancer.config.commands_file import safe_name
-from llmbalancer.fleet.backend import Backend, BackendState
+from llmbalancer.fleet.backend import Backend, BackendSpec, BackendState
 from llmbalancer.fleet.registry import Registry
 from llmbalancer.supervisor import child_process
 from llmbalancer.supervisor.output_log import OutputLog
@@ -118,20 +118,18 @@ class Supervisor:
         self._registry = registry
         # Children inherit the balancer's environment; an instance's `env` is laid over it.
         self._environ = environ
-        output_dir = Path(config.output_dir)
-        self.instances: dict[str, Instance] = {
-            ic.name: Instance(
-                ic,
-                Backend(name=ic.name, url=ic.url, kind="llamacpp", source="instance"),
-                OutputLog(output_dir / f"{safe_name(ic.name)}.log", config.log_max_bytes, config.log_backups),
-            )
-            for ic in instances
-        }
-        for instance in self.instances.values():
-            instance.backend.instance = instance
+        self.instances: dict[str, Instance] = {ic.name: self._instance(ic) for ic in instances}
         # An instance is running from the moment its backend first turns routable, not some loop turns
         # later when _await_ready wakes: anyone who sees the backend routable sees the instance running.
         registry.on_state.append(self._backend_state_changed)
+
+    def _instance(self, ic: InstanceConfig) -> Instance:
+        config = self._config
+        path = Path(config.output_dir) / f"{safe_name(ic.name)}.log"
+        output = OutputLog(path, config.log_max_bytes, config.log_backups)
+        instance = Instance(ic, Backend(name=ic.name, url=ic.url, kind="llamacpp", source="instance"), output)
+        instance.backend.instance = instance
+        return instance
 
     def _backend_state_changed(self, backend: Backend, previous: BackendState) -> None:
         instance = self.instances.get(backend.name)
@@ -160,16 +158,38 @@ class Supervisor:
         """Every instance, for the admin list and the snapshot."""
         return [instance.describe() for instance in self.instances.values()]
 
-    # --- operator actions (admin routes) ------------------------------------------------------
+    # --- operator actions (admin routes, reload) ----------------------------------------------
+
+    def configure(self, config: SupervisorConfig) -> None:
+        """New supervisor settings (a reload): for every stop, restart and log rotation from now on."""
+        self._config = config
+
+    def add(self, ic: InstanceConfig) -> Instance:
+        """A new instance (a reload listed it): launched now."""
+        instance = self.instances[ic.name] = self._instance(ic)
+        self._launch(instance)
+        return instance
+
+    async def remove(self, name: str) -> None:
+        """Stop instance ``name`` (draining it first) and forget it (a reload no longer lists it)."""
+        instance = self.instances.pop(name)
+        try:
+            await self._stop(instance)
+        finally:
+            await self._halt(instance)  # cancelled while draining (shutdown): the process goes all the same
+            instance.output.close()
 
     async def stop(self, name: str) -> Instance:
-        instance = self.instances[name]
+        return await self._stop(self.instances[name])
+
+    async def _stop(self, instance: Instance) -> Instance:
         async with instance.lock:
             await self._drain(instance, "stopping")
             await self._halt(instance)
             instance.status, instance.reason = InstanceStatus.STOPPED, "stopped by operator"
-            self._registry.remove(name)
-            log.info("instance_stopped", instance=name)
+            if self._registry.get(instance.name) is instance.backend:
+                self._registry.remove(instance.name)
+            log.info("instance_stopped", instance=instance.name)
         return instance
 
     async def start(self, name: str) -> Instance:
@@ -179,11 +199,19 @@ class Supervisor:
                 self._launch(instance)
         return instance
 
-    async def restart(self, name: str) -> Instance:
+    async def restart(self, name: str, config: InstanceConfig | None = None) -> Instance:
+        """Drain, stop and launch again; with ``config`` (a reload changed its settings), launched with it."""
         instance = self.instances[name]
         async with instance.lock:
             await self._drain(instance, "restarting")
             await self._halt(instance)
+            if config is not None:
+                instance.config = config
+                backend = instance.backend
+                if self._registry.get(name) is backend:
+                    self._registry.update(name, BackendSpec(name, config.url, backend.kind))
+                else:
+                    backend.url = config.url  # not registered: nobody routes to it meanwhile
             self._launch(instance)
         return instance
 
