@@ -43,6 +43,7 @@ QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # Models named only by a route's pattern (``"qwen.*"`` names many) get their own label up to this many.
 MAX_ROUTED_LABELS = 100
 OTHER_MODEL = "other"
+REMOVED_BACKEND = "(removed)"
 
 
 class _Histogram:
@@ -115,6 +116,7 @@ class Metrics:
 
     def __init__(self, backends: Registry, routing: ModelRouter | None = None) -> None:
         self.registry = CollectorRegistry()
+        self._backends = backends
         self.model_label = ModelLabels(backends, routing)
         self.requests: dict[tuple[str, str, int], int] = defaultdict(int)  # (backend, model, status)
         self.duration: dict[str, _Histogram] = {}  # by backend
@@ -140,6 +142,10 @@ class Metrics:
     def observe(self, access: Access) -> None:
         """One finished request (``Proxy.on_complete``): a handful of dict updates, no I/O."""
         backend = access.backend or ""
+        if backend and self._backends.get(backend) is None:
+            # It left the fleet while this request ran (and its series with it): a new series per departed
+            # backend would grow the exposition with every DNS or agent churn; one label holds them all.
+            backend = REMOVED_BACKEND
         model = self.model_label(access.model)
         self.requests[backend, model, access.status] += 1
         started = access.started
