@@ -14,8 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Sequence
 
 import structlog
 
@@ -23,9 +22,6 @@ from llmbalancer.config import DiscoveryConfig, DnsTarget
 from llmbalancer.fleet.backend import BackendSpec
 from llmbalancer.fleet.membership import Owned, conflicts, converge
 from llmbalancer.fleet.registry import Registry
-
-if TYPE_CHECKING:
-    from aiodns import DNSResolver
 
 log = structlog.get_logger("llmbalancer.fleet.dns_discovery")
 
@@ -67,17 +63,11 @@ class DnsDiscovery:
             self._changed.set()
 
     async def run(self) -> None:
-        import aiodns  # here: only a balancer that discovers by DNS needs it loaded
-
         while True:
             config = self._config
             self._changed.clear()
             self._release(unlisted_in=config.dns)
-            if not config.dns:
-                await self._changed.wait()
-                continue
-            resolver = aiodns.DNSResolver(nameservers=list(config.nameservers) or None, timeout=2.0, tries=2)
-            tasks = [asyncio.create_task(self._follow(resolver, t), name=f"dns:{t.name}") for t in config.dns]
+            tasks = [asyncio.create_task(self._follow(config, t), name=f"dns:{t.name}") for t in config.dns]
             try:
                 await self._changed.wait()
             finally:
@@ -86,13 +76,12 @@ class DnsDiscovery:
                 for task in tasks:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-                await resolver.close()
 
-    async def _follow(self, resolver: DNSResolver, target: DnsTarget) -> None:
+    async def _follow(self, config: DiscoveryConfig, target: DnsTarget) -> None:
         failing = False
         while True:
             try:
-                addresses = await resolve(resolver, target.name)
+                addresses = await resolve(target.name, config.nameservers)
             except ResolveError as exc:
                 if not failing:
                     kept = len(self._owned.get((target.name, target.port), ()))
@@ -102,7 +91,10 @@ class DnsDiscovery:
                 if failing:
                     log.info("dns_resolved_again", name=target.name, addresses=len(addresses))
                 failing = False
-                self.apply(target, addresses)
+                try:
+                    self.apply(target, addresses)
+                except Exception:  # a bug of ours must not end discovery for good: logged, tried again next round
+                    log.exception("dns_apply_failed", name=target.name)
             await asyncio.sleep(target.interval)
 
     def apply(self, target: DnsTarget, addresses: Iterable[str]) -> None:
@@ -135,19 +127,25 @@ class DnsDiscovery:
         return lambda backend: backend.source == SOURCE and backend.name in names
 
 
-async def resolve(resolver: DNSResolver, name: str) -> list[str]:
+async def resolve(name: str, nameservers: Sequence[str] = ()) -> list[str]:
     """The A and AAAA addresses of ``name``: none when it does not exist or has none; ``ResolveError``
-    when either query failed otherwise."""
-    import aiodns
-    addresses: list[str] = []
-    for qtype in ("A", "AAAA"):
-        try:
-            result = await resolver.query_dns(name, qtype)
-        except aiodns.error.DNSError as exc:
-            code = exc.args[0] if exc.args else None
-            if code in (_ARES_ENODATA, _ARES_ENOTFOUND):
-                continue
-            raise ResolveError(f"{qtype}: {exc.args[1] if len(exc.args) > 1 else exc}") from None
-        addresses += [record.data.addr for record in result.answer if hasattr(record.data, "addr")]
-    return addresses
+    when either query failed otherwise. Each call asks afresh, with a resolver of its own: c-ares would
+    otherwise answer from its cache (a "no AAAA record" kept for the SOA's minimum TTL hides a pod that
+    just came up); the interval is the staleness the operator chose."""
+    import aiodns  # here: only a balancer that discovers by DNS loads it
 
+    resolver = aiodns.DNSResolver(nameservers=list(nameservers) or None, timeout=2.0, tries=2)
+    try:
+        addresses: list[str] = []
+        for qtype in ("A", "AAAA"):
+            try:
+                result = await resolver.query_dns(name, qtype)
+            except aiodns.error.DNSError as exc:
+                code = exc.args[0] if exc.args else None
+                if code in (_ARES_ENODATA, _ARES_ENOTFOUND):
+                    continue
+                raise ResolveError(f"{qtype}: {exc.args[1] if len(exc.args) > 1 else exc}") from None
+            addresses += [record.data.addr for record in result.answer if hasattr(record.data, "addr")]
+        return addresses
+    finally:
+        await resolver.close()
