@@ -23,6 +23,7 @@ from llmbalancer.config import Config
 from llmbalancer.configure import load_config
 from llmbalancer.fleet.backend import Backend
 from llmbalancer.fleet.registry import Registry
+from llmbalancer.reloading import ConfigSource
 from llmbalancer.scheduling.claims import Claim
 from llmbalancer.scheduling.selectors import RequestFacts
 from llmbalancer.scheduling.selectors.slot_aware import SlotAware
@@ -129,9 +130,10 @@ def make_config(backends: list[str], **overrides: Any) -> Config:
 
 
 @contextlib.asynccontextmanager
-async def run_balancer(config: Config) -> AsyncIterator[RunningBalancer]:
-    """The real app on a real socket, as `serve` runs it (handler cancellation on)."""
-    app = build_app(config)
+async def run_balancer(config: Config, source: ConfigSource | None = None) -> AsyncIterator[RunningBalancer]:
+    """The real app on a real socket, as `serve` runs it (handler cancellation on); ``source``: what
+    ``config`` was loaded from, for reloads."""
+    app = build_app(config, source)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5)
     await runner.setup()
     port = free_port()

@@ -64,7 +64,7 @@ async def test_a_removed_backends_in_flight_stream_finishes_while_new_requests_g
         aiohttp.ClientSession() as session,
     ):
         registry = balancer.components.registry
-        long_stream = {**CHAT, "stream": True, "max_tokens": 40}
+        long_stream = {**CHAT, "stream": True, "max_tokens": 40, "ignore_eos": True}
         stream = await session.post(balancer.url + "/v1/chat/completions", json=long_stream)
         async with stream:
             assert stream.status == 200
