@@ -200,6 +200,7 @@ def analyse(log_path: Path, run_started: float) -> dict[str, Any]:
     draining: dict[str, float] = {}
     first_claim: dict[str, float] = {}
     after_drain: list[str] = []
+    drained_in_flight = 0  # streams claimed before their backend's drain began and finished after it
     requests = []
     for event in events:
         name, kind = event.get("backend"), event.get("event")
@@ -217,11 +218,14 @@ def analyse(log_path: Path, run_started: float) -> dict[str, Any]:
         first_claim[name] = min(first_claim.get(name, claimed), claimed)
         if name in draining and claimed > draining[name] + 0.001:
             after_drain.append(f"{name} +{(claimed - draining[name]) * 1000:.1f} ms")
+        elif name in draining and _time(event) > draining[name]:
+            drained_in_flight += 1
     joined = [n for n, t in added.items() if t > run_started]
     to_first = sorted(first_claim[n] - added[n] for n in joined if n in first_claim)
     to_healthy = sorted(healthy[n] - added[n] for n in joined if n in healthy)
     return {"after_drain": after_drain, "joined": len(joined), "to_first": to_first, "to_healthy": to_healthy,
-            "drained": len(draining), "retried": sum(1 for e in requests if e.get("attempts", 1) > 1)}
+            "drained": len(draining), "retried": sum(1 for e in requests if e.get("attempts", 1) > 1),
+            "drained_in_flight": drained_in_flight}
 
 
 def _ms(values: list[float]) -> str:
@@ -307,6 +311,7 @@ def report(args: argparse.Namespace, run: Run, figures: dict[str, Any], workdir:
         f"| streams sent / completed | {run.started} / {run.ok} |",
         f"| failed requests | {run.failed} {run.errors or ''} |",
         f"| requests sent to a backend after it was drained | {len(figures['after_drain'])} |",
+        f"| streams in flight on a backend as it was drained (all finished there) | {figures['drained_in_flight']} |",
         f"| churn steps (remove + add + reload) | {len(run.steps)}, reloads failed: {run.reloads_failed} |",
         f"| backends drained / joined during the run | {figures['drained']} / {figures['joined']} |",
         f"| registration to first request | {_ms(figures['to_first'])} |",
