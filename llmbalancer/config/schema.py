@@ -239,8 +239,8 @@ class QueueConfig(Section):
     timeout: Seconds = Field(30.0, ge=0, description="seconds a request may wait for a slot: then 504")
     wait_for_backends: bool | None = Field(
         None,
-        description="a request that finds no backend at all waits (up to timeout) for one to register instead of"
-        " 503 at once; default: true when discovery.dns is set",
+        description="a request that finds no backend able to take it (none healthy or starting) waits, up to"
+        " timeout, for one to register instead of 503 at once; default: true when discovery.dns is set",
     )
 
 
