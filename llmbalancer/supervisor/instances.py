@@ -35,7 +35,6 @@ from llmbalancer.supervisor.output_log import OutputLog
 
 log = structlog.get_logger("llmbalancer.supervisor.instances")
 
-_PUMP_CHUNK = 64 * 1024
 # After the process exits, how long its output pipe may stay open (held by something it forked).
 _PUMP_LINGER = 2.0
 _PORT_CHECK_EVERY = 0.5
@@ -310,7 +309,7 @@ class Supervisor:
         """
         url = URL(instance.config.url)
         host, port = url.host or "127.0.0.1", url.port or 80
-        if not await _listening(host, port):
+        if not await child_process.listening(host, port):
             return True
         why = f"port {port} is in use by another process"
         self._fail(instance, f"{why}; waiting up to {self._config.stop_grace:g} s for it to be free")
@@ -318,7 +317,7 @@ class Supervisor:
         deadline = time.monotonic() + self._config.stop_grace
         while time.monotonic() < deadline:
             await asyncio.sleep(_PORT_CHECK_EVERY)
-            if not await _listening(host, port):
+            if not await child_process.listening(host, port):
                 return True
         self._fail(instance, f"{why}; not started (free it, then POST /admin/instances/{instance.name}/start)")
         log.error("instance_not_started", instance=instance.name, reason=why, url=instance.config.url)
@@ -332,7 +331,8 @@ class Supervisor:
         process = await child_process.spawn(ic.command, env=env, cwd=ic.cwd)
         assert process.stdout is not None
         instance.process = process
-        instance.pump = asyncio.create_task(_pump(process.stdout, instance.output), name=f"output:{ic.name}")
+        output = child_process.pump(process.stdout, instance.output.write)
+        instance.pump = asyncio.create_task(output, name=f"output:{ic.name}")
         instance.started_at = time.monotonic()
         instance.ready_at = None
         instance.status, instance.reason = InstanceStatus.STARTING, ""
@@ -404,23 +404,5 @@ class Supervisor:
             log.error("instance_failed", instance=instance.name, reason=why, log_tail=instance.output.tail())
 
 
-async def _listening(host: str, port: int) -> bool:
-    """Whether something accepts connections on host:port (a local address: answered at once)."""
-    try:
-        async with asyncio.timeout(1.0):
-            _, writer = await asyncio.open_connection(host, port)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
-
-
 def _restarts(policy: str, code: int) -> bool:
     return policy == "always" or (policy == "on-failure" and code != 0)
-
-
-async def _pump(stream: asyncio.StreamReader, output: OutputLog) -> None:
-    while chunk := await stream.read(_PUMP_CHUNK):
-        output.write(chunk)
