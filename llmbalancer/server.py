@@ -72,7 +72,8 @@ async def serve(config: Config, source: ConfigSource | None = None) -> int:
         )
         if not fleet_sources(config):
             log.warning("no_backends", hint="every request gets 503: give --backend URL[=NAME], --backends-file FILE, "
-                        "--commands FILE, --server-list FILE, or backends:/instances: in --config FILE")
+                        "--commands FILE, --server-list FILE, or backends:/instances:/discovery.dns: in --config "
+                        "FILE, or register backends while it runs (POST /admin/backends, llmbalancer agent)")
         await stop.wait()
         in_flight = sum(b.traffic.in_flight for b in registry)
         log.info("draining", in_flight=in_flight, timeout_s=config.server.drain_timeout)
