@@ -84,3 +84,21 @@ async def test_with_wait_for_backends_a_request_waits_for_the_first_backend_to_r
     with pytest.raises(ProxyError) as caught:
         await dispatcher.claim(_facts("x"))
     assert caught.value.status == 504 and caught.value.code == "queue_timeout"
+
+
+async def test_a_waiting_request_never_takes_a_backend_removed_while_it_waits() -> None:
+    registry = Registry()
+    leaving = _healthy(registry, Backend("leaving", "http://leaving", max_concurrency=1))
+    staying = _healthy(registry, Backend("staying", "http://staying", max_concurrency=1))
+    dispatcher = Dispatcher(registry, SlotAware(), QueueConfig(timeout=5))
+    on_leaving, on_staying = occupy(registry, leaving), occupy(registry, staying)
+    waiting = asyncio.create_task(dispatcher.claim(_facts("x")))
+    await asyncio.sleep(0.05)
+    registry.remove("leaving")
+    on_leaving.release()  # its slot frees as it drains: not for the request waiting
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and registry.get("leaving") is None
+    on_staying.release()
+    claim = await asyncio.wait_for(waiting, 1)
+    assert claim.backend is staying
+    claim.release()
