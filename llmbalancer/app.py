@@ -11,13 +11,17 @@ from aiohttp import web
 
 from llmbalancer.components import Components
 from llmbalancer.config import Config
+from llmbalancer.fleet.agents import Agents
 from llmbalancer.fleet.circuit import Circuit
+from llmbalancer.fleet.dns_discovery import DnsDiscovery
 from llmbalancer.fleet.health_poller import HealthPoller
+from llmbalancer.fleet.membership import converge, spec_of
 from llmbalancer.fleet.registry import Registry
 from llmbalancer.observe.gpu import GpuSampler
 from llmbalancer.observe.metrics import Metrics, metrics_handler
 from llmbalancer.observe.recent import RecentRequests
 from llmbalancer.relay.proxy import Proxy
+from llmbalancer.reloading import ConfigSource, Reloader
 from llmbalancer.scheduling.dispatch import Dispatcher
 from llmbalancer.scheduling.model_routing import ModelRouter
 from llmbalancer.scheduling.selectors import make_selector
@@ -40,33 +44,38 @@ COMPONENTS = web.AppKey("components", Components)
 _PROXIED = r"/{tail:(?!(?:health|metrics|admin)\Z|admin/|llmhealth).*}"
 
 
-def build_components(config: Config) -> Components:
-    registry = Registry.from_configs(config.backends)
+def build_components(config: Config, source: ConfigSource | None = None) -> Components:
+    """Everything the balancer is made of. ``source``: what ``config`` was loaded from, for reloads."""
+    registry = Registry(drain_timeout=config.server.drain_timeout)
     registry.circuit = Circuit(config.circuit)
     registry.circuit.on_reopen = registry.notify_change
-    dispatcher = Dispatcher(
-        registry, make_selector(config.policy), config.queue, routing=ModelRouter(config.routing)
-    )
+    converge(registry, "config", [spec_of(b) for b in config.backends])  # every source registers the same way
+    queue = config.queue.model_copy(update={"wait_for_backends": config.waits_for_backends})
+    dispatcher = Dispatcher(registry, make_selector(config.policy), queue, routing=ModelRouter(config.routing))
     proxy = Proxy(config, registry, dispatcher)
     poller = HealthPoller(registry, config.health, config.timeouts)
     gpu = GpuSampler(config.gpu)
-    services: list[Service] = [poller, gpu]
+    agents = Agents(registry, config.agents)
+    discovery = DnsDiscovery(registry, config.discovery)
+    services: list[Service] = [poller, gpu, agents, discovery]
     recent = RecentRequests(config.monitor.recent_requests)
     metrics = Metrics(registry, dispatcher.routing)
     proxy.on_complete += [metrics.observe, recent.observe]
     components = Components(
-        config, registry, dispatcher, proxy, poller, services, gpu=gpu, recent=recent, metrics=metrics
+        config, registry, dispatcher, proxy, poller, services, gpu=gpu, recent=recent, metrics=metrics,
+        agents=agents, discovery=discovery,
     )
     metrics.watch(components.snapshot, registry)
-    if config.instances:
-        # Last in the list, so stopped first: the proxy has drained by then (cleanup runs after it).
-        components.supervisor = Supervisor(config.supervisor, config.instances, registry)
-        services.append(components.supervisor)
+    # Always there, so that a reload may add instances. Last in the list, so stopped first: the proxy has
+    # drained by then (cleanup runs after it).
+    components.supervisor = Supervisor(config.supervisor, config.instances, registry)
+    services.append(components.supervisor)
+    components.reloader = Reloader(components, source)
     return components
 
 
-def build_app(config: Config) -> web.Application:
-    components = build_components(config)
+def build_app(config: Config, source: ConfigSource | None = None) -> web.Application:
+    components = build_components(config, source)
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[guard])
     app[COMPONENTS] = components
     app.router.add_get("/health", health_handler(components.registry))
@@ -74,7 +83,7 @@ def build_app(config: Config) -> web.Application:
     app.router.add_get("/llmhealth-snapshot", snapshot_handler(components.snapshot))
     app.router.add_get("/llmhealth-monitor", monitor_handler())
     app.router.add_get("/metrics", metrics_handler(components.metrics))
-    add_admin_routes(app, components.supervisor)
+    add_admin_routes(app, components)
     add_model_routes(app, components)
     add_ollama_routes(app, components)
     # Everything that is not the balancer's own goes to a backend, whatever the method. The balancer's own
@@ -96,6 +105,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(TimeoutError):
                 await components.poller.poll_once(session)
         async with running(components.services):
-            yield
+            try:
+                yield
+            finally:
+                if components.reloader is not None:
+                    await components.reloader.close()
     finally:
         await session.close()

@@ -1,4 +1,4 @@
-"""Command line: ``serve``, ``check-config``, ``status``, ``install-llama-server`` (``llmbalancer --help``).
+"""Command line: ``serve``, ``check-config``, ``status``, ``agent``, ``install-llama-server`` (``llmbalancer --help``).
 
 Flags override the environment (``LLMBALANCER_*``), which overrides the config file.
 """
@@ -15,7 +15,15 @@ from typing import Any
 import yaml
 
 from llmbalancer import __version__
-from llmbalancer.config import DEFAULT_COMMANDS_FILE, LOG_FORMATS, LOG_LEVELS, Config, ConfigError, without_settings
+from llmbalancer.config import (
+    BACKEND_KINDS,
+    DEFAULT_COMMANDS_FILE,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    Config,
+    ConfigError,
+    without_settings,
+)
 from llmbalancer.configure import load_config
 from llmbalancer.scheduling.selectors import POLICIES
 
@@ -30,6 +38,7 @@ examples:
   llmbalancer serve --commands llamafile_commands.txt --policy prefix
   llmbalancer status
   llmbalancer check-config llmbalancer.yaml
+  llmbalancer agent --local http://127.0.0.1:8080 --balancer http://10.0.0.2:8088 --external http://10.0.0.7:8080
 
 Flags override the environment (LLMBALANCER_*), which overrides the config file.
 'llmbalancer COMMAND --help' tells more about each command."""
@@ -73,6 +82,22 @@ examples:
   llmbalancer status
   llmbalancer status --url http://10.0.0.2:8088
   llmbalancer status --json | jq '.backends[] | {name, state}'"""
+
+_AGENT = """\
+Run beside one inference server (llama-server, llamafile, Ollama, vLLM) and keep it registered with
+one or more balancers: every --interval seconds probe the server locally (health, slots, models: the
+balancer's own probes) and send each balancer a heartbeat (PUT /admin/agents/NAME). The server is
+registered only once it answers ready, reported not ready as soon as it stops answering, and removed
+by the balancer when heartbeats stop for its agents.ttl (3 s). A balancer that is down is retried with
+backoff, for ever. SIGTERM or SIGINT deregisters from every balancer and exits 0."""
+
+_AGENT_EPILOG = """\
+examples:
+  llmbalancer agent --local http://127.0.0.1:8080 --balancer http://10.0.0.2:8088
+  llmbalancer agent --local http://127.0.0.1:8080 --external http://10.0.0.7:8080 --name gpu7 \\
+      --balancer http://10.0.0.2:8088 --balancer http://10.0.0.3:8088 --token "$ADMIN_TOKEN"
+
+--token defaults to LLMBALANCER_ADMIN__TOKEN, the variable that sets the balancers' admin.token."""
 
 _INSTALL = """\
 Build llama.cpp's llama-server from PyPI's llama-cpp-python source distribution and fetch the
@@ -139,6 +164,19 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--url", default="http://127.0.0.1:8088", help="the balancer (default %(default)s)")
     status.add_argument("--json", action="store_true", help="print the raw /llmhealth-snapshot document")
 
+    agent = command("agent", "keep one server registered with balancers", _AGENT, _AGENT_EPILOG)
+    agent.add_argument("--local", required=True, metavar="URL", help="the server, as reached from here")
+    agent.add_argument(
+        "--balancer", required=True, action="append", dest="balancers", metavar="URL",
+        help="a balancer to register with (repeatable)",
+    )
+    agent.add_argument("--external", metavar="URL", help="the server as the balancers reach it (default: --local)")
+    agent.add_argument("--name", help="the backend's name (default: host:port of --external)")
+    agent.add_argument("--interval", type=float, default=1.0, help="seconds between probes and heartbeats (1)")
+    agent.add_argument("--token", help="the balancers' admin.token (default: $LLMBALANCER_ADMIN__TOKEN)")
+    agent.add_argument("--kind", choices=BACKEND_KINDS, default="auto", help="the server's API (auto: probe it)")
+    agent.add_argument("--log-format", choices=LOG_FORMATS)
+
     command("install-llama-server", "build llama-server and fetch the SmolLM2 model", _INSTALL, _INSTALL_EPILOG)
     return parser
 
@@ -160,15 +198,18 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _serve(args: argparse.Namespace) -> int:
     from llmbalancer.observe.logs import configure_logging
+    from llmbalancer.reloading import ConfigSource
     from llmbalancer.server import serve
 
-    config = load_config(overrides=_overrides(args), default_commands_file=DEFAULT_COMMANDS_FILE)
+    # Kept, so that a reload (SIGHUP, POST /admin/reload) loads with the same flags on top.
+    source = ConfigSource(overrides=_overrides(args), default_commands_file=DEFAULT_COMMANDS_FILE)
+    config = source.load()
     configure_logging(config.logging)
     try:
         import uvloop
     except ImportError:  # optional speed-up; the standard loop works the same
-        return asyncio.run(serve(config))
-    return uvloop.run(serve(config))
+        return asyncio.run(serve(config, source))
+    return uvloop.run(serve(config, source))
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -201,10 +242,32 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _agent(args: argparse.Namespace) -> int:
+    from llmbalancer.agent import AgentOptions, run_agent
+    from llmbalancer.config import LoggingConfig, default_backend_name, http_url
+    from llmbalancer.observe.logs import configure_logging
+
+    configure_logging(LoggingConfig(format=args.log_format or "auto"))
+    try:
+        local = http_url(args.local)
+        external = http_url(args.external or args.local)
+        balancers = tuple(http_url(url) for url in args.balancers)
+    except ValueError as exc:
+        print(f"llmbalancer agent: {exc}", file=sys.stderr)
+        return 2
+    name = args.name or default_backend_name(external)
+    if not 0.05 <= args.interval <= 3600:
+        print("llmbalancer agent: --interval must be between 0.05 and 3600 seconds", file=sys.stderr)
+        return 2
+    token = args.token or os.environ.get("LLMBALANCER_ADMIN__TOKEN") or None
+    options = AgentOptions(local, balancers, external, name, args.interval, token, args.kind)
+    return asyncio.run(run_agent(options))
+
+
 def _run(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     handlers = {"serve": _serve, "check-config": _check_config, "install-llama-server": _install_llama_server,
-                "status": _status}
+                "status": _status, "agent": _agent}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

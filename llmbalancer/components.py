@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmbalancer.config import Config
+from llmbalancer.fleet.agents import Agents
+from llmbalancer.fleet.dns_discovery import DnsDiscovery
 from llmbalancer.fleet.health_poller import HealthPoller
 from llmbalancer.fleet.registry import Registry
 from llmbalancer.observe.gpu import GpuSampler
@@ -14,6 +16,7 @@ from llmbalancer.observe.metrics import Metrics
 from llmbalancer.observe.recent import RecentRequests
 from llmbalancer.observe.snapshot import build_snapshot
 from llmbalancer.relay.proxy import Proxy
+from llmbalancer.reloading import Reloader
 from llmbalancer.scheduling.dispatch import Dispatcher
 from llmbalancer.service import Service
 from llmbalancer.supervisor.instances import Supervisor
@@ -32,7 +35,10 @@ class Components:
     gpu: GpuSampler
     recent: RecentRequests
     metrics: Metrics
+    agents: Agents
+    discovery: DnsDiscovery
     supervisor: Supervisor | None = None
+    reloader: Reloader | None = None
 
     def snapshot(self) -> dict[str, Any]:
         """The monitor's one document (``GET /llmhealth-snapshot``), as things are now."""

@@ -150,3 +150,16 @@ def model_not_found(model: str, available: list[str]) -> ProxyError:
         404, f"The model '{model}' is not served by any backend; available models: {served}",
         "invalid_request_error", "model_not_found",
     )
+
+
+def unauthorized(message: str) -> ProxyError:
+    return ProxyError(401, message, "authentication_error", "invalid_admin_token")
+
+
+def invalid_request(message: str, code: str = "invalid_request") -> ProxyError:
+    """A well-formed request whose content is wrong (an admin body naming a bad field, an invalid config)."""
+    return ProxyError(400, message, "invalid_request_error", code)
+
+
+def conflict(message: str) -> ProxyError:
+    return ProxyError(409, message, "invalid_request_error", "conflict")

@@ -18,14 +18,16 @@ from llmbalancer.app import COMPONENTS, build_app
 from llmbalancer.config import Config, fleet_sources
 from llmbalancer.observe.logs import flush_logs
 from llmbalancer.relay.connection import app_runner
+from llmbalancer.reloading import ConfigSource
 
 log = structlog.get_logger("llmbalancer.server")
 
 EXIT_ON_SECOND_SIGNAL = 130
 
 
-async def serve(config: Config) -> int:
-    app = build_app(config)
+async def serve(config: Config, source: ConfigSource | None = None) -> int:
+    """Serve ``config``; ``source`` is what it was loaded from, which SIGHUP loads again (``reloading.py``)."""
+    app = build_app(config, source)
     runner = app_runner(app, config.server, shutdown_timeout=config.server.drain_timeout)
     await runner.setup()
     stop = asyncio.Event()
@@ -41,6 +43,16 @@ async def serve(config: Config) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    reloads: set[asyncio.Task[object]] = set()
+
+    def on_hangup() -> None:
+        reloader = app[COMPONENTS].reloader
+        if reloader is not None and not stop.is_set():
+            task = asyncio.create_task(reloader.reload(), name="reload")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     try:
         site = web.TCPSite(runner, config.server.host, config.server.port, backlog=1024)
         await site.start()
@@ -55,7 +67,8 @@ async def serve(config: Config) -> int:
         )
         if not fleet_sources(config):
             log.warning("no_backends", hint="every request gets 503: give --backend URL[=NAME], --backends-file FILE, "
-                        "--commands FILE, --server-list FILE, or backends:/instances: in --config FILE")
+                        "--commands FILE, --server-list FILE, or backends:/instances:/discovery.dns: in --config "
+                        "FILE, or register backends while it runs (POST /admin/backends, llmbalancer agent)")
         await stop.wait()
         in_flight = sum(b.traffic.in_flight for b in registry)
         log.info("draining", in_flight=in_flight, timeout_s=config.server.drain_timeout)

@@ -21,10 +21,10 @@ LAYERS: dict[str, int] = {
     "relay": 3,
     "supervisor": 3,
     "observe": 4,
-    "configure": 5, "components": 5,
+    "configure": 5, "components": 5, "reloading": 5,
     "web": 6,
     "app": 7,
-    "server": 8, "status": 8,
+    "server": 8, "status": 8, "agent": 8,
     "cli": 9, "__main__": 10,
     "testing": 0,
 }

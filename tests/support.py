@@ -24,6 +24,7 @@ from llmbalancer.configure import load_config
 from llmbalancer.fleet.backend import Backend
 from llmbalancer.fleet.registry import Registry
 from llmbalancer.relay.connection import app_runner
+from llmbalancer.reloading import ConfigSource
 from llmbalancer.scheduling.claims import Claim
 from llmbalancer.scheduling.selectors import RequestFacts
 from llmbalancer.scheduling.selectors.slot_aware import SlotAware
@@ -132,10 +133,10 @@ def make_config(backends: list[str], **overrides: Any) -> Config:
 
 
 @contextlib.asynccontextmanager
-async def run_balancer(config: Config) -> AsyncIterator[RunningBalancer]:
+async def run_balancer(config: Config, source: ConfigSource | None = None) -> AsyncIterator[RunningBalancer]:
     """The real app on a real socket, as `serve` runs it (its runner: handler cancellation on, the client
-    connection's deadlines)."""
-    app = build_app(config)
+    connection's deadlines); ``source``: what ``config`` was loaded from, for reloads."""
+    app = build_app(config, source)
     runner = app_runner(app, config.server, shutdown_timeout=5)
     await runner.setup()
     port = free_port()

@@ -9,7 +9,15 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from llmbalancer.config import BackendConfig, Config, ConfigError, InstanceConfig, ModelRoute, parse_backend_spec
+from llmbalancer.config import (
+    BackendConfig,
+    Config,
+    ConfigError,
+    DnsTarget,
+    InstanceConfig,
+    ModelRoute,
+    parse_backend_spec,
+)
 from llmbalancer.configure import load_config
 from tests.support import REPO
 
@@ -334,7 +342,7 @@ def test_the_example_config_sets_every_key_of_every_section_to_its_default() -> 
 
 def test_the_example_config_shows_every_key_of_a_backend_an_instance_and_a_route() -> None:
     text = (REPO / "config.example.yaml").read_text()
-    for model in (BackendConfig, InstanceConfig, ModelRoute):
+    for model in (BackendConfig, InstanceConfig, ModelRoute, DnsTarget):
         for key in model.model_fields:
             assert re.search(rf"^#\s+(- )?{key}:|[{{ ]{key}:", text, re.MULTILINE), f"{model.__name__}.{key}"
 

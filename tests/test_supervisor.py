@@ -206,8 +206,10 @@ async def test_admin_routes_answer_loopback_clients_only() -> None:
 
     from aiohttp import web
 
+    from llmbalancer.app import build_components
+
     app = web.Application()
-    add_admin_routes(app, None)
+    add_admin_routes(app, build_components(make_config([])))
     app.freeze()
 
     class Transport:

@@ -72,6 +72,8 @@ def fleet_sources(config: Config) -> list[str]:
         sources.append(f"commands_file {config.supervisor.commands_file}")
     if config.instances:
         sources.append(f"supervised instances ({len(config.instances)})")
+    if config.discovery.dns:
+        sources.append(f"dns ({', '.join(target.name for target in config.discovery.dns)})")
     return sources
 
 

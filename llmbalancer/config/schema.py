@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 LogFormat = Literal["auto", "console", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -121,6 +121,18 @@ def parse_backend_spec(spec: str) -> dict[str, str]:
     return {"url": url, "name": name}
 
 
+def http_url(url: str) -> str:
+    """``url`` without its trailing /, when it is an http(s) URL with a host and a valid port."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http(s) URL with a host, got {url!r}")
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ValueError(f"has an invalid port: {url!r}") from None
+    return url.rstrip("/")
+
+
 def default_backend_name(url: str) -> str:
     parts = urlsplit(url)
     return parts.netloc or url
@@ -146,14 +158,7 @@ class BackendConfig(Section):
     @field_validator("url")
     @classmethod
     def _http_url(cls, url: str) -> str:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"must be an http(s) URL with a host, got {url!r}")
-        try:
-            parts.port  # noqa: B018 - raises ValueError on a bad port
-        except ValueError:
-            raise ValueError(f"has an invalid port: {url!r}") from None
-        return url.rstrip("/")
+        return http_url(url)
 
 
 def _split_command(value: Any) -> Any:
@@ -238,6 +243,40 @@ class QueueConfig(Section):
 
     max_size: Count = Field(100, ge=0, description="beyond this: 503 with Retry-After")
     timeout: Seconds = Field(30.0, ge=0, description="seconds a request may wait for a slot: then 504")
+    wait_for_backends: bool | None = Field(
+        None,
+        description="a request that finds no backend able to take it (none healthy or starting) waits, up to"
+        " timeout, for one to register instead of 503 at once; default: true when discovery.dns is set",
+    )
+
+
+class AdminConfig(Section):
+    token: SecretStr | None = Field(
+        None,
+        min_length=1,
+        description="set: every /admin/* route requires `Authorization: Bearer <token>`, from any address;"
+        " unset: admin routes answer loopback clients only",
+    )
+
+
+class AgentsConfig(Section):
+    ttl: Seconds = Field(3.0, gt=0, description="an agent's backend with no heartbeat for this long is removed")
+
+
+class DnsTarget(Section):
+    """A DNS name whose addresses are backends (a Kubernetes headless service: one per ready pod)."""
+
+    name: str = Field(description="resolved for A and AAAA records every interval")
+    port: Count = Field(ge=1, le=65535, description="the port every address found serves on")
+    interval: Seconds = Field(5.0, ge=0.1, description="seconds between resolutions")
+    kind: BackendKind = Field("auto", description="the servers' API, as a backend's kind")
+
+
+class DiscoveryConfig(Section):
+    dns: tuple[DnsTarget, ...] = Field((), description="names whose addresses are added and removed as they change")
+    nameservers: Names = Field(
+        (), description="DNS servers to ask, as IP or IP:port (default: the system's, /etc/resolv.conf)"
+    )
 
 
 class LoggingConfig(Section):
@@ -296,6 +335,9 @@ class Config(Section):
     gpu: GpuConfig = Field(default_factory=GpuConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    agents: AgentsConfig = Field(default_factory=AgentsConfig)
+    discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
     server_list: str | None = Field(
         None, description="llama-balancer's server-list.json, imported as backends and routes"
     )
@@ -305,6 +347,12 @@ class Config(Section):
     def _one_or_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str | Mapping) else value
 
+    @property
+    def waits_for_backends(self) -> bool:
+        """``queue.wait_for_backends`` as it applies: unset means on exactly when DNS discovery is configured."""
+        wait = self.queue.wait_for_backends
+        return bool(self.discovery.dns) if wait is None else wait
+
     def as_dict(self) -> dict[str, Any]:
-        """Plain YAML/JSON-ready values (tuples as lists), for ``check-config``."""
+        """Plain YAML/JSON-ready values (tuples as lists; the admin token masked), for ``check-config``."""
         return self.model_dump(mode="json")

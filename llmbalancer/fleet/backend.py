@@ -8,6 +8,10 @@ per owner, each written by exactly one module:
   (``scheduling/claims.py``);
 - ``breaker``: the circuit breaker's per-backend state, written by ``fleet/circuit.py``;
 - ``instance``: the supervised process behind it, when the balancer launched it (``supervisor/``).
+
+What a backend *is* (``name``, ``url``, ``kind``, ``max_concurrency``, ``models``: a ``BackendSpec``) is
+set by whoever registered it, through the registry's ``add`` and ``update`` only; ``source`` says who that
+was.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ class CircuitState(StrEnum):
     OPEN = "open"  # too many failed requests: none sent until the cooldown ends
     HALF_OPEN = "half_open"  # one probe request in flight decides
 
+
+# Where a backend came from: the configuration (backends, backends file, server list), the admin API,
+# an agent's heartbeats, DNS discovery, or a supervised instance.
+SOURCES = ("config", "api", "agent", "dns", "instance")
 
 # States in which a backend may be handed a new request.
 ROUTABLE = frozenset({BackendState.HEALTHY, BackendState.BUSY})
@@ -99,6 +107,20 @@ class SupervisedProcess(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class BackendSpec:
+    """What a source says a backend is: all that a registration sets and an update may change."""
+
+    name: str
+    url: str
+    kind: str = "auto"
+    max_concurrency: int | None = None
+    models: tuple[str, ...] = ()  # declared (configuration, the admin API, an agent's report)
+
+
+SPEC_FIELDS = ("url", "kind", "max_concurrency", "models")
+
+
 @dataclass(eq=False, slots=True)
 class Backend:
     name: str
@@ -106,6 +128,7 @@ class Backend:
     kind: str = "auto"
     max_concurrency: int | None = None
     models: tuple[str, ...] = ()  # declared in configuration
+    source: str = "config"  # one of SOURCES
     state: BackendState = BackendState.STARTING
     state_reason: str = ""
     state_since: float = field(default_factory=time.time)
@@ -113,6 +136,14 @@ class Backend:
     traffic: Traffic = field(default_factory=Traffic)
     breaker: Breaker = field(default_factory=Breaker)
     instance: SupervisedProcess | None = None
+
+    @classmethod
+    def of(cls, spec: BackendSpec, source: str) -> Backend:
+        return cls(spec.name, spec.url, spec.kind, spec.max_concurrency, spec.models, source=source)
+
+    @property
+    def spec(self) -> BackendSpec:
+        return BackendSpec(self.name, self.url, self.kind, self.max_concurrency, self.models)
 
     @property
     def routable(self) -> bool:

@@ -9,7 +9,12 @@ within the window (flapping) stays out until the window holds at most one drop. 
 shown busy when every poll over the whole window found every slot busy (one free slot ends it), so a
 server that is merely full now and then does not flip state, and log a change, at every poll. (Routing
 does not wait for this: the capacity gate counts free slots at once.) Slot figures are written into the
-backend record in place and wake the admission queue when they change.
+backend record in place and wake the admission queue when they change (``write_health``, which an
+agent's heartbeat goes through too).
+
+A backend registered by an agent is not polled: its agent probes it where it runs, with the same
+probes, and its heartbeats write its ``health`` view (``fleet/agents.py``); one writer per backend.
+A backend added at run time is probed at once; one removed stops being probed at once.
 """
 
 from __future__ import annotations
@@ -41,10 +46,10 @@ __all__ = ["HealthPoller", "Observation", "probe"]
 class _Window:
     """A backend's recent probe outcomes (True ok, None starting, False failed) within ``span`` seconds."""
 
-    __slots__ = ("_full_since", "_outcomes", "_span")
+    __slots__ = ("_full_since", "_outcomes", "span")
 
     def __init__(self, span: float) -> None:
-        self._span = span
+        self.span = span
         self._outcomes: deque[tuple[float, bool | None]] = deque(maxlen=256)
         self._full_since: float | None = None
 
@@ -56,12 +61,12 @@ class _Window:
         now = time.monotonic()
         if self._full_since is None:
             self._full_since = now
-        return now - self._full_since >= self._span
+        return now - self._full_since >= self.span
 
     def add(self, outcome: bool | None) -> None:
         now = time.monotonic()
         self._outcomes.append((now, outcome))
-        while self._outcomes and self._outcomes[0][0] < now - self._span:
+        while self._outcomes and self._outcomes[0][0] < now - self.span:
             self._outcomes.popleft()
 
     def failed_in_a_row(self) -> int:
@@ -77,6 +82,34 @@ class _Window:
         outcomes = [o for _, o in self._outcomes if o is not None]
         drops = sum(1 for before, after in itertools.pairwise(outcomes) if before and not after)
         return drops >= _FLAPPING_DROPS
+
+
+def write_health(registry: Registry, backend: Backend, seen: Observation) -> None:
+    """Write what a successful probe saw into ``backend.health`` in place (the poller's, or for an agent's
+    backend its heartbeat's); wake queued requests when capacity may have changed (the registry wakes
+    them when the model list does)."""
+    health = backend.health
+    before = (health.slots_total, health.slots_external, health.gpu_busy)
+    health.gpu_busy = seen.gpu_busy
+    if seen.slots_total is not None:
+        health.slots_total = seen.slots_total
+        health.slots_busy = seen.slots_busy
+        # Busy slots beyond our own requests belong to other clients. Ours may not show yet
+        # (dispatched after the server's last decode step), so never count below zero.
+        health.slots_external = max(0, (seen.slots_busy or 0) - backend.traffic.in_flight)
+    health.deferred = seen.deferred
+    if seen.models is not None and seen.models != health.served_models:
+        health.served_models = seen.models
+        registry.models_changed()
+    if seen.kind is not None:
+        health.detected_kind = seen.kind
+    if (health.slots_total, health.slots_external, health.gpu_busy) != before:
+        registry.notify_change()
+
+
+def polled(backend: Backend) -> bool:
+    """Whether the poller probes ``backend`` (an agent's backend is reported by its agent instead)."""
+    return backend.source != "agent"
 
 
 def judge(window: _Window, seen: Observation) -> tuple[BackendState | None, str]:
@@ -101,13 +134,32 @@ class HealthPoller:
         self._timeout = aiohttp.ClientTimeout(total=timeouts.health)
         self._window = health.window
         self._loops: dict[str, asyncio.Task[None]] = {}
+        self._watched: dict[str, Backend] = {}  # the backend each loop probes (a name may come back anew)
         self._windows: dict[str, _Window] = {}
-        self._memories: dict[str, ProbeMemory] = {}
+        self._memories: dict[str, tuple[str, ProbeMemory]] = {}  # by name: (the URL it is about, memory)
         self._crashes: dict[str, str] = {}  # the last unexpected error per backend, logged once
+        self._session: aiohttp.ClientSession | None = None
+        self._restart = asyncio.Event()
+        registry.on_added.append(self._added)
+        registry.on_removed.append(self._removed)
+
+    def configure(self, health: HealthConfig, timeouts: TimeoutsConfig) -> None:
+        """New settings (a reload): intervals and windows at the next probe; a new probe timeout restarts
+        the probes with a session that has it."""
+        self._interval = health.interval
+        self._window = health.window
+        for window in self._windows.values():
+            window.span = health.window
+        timeout = aiohttp.ClientTimeout(total=timeouts.health)
+        if timeout != self._timeout:
+            self._timeout = timeout
+            self._restart.set()
 
     async def poll_once(self, session: aiohttp.ClientSession) -> None:
         """One probe of every backend (the start-up round): whatever they answer, it returns."""
-        await asyncio.gather(*(self._guarded_check(session, backend) for backend in self._registry.backends))
+        await asyncio.gather(
+            *(self._guarded_check(session, backend) for backend in self._registry.backends if polled(backend))
+        )
 
     async def _guarded_check(self, session: aiohttp.ClientSession, backend: Backend) -> None:
         """A check that cannot fail: a bug of ours meeting an answer nobody foresaw is logged (once per
@@ -123,12 +175,14 @@ class HealthPoller:
                 self._registry.set_state(backend, BackendState.UNHEALTHY, f"health check failed ({kind})")
 
     async def _check(self, session: aiohttp.ClientSession, backend: Backend) -> None:
-        memory = self._memories.setdefault(backend.name, ProbeMemory())
-        seen = await probe(session, backend, memory)
+        known = self._memories.get(backend.name)
+        if known is None or known[0] != backend.url:  # what the server at another URL taught does not hold
+            known = self._memories[backend.name] = (backend.url, ProbeMemory())
+        seen = await probe(session, backend, known[1])
         window = self._windows.setdefault(backend.name, _Window(self._window))
         window.add(seen.ok)
         if seen.ok:
-            self._update_slots(backend, seen)
+            write_health(self._registry, backend, seen)
         saturated = window.saturated(seen.ok is True and free_slots(backend) == 0)
         if backend.state in (BackendState.DRAINING, BackendState.FAILED):
             return  # set by an operator or the supervisor; a probe does not undo it
@@ -144,59 +198,70 @@ class HealthPoller:
             self._registry.circuit.reset(backend)
         self._registry.set_state(backend, state, reason)
 
-    def _update_slots(self, backend: Backend, seen: Observation) -> None:
-        """Write the polled figures in place (``backend.health`` is this module's alone); wake queued
-        requests when capacity may have changed (the registry wakes them when the model list does)."""
-        health = backend.health
-        before = (health.slots_total, health.slots_external, health.gpu_busy)
-        health.gpu_busy = seen.gpu_busy
-        if seen.slots_total is not None:
-            health.slots_total = seen.slots_total
-            health.slots_busy = seen.slots_busy
-            # Busy slots beyond our own requests belong to other clients. Ours may not show yet
-            # (dispatched after the server's last decode step), so never count below zero.
-            health.slots_external = max(0, (seen.slots_busy or 0) - backend.traffic.in_flight)
-        health.deferred = seen.deferred
-        if seen.models is not None and seen.models != health.served_models:
-            health.served_models = seen.models
-            self._registry.models_changed()
-        if seen.kind is not None:
-            health.detected_kind = seen.kind
-        if (health.slots_total, health.slots_external, health.gpu_busy) != before:
-            self._registry.notify_change()
-
     async def run(self) -> None:
-        # A fresh connection per probe: a probe must find out whether the backend accepts connections
-        # now, not reuse one to a process that has since died (and then wait for its timeout).
-        connector = aiohttp.TCPConnector(force_close=True)
-        async with aiohttp.ClientSession(timeout=self._timeout, connector=connector) as session:
-            try:
-                while True:
-                    # Membership changes are rare (supervisor, admin); notice them within an interval.
-                    self._sync_loops(session)
-                    await asyncio.sleep(self._interval)
-            finally:
-                for task in self._loops.values():
-                    task.cancel()
-                for task in self._loops.values():
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
+        while True:
+            self._restart = asyncio.Event()
+            # A fresh connection per probe: a probe must find out whether the backend accepts connections
+            # now, not reuse one to a process that has since died (and then wait for its timeout).
+            connector = aiohttp.TCPConnector(force_close=True)
+            async with aiohttp.ClientSession(timeout=self._timeout, connector=connector) as session:
+                self._session = session
+                try:
+                    while not self._restart.is_set():
+                        # Backends added or removed are noticed at once (on_added, on_removed); this sweep
+                        # restarts a loop that ended and is the backstop for anything missed.
+                        self._sync_loops(session)
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(self._interval):
+                                await self._restart.wait()
+                finally:
+                    self._session = None
+                    tasks = list(self._loops.values())
+                    self._loops.clear()
+                    self._watched.clear()
+                    for task in tasks:
+                        task.cancel()
+                    for task in tasks:
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
+
+    def _added(self, backend: Backend) -> None:
+        if self._session is not None and polled(backend):
+            self._start(self._session, backend)
+
+    def _removed(self, backend: Backend) -> None:
+        if self._watched.get(backend.name) is backend:
+            self._stop(backend.name)
+
+    def _start(self, session: aiohttp.ClientSession, backend: Backend) -> None:
+        task = self._loops.pop(backend.name, None)
+        if task is not None:
+            task.cancel()
+        if self._watched.get(backend.name) not in (None, backend):
+            self._stop(backend.name)  # another backend under this name: nothing learnt of the old one holds
+        self._watched[backend.name] = backend
+        self._loops[backend.name] = asyncio.create_task(self._watch(session, backend), name=f"health:{backend.name}")
+
+    def _stop(self, name: str) -> None:
+        task = self._loops.pop(name, None)
+        if task is not None:
+            task.cancel()  # never awaited here: it may be the task calling (a probe's news removed it)
+        self._watched.pop(name, None)
+        self._windows.pop(name, None)
+        self._memories.pop(name, None)
+        self._crashes.pop(name, None)
 
     def _sync_loops(self, session: aiohttp.ClientSession) -> None:
-        """One loop per registered backend, started and stopped as membership changes."""
-        names = {backend.name for backend in self._registry}
+        """One loop per polled backend, started and stopped as membership changes."""
         for name in list(self._loops):
-            if name not in names:
-                self._loops.pop(name).cancel()
-                self._windows.pop(name, None)
-                self._memories.pop(name, None)
-                self._crashes.pop(name, None)
+            if self._registry.get(name) is not self._watched.get(name):
+                self._stop(name)
         for backend in self._registry:
+            if not polled(backend):
+                continue
             task = self._loops.get(backend.name)
             if task is None or task.done():  # done: it cannot end on its own, but never leave a backend unwatched
-                self._loops[backend.name] = asyncio.create_task(
-                    self._watch(session, backend), name=f"health:{backend.name}"
-                )
+                self._start(session, backend)
 
     async def _watch(self, session: aiohttp.ClientSession, backend: Backend) -> None:
         if backend.name in self._windows:

@@ -1,5 +1,13 @@
 """The one source of truth about backends: membership and state; wakes waiters on any change.
 
+Every way a backend comes or goes (configuration, reload, the admin API, agents, DNS, the supervisor)
+ends in three operations here: ``add`` (a new backend is *starting* and takes traffic only once a probe,
+or its agent, says ready), ``update`` (what a source says it is changed) and ``remove``, which drains:
+the backend takes no new request at once, requests waiting in the admission queue go to others, those
+in flight finish (up to ``drain_timeout``), and then it is forgotten, with whatever others keep of it
+(``on_removed``: the policy's indexes and pins, the poller's loop, metrics series). Each change is
+logged once.
+
 What a backend is doing (claims, counters) is the claim guard's (``scheduling/claims.py``); it calls
 ``notify_change`` when a slot frees.
 """
@@ -13,15 +21,19 @@ from collections.abc import Callable, Iterator
 import structlog
 
 from llmbalancer.config import BackendConfig
-from llmbalancer.fleet.backend import ROUTABLE, Backend, BackendState
+from llmbalancer.fleet.backend import ROUTABLE, SPEC_FIELDS, Backend, BackendSpec, BackendState, Health
 from llmbalancer.fleet.circuit import Circuit
 
 log = structlog.get_logger("llmbalancer.fleet.registry")
 
 
 class Registry:
-    def __init__(self) -> None:
+    def __init__(self, drain_timeout: float = 30.0) -> None:
         self._backends: dict[str, Backend] = {}
+        # Longest a removed backend's in-flight requests are waited for before it is forgotten anyway.
+        self.drain_timeout = drain_timeout
+        # Backends removed and still draining, with the timer that ends their wait.
+        self._leaving: dict[str, asyncio.TimerHandle | None] = {}
         self._change: asyncio.Future[None] | None = None
         # Moves whenever membership or any backend's model lists change: caches of "who serves model M"
         # compare it instead of re-reading every backend per request.
@@ -36,6 +48,8 @@ class Registry:
         self.on_state: list[Callable[[Backend, BackendState], object]] = []
         # Called with a backend once it has left the registry: whoever keeps memories of it drops them.
         self.on_removed: list[Callable[[Backend], object]] = []
+        # Called with a backend just added (the poller starts probing it at once, not at its next sweep).
+        self.on_added: list[Callable[[Backend], object]] = []
 
     @classmethod
     def from_configs(cls, configs: tuple[BackendConfig, ...]) -> Registry:
@@ -48,6 +62,7 @@ class Registry:
                     kind=config.kind,
                     max_concurrency=config.max_concurrency,
                     models=config.models,
+                    source="config",
                 )
             )
         return registry
@@ -59,18 +74,95 @@ class Registry:
             raise ValueError(f"backend {backend.name!r} is already registered")
         self._backends[backend.name] = backend
         self.models_version += 1
-        log.info("backend_added", backend=backend.name, url=backend.url, state=backend.state.value)
+        log.info(
+            "backend_added", backend=backend.name, url=backend.url, source=backend.source, state=backend.state.value
+        )
+        for observer in self.on_added:
+            observer(backend)
         self.notify_change()
         return backend
 
-    def remove(self, name: str) -> None:
-        backend = self._backends.pop(name, None)
-        if backend is not None:
+    def update(self, name: str, spec: BackendSpec) -> list[str]:
+        """Make backend ``name`` what ``spec`` says; returns the fields that changed. A new URL or kind is
+        another server: nothing known of the old one holds (its ``health`` view starts empty) and it is
+        *starting* until a probe says ready. A backend that was draining is taken back (*starting* too)."""
+        backend = self._backends[name]
+        changed = [f for f in SPEC_FIELDS if getattr(backend, f) != getattr(spec, f)]
+        revived = name in self._leaving
+        if revived:
+            handle = self._leaving.pop(name)
+            if handle is not None:
+                handle.cancel()
+        if not changed and not revived:
+            return []
+        for field in changed:
+            setattr(backend, field, getattr(spec, field))
+        log.info("backend_updated", backend=name, source=backend.source, changed=changed, revived=revived)
+        if "url" in changed or "kind" in changed:
+            backend.health = Health()
+            self.set_state(backend, BackendState.STARTING, f"{' and '.join(changed[:2])} changed")
+        elif revived:
+            self.set_state(backend, BackendState.STARTING, "registered again")
+        if "models" in changed or "url" in changed:
             self.models_version += 1
-            log.info("backend_removed", backend=name)
-            for forget in self.on_removed:
-                forget(backend)
+        self.notify_change()
+        return [*changed, *(["revived"] if revived else [])]
+
+    def remove(self, name: str, reason: str = "removed") -> Backend | None:
+        """Drain, then forget ``name``: it takes no new request from now on and leaves the registry once
+        its in-flight requests finished, or ``drain_timeout`` passed (whatever still runs on it then is
+        not cut; it is only no longer known). Returns the backend (None: unknown)."""
+        backend = self._backends.get(name)
+        if backend is None:
+            return None
+        if name in self._leaving:
+            return backend
+        self.set_state(backend, BackendState.DRAINING, reason)
+        if backend.traffic.in_flight <= 0:
+            self._forget(backend, "drained")
             self.notify_change()
+            return backend
+        try:
+            handle: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+                self.drain_timeout, self._drain_timed_out, backend
+            )
+        except RuntimeError:  # no loop (a synchronous caller): nothing can finish meanwhile
+            self._forget(backend, "drained")
+            return backend
+        self._leaving[name] = handle
+        return backend
+
+    def leaving(self, name: str) -> bool:
+        """``name`` was removed and is draining."""
+        return name in self._leaving
+
+    def _drain_timed_out(self, backend: Backend) -> None:
+        if backend.name not in self._leaving or self._backends.get(backend.name) is not backend:
+            return
+        del self._leaving[backend.name]
+        log.warning("backend_drain_timeout", backend=backend.name, in_flight=backend.traffic.in_flight)
+        self._forget(backend, "drain timed out")
+        self.notify_change()
+
+    def _forget_drained(self) -> None:
+        for name in list(self._leaving):
+            backend = self._backends.get(name)
+            if backend is not None and backend.traffic.in_flight > 0:
+                continue
+            handle = self._leaving.pop(name, None)
+            if handle is not None:
+                handle.cancel()
+            if backend is not None:
+                self._forget(backend, "drained")
+
+    def _forget(self, backend: Backend, how: str) -> None:
+        if self._backends.get(backend.name) is not backend:
+            return
+        del self._backends[backend.name]
+        self.models_version += 1
+        log.info("backend_removed", backend=backend.name, source=backend.source, how=how)
+        for forget in self.on_removed:
+            forget(backend)
 
     def get(self, name: str) -> Backend | None:
         return self._backends.get(name)
@@ -117,6 +209,8 @@ class Registry:
     # --- change notification ------------------------------------------------------------------
 
     def notify_change(self) -> None:
+        if self._leaving:  # a claim released may have been a draining backend's last
+            self._forget_drained()
         change = self._change
         if change is not None:
             self._change = None

@@ -28,7 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from llmbalancer.fleet.backend import BackendState
+from llmbalancer.fleet.backend import Backend, BackendState
 from llmbalancer.fleet.registry import Registry
 from llmbalancer.relay.access import MAX_TEXT, Access
 from llmbalancer.scheduling.model_routing import ModelRouter, instances, served_names
@@ -43,6 +43,7 @@ QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # Models named only by a route's pattern (``"qwen.*"`` names many) get their own label up to this many.
 MAX_ROUTED_LABELS = 100
 OTHER_MODEL = "other"
+REMOVED_BACKEND = "(removed)"
 
 
 class _Histogram:
@@ -81,7 +82,7 @@ class ModelLabels:
 
     def __init__(self, registry: Registry, routing: ModelRouter | None = None) -> None:
         self._registry = registry
-        self._routing = routing
+        self.routing = routing  # replaced by a reload
         self._version = -1
         self._served: set[str] = set()
         self._routed: set[str] = set()
@@ -98,7 +99,7 @@ class ModelLabels:
         if any(instances(model, served_names(b)) for b in self._registry):
             self._served.add(model)  # bounded: a few spellings of each name served
             return model
-        routing = self._routing
+        routing = self.routing
         if (
             routing is not None and len(self._routed) < MAX_ROUTED_LABELS and len(model) <= MAX_TEXT
             and routing.route_for(model) is not None
@@ -115,6 +116,7 @@ class Metrics:
 
     def __init__(self, backends: Registry, routing: ModelRouter | None = None) -> None:
         self.registry = CollectorRegistry()
+        self._backends = backends
         self.model_label = ModelLabels(backends, routing)
         self.requests: dict[tuple[str, str, int], int] = defaultdict(int)  # (backend, model, status)
         self.duration: dict[str, _Histogram] = {}  # by backend
@@ -124,10 +126,26 @@ class Metrics:
         self.completion_tokens: dict[tuple[str, str], int] = defaultdict(int)
         self.retries = 0
         self.registry.register(RequestCollector(self))
+        backends.on_removed.append(self.forget)
+
+    def forget(self, backend: Backend) -> None:
+        """``backend`` left the fleet: its series leave the exposition with it."""
+        name = backend.name
+        for request in [key for key in self.requests if key[0] == name]:
+            del self.requests[request]
+        for tokens in (self.prompt_tokens, self.completion_tokens):
+            for key in [key for key in tokens if key[0] == name]:
+                del tokens[key]
+        self.duration.pop(name, None)
+        self.ttft.pop(name, None)
 
     def observe(self, access: Access) -> None:
         """One finished request (``Proxy.on_complete``): a handful of dict updates, no I/O."""
         backend = access.backend or ""
+        if backend and self._backends.get(backend) is None:
+            # It left the fleet while this request ran (and its series with it): a new series per departed
+            # backend would grow the exposition with every DNS or agent churn; one label holds them all.
+            backend = REMOVED_BACKEND
         model = self.model_label(access.model)
         self.requests[backend, model, access.status] += 1
         started = access.started

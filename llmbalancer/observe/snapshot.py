@@ -35,7 +35,7 @@ BACKEND_FIELDS = (
     "slots_busy", "slots_total", "max_concurrency", "in_flight", "queue_depth",
     "circuit_state", "health_score", "models", "last_error", "requests_total", "errors_total",
     "latency_avg_s", "ttft_avg_s", "prompt_tokens_total", "completion_tokens_total", "cached_tokens_total",
-    "gpu_busy", "deferred",
+    "gpu_busy", "deferred", "source",
 )
 REQUEST_FIELDS = (
     "time", "request_id", "method", "path", "model", "backend", "status", "attempts",
@@ -75,6 +75,7 @@ def describe_backend(backend: Backend) -> dict[str, Any]:
         "cached_tokens_total": backend.traffic.cached_tokens_total,
         "gpu_busy": backend.health.gpu_busy,
         "deferred": backend.health.deferred,
+        "source": backend.source,
     }
 
 
@@ -118,7 +119,9 @@ def build_snapshot(
         "time": time.time(),
         "policy": policy,
         "backends": [describe_backend(backend) for backend in backends],
-        "instances": None if supervisor is None else [_instance(i) for i in supervisor.describe()],
+        "instances": None if supervisor is None or not supervisor.instances else [
+            _instance(i) for i in supervisor.describe()
+        ],
         "sticky_entries": selector.entries_count(),
         "queue": describe_queue(admission),
         "requests": [request.describe() for request in recent.newest_first()],

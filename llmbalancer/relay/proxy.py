@@ -71,19 +71,25 @@ class Proxy:
     def __init__(self, config: Config, registry: Registry, dispatcher: Dispatcher) -> None:
         self._dispatcher = dispatcher
         self._racing = Racing(dispatcher)
-        self._max_body = config.server.max_body_bytes
-        self._attempts = config.retries.attempts
-        self._first_byte_timeout = config.timeouts.first_byte
+        self.configure(config)
         # One sweep for every request's first-byte deadline instead of a timer each; 1 % late at most.
         self._first_byte = Deadlines(resolution=min(1.0, self._first_byte_timeout / 100))
-        self._idle_timeout = config.timeouts.idle
-        self._connect_timeout = config.timeouts.connect
         self.session: aiohttp.ClientSession | None = None
         # Called once per finished request (metrics, the monitor's recent requests); must be cheap.
         self.on_complete: list[Callable[[Access], None]] = []
         # A hung server accepts connections and answers nothing: once its health checks fail, the
         # requests waiting on it for a first byte are retried elsewhere instead of waiting out first_byte.
         registry.on_failed.append(self._first_byte.expire)
+
+    def configure(self, config: Config) -> None:
+        """The limits, timeouts and retries for requests that arrive from now on (a reload): each request
+        reads them as it starts, so those in flight keep theirs."""
+        self._max_body = config.server.max_body_bytes
+        self._attempts = config.retries.attempts
+        self._first_byte_timeout = config.timeouts.first_byte
+        self._idle_timeout = config.timeouts.idle
+        self._connect_timeout = config.timeouts.connect
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout)
 
     def open_session(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
@@ -95,7 +101,7 @@ class Proxy:
         )
         self.session = aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
+            timeout=self._timeout,
             auto_decompress=False,
             # Send the client's headers only: no Accept-Encoding the client did not ask for.
             skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
@@ -244,7 +250,7 @@ class Proxy:
         try:
             with self._first_byte.within(self._first_byte_timeout, backend):
                 return await self.session.request(
-                    request.method, url, headers=headers, data=data, allow_redirects=False
+                    request.method, url, headers=headers, data=data, allow_redirects=False, timeout=self._timeout
                 )
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise _AttemptFailed(_describe(exc), unreachable=True, body_sent=False) from exc

@@ -37,6 +37,8 @@ class Dispatcher:
         self.routing = routing or ModelRouter()
         queue = queue or QueueConfig()
         self.admission = AdmissionQueue(queue.max_size, queue.timeout)
+        # Scale from zero: a request finding no backend at all waits for one to register (up to the timeout).
+        self.wait_for_backends = bool(queue.wait_for_backends)
         registry.on_removed.append(lambda backend: self.selector.forget(backend.name))
 
     @property
@@ -114,8 +116,9 @@ class Dispatcher:
         return claim_one(self.registry, self.selector, eligible, facts)
 
     def _fail_if_hopeless(self, excluded: Collection[Backend]) -> None:
-        """No backend healthy and none starting: 503 at once; a dead fleet does not hold requests."""
-        if self.candidates(excluded):
+        """No backend healthy and none starting: 503 at once; a dead fleet does not hold requests (unless
+        ``wait_for_backends``: then it waits for one to register, up to the queue timeout)."""
+        if self.wait_for_backends or self.candidates(excluded):
             return
         if any(b.state is BackendState.STARTING for b in self.registry if b not in excluded):
             return

@@ -230,27 +230,28 @@ class ModelRouter:
 
 
 class _Exclusion(Collection[Backend]):
-    """A lazy ``excluded`` collection for one claim. The eligible set is taken when the claim starts
-    and taken again when a backend it has not seen is looked at (one that joined while the request
-    waited), so a dispatcher's look at each backend costs a set lookup."""
+    """A lazy ``excluded`` collection for one claim. The eligible set is taken when the claim starts and
+    taken again whenever membership or a backend's model lists changed since (``Registry.models_version``):
+    a backend that joins while the request waits, or whose models become known meanwhile, may take it.
+    A dispatcher's look at each backend costs an int comparison and a set lookup."""
 
     def __init__(self, router: ModelRouter, model: str, backends: Registry, excluded: Collection[Backend]) -> None:
         self._router = router
         self._model = model
         self._backends = backends
         self._excluded = excluded
-        self._members: set[Backend] = set()
+        self._version = -1
         self._allowed: frozenset[Backend] = frozenset()
 
     def allowed(self) -> frozenset[Backend]:
-        self._members = set(self._backends)
+        self._version = self._backends.models_version
         self._allowed = self._router.allowed(self._model, self._backends)
         return self._allowed
 
     def __contains__(self, backend: object) -> bool:
         if backend in self._excluded:
             return True
-        if backend not in self._members:
+        if self._version != self._backends.models_version:
             self.allowed()
         return backend not in self._allowed
 

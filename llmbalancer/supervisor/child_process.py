@@ -21,6 +21,7 @@ import structlog
 log = structlog.get_logger("llmbalancer.supervisor.instances")
 
 _PR_SET_PDEATHSIG = 1
+_PUMP_CHUNK = 64 * 1024
 
 
 def _die_with_parent(parent: int) -> Callable[[], None]:
@@ -78,3 +79,22 @@ async def terminate(process: asyncio.subprocess.Process, grace: float) -> int:
             log.warning("instance_kill_after_grace", pid=process.pid, grace_s=grace)
             signal_group(process, signal.SIGKILL)
     return await process.wait()
+
+
+async def listening(host: str, port: int) -> bool:
+    """Whether something accepts connections on host:port (a local address: answered at once)."""
+    try:
+        async with asyncio.timeout(1.0):
+            _, writer = await asyncio.open_connection(host, port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def pump(stream: asyncio.StreamReader, write: Callable[[bytes], object]) -> None:
+    """Copy a child's output to ``write`` until it closes."""
+    while chunk := await stream.read(_PUMP_CHUNK):
+        write(chunk)

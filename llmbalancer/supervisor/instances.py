@@ -28,14 +28,13 @@ from yarl import URL
 
 from llmbalancer.config import InstanceConfig, SupervisorConfig
 from llmbalancer.config.commands_file import safe_name
-from llmbalancer.fleet.backend import Backend, BackendState
+from llmbalancer.fleet.backend import Backend, BackendSpec, BackendState
 from llmbalancer.fleet.registry import Registry
 from llmbalancer.supervisor import child_process
 from llmbalancer.supervisor.output_log import OutputLog
 
 log = structlog.get_logger("llmbalancer.supervisor.instances")
 
-_PUMP_CHUNK = 64 * 1024
 # After the process exits, how long its output pipe may stay open (held by something it forked).
 _PUMP_LINGER = 2.0
 _PORT_CHECK_EVERY = 0.5
@@ -77,8 +76,9 @@ class Instance:
 
     @property
     def booting(self) -> bool:
-        """Alive and not yet ready since it started: refused connections mean "not listening yet"."""
-        return self.status is InstanceStatus.STARTING and self.alive
+        """Launched (the process about to be spawned, or alive) and not yet ready since: refused connections
+        mean "not listening yet". The poller probes a backend from the moment it is added."""
+        return self.status is InstanceStatus.STARTING and (self.process is None or self.alive)
 
     def describe(self) -> dict[str, object]:
         return {
@@ -117,20 +117,18 @@ class Supervisor:
         self._registry = registry
         # Children inherit the balancer's environment; an instance's `env` is laid over it.
         self._environ = environ
-        output_dir = Path(config.output_dir)
-        self.instances: dict[str, Instance] = {
-            ic.name: Instance(
-                ic,
-                Backend(name=ic.name, url=ic.url, kind="llamacpp"),
-                OutputLog(output_dir / f"{safe_name(ic.name)}.log", config.log_max_bytes, config.log_backups),
-            )
-            for ic in instances
-        }
-        for instance in self.instances.values():
-            instance.backend.instance = instance
+        self.instances: dict[str, Instance] = {ic.name: self._instance(ic) for ic in instances}
         # An instance is running from the moment its backend first turns routable, not some loop turns
         # later when _await_ready wakes: anyone who sees the backend routable sees the instance running.
         registry.on_state.append(self._backend_state_changed)
+
+    def _instance(self, ic: InstanceConfig) -> Instance:
+        config = self._config
+        path = Path(config.output_dir) / f"{safe_name(ic.name)}.log"
+        output = OutputLog(path, config.log_max_bytes, config.log_backups)
+        instance = Instance(ic, Backend(name=ic.name, url=ic.url, kind="llamacpp", source="instance"), output)
+        instance.backend.instance = instance
+        return instance
 
     def _backend_state_changed(self, backend: Backend, previous: BackendState) -> None:
         instance = self.instances.get(backend.name)
@@ -159,16 +157,38 @@ class Supervisor:
         """Every instance, for the admin list and the snapshot."""
         return [instance.describe() for instance in self.instances.values()]
 
-    # --- operator actions (admin routes) ------------------------------------------------------
+    # --- operator actions (admin routes, reload) ----------------------------------------------
+
+    def configure(self, config: SupervisorConfig) -> None:
+        """New supervisor settings (a reload): for every stop, restart and log rotation from now on."""
+        self._config = config
+
+    def add(self, ic: InstanceConfig) -> Instance:
+        """A new instance (a reload listed it): launched now."""
+        instance = self.instances[ic.name] = self._instance(ic)
+        self._launch(instance)
+        return instance
+
+    async def remove(self, name: str) -> None:
+        """Stop instance ``name`` (draining it first) and forget it (a reload no longer lists it)."""
+        instance = self.instances.pop(name)
+        try:
+            await self._stop(instance)
+        finally:
+            await self._halt(instance)  # cancelled while draining (shutdown): the process goes all the same
+            instance.output.close()
 
     async def stop(self, name: str) -> Instance:
-        instance = self.instances[name]
+        return await self._stop(self.instances[name])
+
+    async def _stop(self, instance: Instance) -> Instance:
         async with instance.lock:
             await self._drain(instance, "stopping")
             await self._halt(instance)
             instance.status, instance.reason = InstanceStatus.STOPPED, "stopped by operator"
-            self._registry.remove(name)
-            log.info("instance_stopped", instance=name)
+            if self._registry.get(instance.name) is instance.backend:
+                self._registry.remove(instance.name)
+            log.info("instance_stopped", instance=instance.name)
         return instance
 
     async def start(self, name: str) -> Instance:
@@ -178,11 +198,19 @@ class Supervisor:
                 self._launch(instance)
         return instance
 
-    async def restart(self, name: str) -> Instance:
+    async def restart(self, name: str, config: InstanceConfig | None = None) -> Instance:
+        """Drain, stop and launch again; with ``config`` (a reload changed its settings), launched with it."""
         instance = self.instances[name]
         async with instance.lock:
             await self._drain(instance, "restarting")
             await self._halt(instance)
+            if config is not None:
+                instance.config = config
+                backend = instance.backend
+                if self._registry.get(name) is backend:
+                    self._registry.update(name, BackendSpec(name, config.url, backend.kind))
+                else:
+                    backend.url = config.url  # not registered: nobody routes to it meanwhile
             self._launch(instance)
         return instance
 
@@ -214,6 +242,7 @@ class Supervisor:
         if self._registry.get(instance.name) is None:
             self._registry.add(backend)
         instance.status, instance.reason = InstanceStatus.STARTING, ""
+        instance.process = None  # the previous one, if any, has exited: this launch's is not spawned yet
         instance.task = asyncio.create_task(self._supervise(instance), name=f"supervise:{instance.name}")
 
     async def _supervise(self, instance: Instance) -> None:
@@ -280,7 +309,7 @@ class Supervisor:
         """
         url = URL(instance.config.url)
         host, port = url.host or "127.0.0.1", url.port or 80
-        if not await _listening(host, port):
+        if not await child_process.listening(host, port):
             return True
         why = f"port {port} is in use by another process"
         self._fail(instance, f"{why}; waiting up to {self._config.stop_grace:g} s for it to be free")
@@ -288,7 +317,7 @@ class Supervisor:
         deadline = time.monotonic() + self._config.stop_grace
         while time.monotonic() < deadline:
             await asyncio.sleep(_PORT_CHECK_EVERY)
-            if not await _listening(host, port):
+            if not await child_process.listening(host, port):
                 return True
         self._fail(instance, f"{why}; not started (free it, then POST /admin/instances/{instance.name}/start)")
         log.error("instance_not_started", instance=instance.name, reason=why, url=instance.config.url)
@@ -302,7 +331,8 @@ class Supervisor:
         process = await child_process.spawn(ic.command, env=env, cwd=ic.cwd)
         assert process.stdout is not None
         instance.process = process
-        instance.pump = asyncio.create_task(_pump(process.stdout, instance.output), name=f"output:{ic.name}")
+        output = child_process.pump(process.stdout, instance.output.write)
+        instance.pump = asyncio.create_task(output, name=f"output:{ic.name}")
         instance.started_at = time.monotonic()
         instance.ready_at = None
         instance.status, instance.reason = InstanceStatus.STARTING, ""
@@ -374,23 +404,5 @@ class Supervisor:
             log.error("instance_failed", instance=instance.name, reason=why, log_tail=instance.output.tail())
 
 
-async def _listening(host: str, port: int) -> bool:
-    """Whether something accepts connections on host:port (a local address: answered at once)."""
-    try:
-        async with asyncio.timeout(1.0):
-            _, writer = await asyncio.open_connection(host, port)
-    except (OSError, TimeoutError):
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
-
-
 def _restarts(policy: str, code: int) -> bool:
     return policy == "always" or (policy == "on-failure" and code != 0)
-
-
-async def _pump(stream: asyncio.StreamReader, output: OutputLog) -> None:
-    while chunk := await stream.read(_PUMP_CHUNK):
-        output.write(chunk)

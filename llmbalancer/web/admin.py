@@ -1,19 +1,27 @@
-"""Admin routes for supervised instances: list them; restart, stop or start one (draining it first).
+"""Admin routes (``/admin/*``) and who may call them; the instance routes.
 
-``GET /admin/instances`` and ``POST /admin/instances/{name}/{restart|stop|start}``. Until the
-security issue decides who may call admin routes, they answer loopback clients only (the peer
-address of the connection; forwarded headers do not count).
+Who: with ``admin.token`` set, every admin route requires ``Authorization: Bearer <token>``, from any
+address, loopback included (compared in constant time; the token is never logged): 401 otherwise. Without
+a token, only loopback peers are answered (the connection's peer address; forwarded headers do not
+count): 403 otherwise. The token is read per request, so a reload that sets or changes it applies at once.
+
+Supervised instances: ``GET /admin/instances`` and ``POST /admin/instances/{name}/{restart|stop|start}``.
+The fleet's routes (backends, agents, reload) are in ``web/admin_fleet.py``.
 """
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from llmbalancer import errors
-from llmbalancer.supervisor.instances import Instance, Supervisor
+
+if TYPE_CHECKING:
+    from llmbalancer.components import Components
 
 ACTIONS = ("restart", "stop", "start")
 
@@ -33,24 +41,45 @@ def is_loopback(address: str | None) -> bool:
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
-def _loopback_only(handler: Handler) -> Handler:
-    async def guarded(request: web.Request) -> web.Response:
-        if not is_loopback(request.remote):
-            return errors.forbidden("Admin routes answer loopback clients only").response()
-        return await handler(request)
+def refusal(request: web.Request, token: str | None) -> errors.ProxyError | None:
+    """Why ``request`` may not call an admin route, or None when it may."""
+    if token is None:
+        if is_loopback(request.remote):
+            return None
+        return errors.forbidden("Admin routes answer loopback clients only (set admin.token to admit others)")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # Bytes: compare_digest takes str only when ASCII, and a client may send anything.
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
+        return None
+    return errors.unauthorized("Admin routes require 'Authorization: Bearer <admin.token>'")
 
-    return guarded
+
+def guarded(components: Components) -> Callable[[Handler], Handler]:
+    def guard(handler: Handler) -> Handler:
+        async def checked(request: web.Request) -> web.Response:
+            secret = components.config.admin.token
+            refused = refusal(request, None if secret is None else secret.get_secret_value())
+            if refused is not None:
+                return refused.response()
+            return await handler(request)
+
+        return checked
+
+    return guard
 
 
-def add_admin_routes(app: web.Application, supervisor: Supervisor | None) -> None:
-    instances: dict[str, Instance] = supervisor.instances if supervisor else {}
+def add_admin_routes(app: web.Application, components: Components) -> None:
+    from llmbalancer.web.admin_fleet import add_fleet_routes
+
+    guard = guarded(components)
+    supervisor = components.supervisor
 
     async def list_instances(request: web.Request) -> web.Response:
         return web.json_response({"instances": supervisor.describe() if supervisor else []})
 
     async def act(request: web.Request) -> web.Response:
         name, action = request.match_info["name"], request.match_info["action"]
-        if supervisor is None or name not in instances:
+        if supervisor is None or name not in supervisor.instances:
             return errors.not_found(f"No supervised instance named {name!r}").response()
         if action not in ACTIONS:
             return errors.not_found(f"Unknown action {action!r} (known: {', '.join(ACTIONS)})").response()
@@ -58,5 +87,6 @@ def add_admin_routes(app: web.Application, supervisor: Supervisor | None) -> Non
         instance = await operation(name)
         return web.json_response({"action": action, "instance": instance.describe()})
 
-    app.router.add_get("/admin/instances", _loopback_only(list_instances))
-    app.router.add_post("/admin/instances/{name}/{action}", _loopback_only(act))
+    app.router.add_get("/admin/instances", guard(list_instances))
+    app.router.add_post("/admin/instances/{name}/{action}", guard(act))
+    add_fleet_routes(app, components, guard)
