@@ -15,7 +15,6 @@ import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
-from typing import NamedTuple
 
 import aiohttp
 from aiohttp import web
@@ -28,6 +27,7 @@ from llmbalancer.fleet.backend import Backend
 from llmbalancer.fleet.registry import Registry
 from llmbalancer.relay.access import Access
 from llmbalancer.relay.deadlines import Deadlines
+from llmbalancer.relay.exchange import Adapter, Exchange, Relayed
 from llmbalancer.relay.http_headers import downstream_response_headers, upstream_request_headers
 from llmbalancer.relay.inbound import InboundBody, read_body, request_facts, with_model
 from llmbalancer.relay.usage_chunk import UsageCut, asks_usage_of, cut_whole, wants_usage, with_usage
@@ -51,12 +51,7 @@ class _ClientStopped(Exception):
         self.code = code
 
 
-class _Relayed(NamedTuple):
-    """How relaying a response went: in full, broken off by the backend (why), or left by the client."""
-
-    response: web.StreamResponse
-    broken: str | None = None
-    client_left: bool = False
+_Relayed = Relayed
 
 
 class _AttemptFailed(Exception):
@@ -111,16 +106,20 @@ class Proxy:
         )
         return self.session
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request, adapter: Adapter | None = None) -> web.StreamResponse:
+        """Proxy one request; ``adapter``: the hook of routes that may not be forwarded as they are
+        (relay/exchange.py; Ollama's API, from web/ollama.py). Without one, requests go as they came."""
         access = Access(_request_id(request), request.method, request.path, time.monotonic())
         try:
             body = await read_body(request, self._max_body)
             facts = request_facts(request, body)
             access.model = facts.model
-            return await self._forward(request, body, facts, access)
+            return await self._forward(request, body, facts, access, adapter)
         except ProxyError as error:
             access.status = error.status
             access.error = error.code
+            if adapter is not None:
+                return adapter.error_response(error, access.request_id)
             return error.response(access.request_id)
         except asyncio.CancelledError:
             access.status = access.status or CLIENT_CLOSED
@@ -132,7 +131,7 @@ class Proxy:
                 observer(access)
 
     async def _forward(
-        self, request: web.Request, body: InboundBody, facts: RequestFacts, access: Access
+        self, request: web.Request, body: InboundBody, facts: RequestFacts, access: Access, adapter: Adapter | None
     ) -> web.StreamResponse:
         excluded: list[Backend] = []
         last_error = ""
@@ -143,6 +142,11 @@ class Proxy:
         def opener(backend: Backend) -> Awaitable[aiohttp.ClientResponse]:
             # The body names the model as this backend knows it (an instance alias, say).
             sent = with_model(body, self._dispatcher.routing.rename_for(facts, backend))
+            if adapter is not None:  # the adapter's hook: this backend's own API, or None to forward as is
+                exchange = adapter.exchange(backend, sent)
+                if exchange is not None:
+                    close = exchange.streamed and drops_connections_reused_after_a_stream(backend)
+                    return self._open(request, backend, exchange.body, access.request_id, close, exchange)
             if ask_usage and asks_usage_of(backend):
                 sent = with_usage(sent)
             close = streamed and drops_connections_reused_after_a_stream(backend)
@@ -191,7 +195,11 @@ class Proxy:
                         claim.failed(f"HTTP {upstream.status}")
                         excluded.append(backend)
                         continue
-                    relayed = await self._relay(request, upstream, access, ask_usage and asks_usage_of(backend))
+                    exchange = adapter.exchange_for(backend) if adapter is not None else None
+                    if exchange is not None:  # the adapter's hook: it relays its own exchange's answer
+                        relayed = await exchange.relay(request, upstream, access)
+                    else:
+                        relayed = await self._relay(request, upstream, access, ask_usage and asks_usage_of(backend))
                 finally:
                     upstream.close()
                 if relayed.client_left:
@@ -225,9 +233,11 @@ class Proxy:
         return claim
 
     async def _open(
-        self, request: web.Request, backend: Backend, body: InboundBody, request_id: str, close: bool = False
+        self, request: web.Request, backend: Backend, body: InboundBody, request_id: str, close: bool = False,
+        exchange: Exchange | None = None,
     ) -> aiohttp.ClientResponse:
-        """Send the request; ``close``: ask the backend to close the connection after answering (never pooled)."""
+        """Send the request; ``close``: ask the backend to close the connection after answering (never pooled);
+        ``exchange``: the adapter's path and headers instead of the client's."""
         assert self.session is not None
         headers = upstream_request_headers(
             request.headers,
@@ -240,12 +250,15 @@ class Proxy:
         )
         if close:
             headers.append(("Connection", "close"))
-        url = URL(backend.url + request.raw_path, encoded=True)
+        method, path = request.method, request.raw_path
+        if exchange is not None:
+            method, path, headers = exchange.method, exchange.path, exchange.headers(headers)
+        url = URL(backend.url + path, encoded=True)
         data = body.data if body.replayable else body.stream
         try:
             with self._first_byte.within(self._first_byte_timeout, backend):
                 return await self.session.request(
-                    request.method, url, headers=headers, data=data, allow_redirects=False
+                    method, url, headers=headers, data=data, allow_redirects=False
                 )
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise _AttemptFailed(_describe(exc), unreachable=True, body_sent=False) from exc
