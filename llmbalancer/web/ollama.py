@@ -38,13 +38,14 @@ def _model_name(entry: Mapping[str, Any]) -> str | None:
 
 
 def merge_ollama_lists(answers: list[Any]) -> list[dict[str, Any]]:
-    """The ``models`` of every answer, each name once (first backend's entry), aliases hidden."""
+    """The ``models`` of every answer, each model once (the first backend's entry; ``x`` and ``x:latest``
+    are one model), aliases hidden."""
     entries: dict[str, dict[str, Any]] = {}
     for answer in answers:
         models = answer.get("models") if isinstance(answer, Mapping) else None
         for entry in models if isinstance(models, list) else []:
             if isinstance(entry, Mapping) and (name := _model_name(entry)) is not None:
-                entries.setdefault(name, dict(entry))
+                entries.setdefault(name.removesuffix(":latest"), dict(entry))
     return [entries[name] for name in client_names(entries)]
 
 
