@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from llmbalancer.errors import upstream_failed_mid_stream
 from llmbalancer.relay.access import Access
 from llmbalancer.relay.exchange import Relayed
 from llmbalancer.relay.inbound import InboundBody
@@ -168,7 +169,7 @@ class OllamaExchange:
                 access.usage_tail = answer.usage_tail()
             else:
                 access.error = "upstream_stream_broken"
-                await self._write(response, access, line({"error": broken}))
+                await self._write(response, access, line({"error": upstream_failed_mid_stream(broken).message}))
             await response.write_eof()
         except ConnectionError as exc:
             raise _ClientLeft("client_closed", response) from exc
