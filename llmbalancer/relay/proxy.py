@@ -354,6 +354,7 @@ class Proxy:
                 chunk = await reader.readany()
                 if chunk:
                     access.ttfb = time.monotonic()
+                    access.usage_head = chunk
                 while chunk:
                     writing = True
                     await write(chunk)
