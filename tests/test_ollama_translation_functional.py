@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -12,7 +13,7 @@ import ollama
 import pytest
 
 from llmbalancer.testing.fake_llama import FakeLlama, FakeLlamaConfig, run_fake_llama
-from tests.model_fleet import dead_url
+from tests.model_fleet import config_file, dead_url
 from tests.support import make_config, run_balancer, wait_for
 
 WEATHER = {
@@ -201,3 +202,20 @@ async def test_a_request_waiting_in_the_queue_is_translated_for_the_backend_it_g
             replies = await asyncio.gather(*(client.chat("smollm2", ASK, options={"num_predict": 3}) for _ in range(3)))
             assert [r.message.content for r in replies] == ["Hello from the"] * 3
             assert fake.stats["max_processing"] == 1
+
+
+async def test_racing_translates_for_each_racer_and_a_refusal_releases_every_claim(tmp_path: Path) -> None:
+    fast_config, slow_config = FakeLlamaConfig(reply="Fast answer here."), FakeLlamaConfig(token_delay=1.0)
+    async with run_fake_llama(fast_config) as fast, run_fake_llama(slow_config) as slow:
+        backends = [{"url": slow.url, "name": "slow"}, {"url": fast.url, "name": "fast"}]
+        config = config_file(tmp_path, backends, routing={"models": {"smollm2": {"race": 2}}})
+        async with run_balancer(config) as balancer, ollama.AsyncClient(host=balancer.url) as client:
+            registry = balancer.components.registry
+            await wait_for(lambda: all(b.health.slots_total for b in registry))
+            parts = [p async for p in await client.chat("smollm2", ASK, stream=True)]
+            assert "".join(p.message.content or "" for p in parts) == "Fast answer here." and parts[-1].done
+            await wait_for(lambda: slow.stats["cancelled"] == 1 and slow.stats["processing"] == 0)
+            with pytest.raises(ollama.ResponseError) as refused:
+                await client.chat("smollm2", ASK, options={"tfs_z": 0.5})
+            assert refused.value.status_code == 400
+            await wait_for(lambda: [b.traffic.in_flight for b in registry] == [0, 0])

@@ -142,11 +142,8 @@ class Proxy:
         def opener(backend: Backend) -> Awaitable[aiohttp.ClientResponse]:
             # The body names the model as this backend knows it (an instance alias, say).
             sent = with_model(body, self._dispatcher.routing.rename_for(facts, backend))
-            if adapter is not None:  # the adapter's hook: this backend's own API, or None to forward as is
-                exchange = adapter.exchange(backend, sent)
-                if exchange is not None:
-                    close = exchange.streamed and drops_connections_reused_after_a_stream(backend)
-                    return self._open(request, backend, exchange.body, access.request_id, close, exchange)
+            if adapter is not None:  # the adapter's hook (relay/exchange.py)
+                return self._open_adapted(request, backend, sent, access.request_id, adapter, streamed)
             if ask_usage and asks_usage_of(backend):
                 sent = with_usage(sent)
             close = streamed and drops_connections_reused_after_a_stream(backend)
@@ -231,6 +228,20 @@ class Proxy:
         access.backend = claim.backend.name
         access.attempts = attempt
         return claim
+
+    async def _open_adapted(
+        self, request: web.Request, backend: Backend, body: InboundBody, request_id: str, adapter: Adapter,
+        streamed: bool,
+    ) -> aiohttp.ClientResponse:
+        """Open the request the adapter makes of ``body`` for ``backend``, or ``body`` itself when it makes none.
+        The adapter may refuse (``ProxyError``): it is asked here, in the attempt's coroutine, so a refusal never
+        escapes an opener while racing starts several (and holds their claims)."""
+        exchange = adapter.exchange(backend, body)
+        if exchange is None:
+            close = streamed and drops_connections_reused_after_a_stream(backend)
+            return await self._open(request, backend, body, request_id, close)
+        close = exchange.streamed and drops_connections_reused_after_a_stream(backend)
+        return await self._open(request, backend, exchange.body, request_id, close, exchange)
 
     async def _open(
         self, request: web.Request, backend: Backend, body: InboundBody, request_id: str, close: bool = False,
