@@ -113,6 +113,8 @@ def test_plans_say_where_each_ollama_request_goes() -> None:
     with pytest.raises(ProxyError, match="format"):
         requests.chat({"model": "m", "messages": [{"role": "user", "content": "x"}], "format": "yaml"}, "openai", "b")
     assert requests.chat({"model": "m", "messages": []}, "llamacpp", "b").load_reason == "load"
+    with pytest.raises(ProxyError, match="model is required"):
+        requests.chat({"messages": [{"role": "user", "content": "x"}]}, "llamacpp", "b")
     assert requests.generate({"model": "m", "keep_alive": 0}, "llamacpp", "b").load_reason == "unload"
     embed = requests.embed({"model": "m", "input": ["a", "b"], "dimensions": 8}, "embed")
     assert embed.body == {"model": "m", "input": ["a", "b"], "encoding_format": "float", "dimensions": 8}

@@ -56,8 +56,8 @@ def _tool_calls(calls: Any, turn: int) -> list[dict[str, Any]]:
 
 def openai_messages(messages: Any) -> list[dict[str, Any]]:
     """The conversation in OpenAI's shape. Ollama's tool results name the tool (``tool_name``) where OpenAI
-    names the call (``tool_call_id``): each is tied to the latest unanswered call of that tool, else the
-    oldest unanswered call."""
+    names the call (``tool_call_id``): each is tied to the first unanswered call of that tool in the last
+    assistant turn, else to its first unanswered call."""
     if not isinstance(messages, Sequence) or isinstance(messages, str):
         raise invalid("messages must be a list")
     converted: list[dict[str, Any]] = []

@@ -50,6 +50,13 @@ class Plan:
     model: str | None = None  # /api/show's model, as the backend names it
 
 
+def _model(parsed: Mapping[str, Any]) -> str:
+    model = parsed.get("model")
+    if not isinstance(model, str) or not model:
+        raise invalid("model is required")  # Ollama's words
+    return model
+
+
 def _streamed(parsed: Mapping[str, Any]) -> bool:
     return parsed.get("stream") is not False  # Ollama streams unless told not to
 
@@ -92,7 +99,7 @@ def _generation(
     parsed: Mapping[str, Any], family: Family, backend: str, path: str, upstream: Upstream, shape: Shape, **fields: Any
 ) -> Plan:
     streamed = _streamed(parsed)
-    body: dict[str, Any] = {"model": parsed.get("model"), **fields, "stream": streamed}
+    body: dict[str, Any] = {"model": _model(parsed), **fields, "stream": streamed}
     body.update(sampling_params(parsed.get("options"), family, backend))
     if (response_format := _response_format(parsed.get("format"))) is not None:
         body["response_format"] = response_format
@@ -102,6 +109,7 @@ def _generation(
 
 
 def chat(parsed: Mapping[str, Any], family: Family, backend: str) -> Plan:
+    _model(parsed)
     messages = parsed.get("messages")
     if not messages:
         return _load(parsed, "chat")
@@ -117,6 +125,7 @@ def chat(parsed: Mapping[str, Any], family: Family, backend: str) -> Plan:
 
 
 def generate(parsed: Mapping[str, Any], family: Family, backend: str) -> Plan:
+    _model(parsed)
     prompt = parsed.get("prompt") or ""
     suffix = parsed.get("suffix") or ""
     if not isinstance(prompt, str) or not isinstance(suffix, str):
@@ -162,7 +171,7 @@ def embed(parsed: Mapping[str, Any], shape: Shape) -> Plan:
     text = parsed.get("input") if shape == "embed" else parsed.get("prompt")
     if not isinstance(text, str) and not (isinstance(text, list) and all(isinstance(t, str) for t in text)):
         raise invalid("input must be a string or a list of strings" if shape == "embed" else "prompt must be a string")
-    body: dict[str, Any] = {"model": parsed.get("model"), "input": text, "encoding_format": "float"}
+    body: dict[str, Any] = {"model": _model(parsed), "input": text, "encoding_format": "float"}
     if isinstance(parsed.get("dimensions"), int):
         body["dimensions"] = parsed["dimensions"]
     if parsed.get("options"):
