@@ -97,6 +97,7 @@ class OllamaExchange:
         return data if len(data) <= limit else f"an answer over {limit} bytes"
 
     async def _send(self, request: web.Request, access: Access, response: web.Response) -> Relayed:
+        access.status = response.status
         try:
             await response.prepare(request)
             await response.write_eof()
