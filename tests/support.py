@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,23 +69,27 @@ class LlamaServer:
             self.process.wait(timeout=10)
 
 
-def llama_server_command(port: int, slots: int = 2, alias: str | None = "smollm2") -> list[str]:
+def llama_server_command(
+    port: int, slots: int = 2, alias: str | None = "smollm2", extra: Sequence[str] = ()
+) -> list[str]:
     paths = expected_paths()
     if not paths.llama_server.exists() or not paths.model.exists():
         raise RuntimeError("llama-server is not installed: run `python -m llmbalancer install-llama-server`")
     return [
         str(paths.llama_server), "-m", str(paths.model), "--host", "127.0.0.1", "--port", str(port),
         "-np", str(slots), "-t", "1", "-c", str(2048 * slots), "--metrics", *(["-a", alias] if alias else []),
+        *extra,
     ]
 
 
 def start_llama_server(
-    tmp_dir: Path, port: int | None = None, slots: int = 2, alias: str | None = "smollm2"
+    tmp_dir: Path, port: int | None = None, slots: int = 2, alias: str | None = "smollm2", extra: Sequence[str] = ()
 ) -> LlamaServer:
     port = port or free_port()
     log_path = tmp_dir / f"llama-{port}.log"
     with log_path.open("wb") as log:
-        process = subprocess.Popen(llama_server_command(port, slots, alias), stdout=log, stderr=subprocess.STDOUT)
+        command = llama_server_command(port, slots, alias, extra)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     return LlamaServer(port, process, log_path)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import aiohttp
 import ollama
 
+import llmbalancer
 from llmbalancer.fleet.backend import BackendState
 from llmbalancer.testing.fake_ollama import FakeOllamaConfig, run_fake_ollama
 from tests.model_fleet import config_file, dead_url, fake_ollamas
@@ -111,7 +112,7 @@ async def test_ndjson_lines_reach_the_client_while_the_backend_is_still_generati
             assert lines[-1]["done"] is True and len(lines) == 5
 
 
-async def test_root_answers_like_ollama_and_version_comes_from_a_backend(tmp_path: Path) -> None:
+async def test_root_answers_like_ollama_and_version_says_it_is_llmbalancer(tmp_path: Path) -> None:
     async with fake_ollamas(["llama3:latest"]) as (a,):
         config = config_file(tmp_path, [{"url": a.url, "name": "a"}])
         async with run_balancer(config) as balancer, aiohttp.ClientSession() as session:
@@ -120,7 +121,7 @@ async def test_root_answers_like_ollama_and_version_comes_from_a_backend(tmp_pat
             async with session.head(balancer.url + "/") as reply:
                 assert reply.status == 200
             async with session.get(balancer.url + "/api/version") as reply:
-                assert await reply.json() == {"version": a.ollama.version}
+                assert await reply.json() == {"version": llmbalancer.__version__, "server": "llmbalancer"}
 
 
 async def test_an_ollama_backend_routes_every_installed_model_not_only_those_loaded_now(tmp_path: Path) -> None:

@@ -5,7 +5,9 @@ total and processing; when ``/slots`` is disabled (501/404), ``GET /metrics``
 (``llamacpp:requests_processing``, ``requests_deferred``) with the slot count from ``/props``
 ``total_slots``. llamafile's older server puts ``slots_idle`` / ``slots_processing`` in ``/health``.
 Ollama: ``GET /api/tags`` (the models it can serve; ``/api/ps`` lists only those loaded now, and
-Ollama loads on demand). OpenAI-compatible or unknown servers without ``/health``: ``GET /v1/models``.
+Ollama loads on demand). An ``auto`` backend without ``/health`` that answers ``GET /api/version`` with a
+version is Ollama (``Observation.kind``): Ollama requests are forwarded to it as they are, not translated.
+OpenAI-compatible or unknown servers without ``/health``: ``GET /v1/models``.
 Served models come from ``/v1/models`` (both its OpenAI ``data`` and Ollama-style ``models`` lists).
 An ``auto`` backend whose ``/health`` is 404, or 200 without llama.cpp's JSON object (vLLM's is empty),
 is noted as a plain OpenAI-compatible server (``Observation.kind``), which the proxy asks for usage.
@@ -54,6 +56,7 @@ class ProbeMemory:
     metrics_endpoint: bool = True
     props_slots: int | None = None
     health_endpoint: bool = True
+    ollama: bool = False  # an "auto" backend found to be Ollama
     probes: int = 0
 
 
@@ -131,8 +134,8 @@ async def probe(session: aiohttp.ClientSession, backend: Backend, memory: ProbeM
     try:
         if backend.kind == "llmbalancer":
             return await _probe_balancer(session, backend, memory)
-        if backend.kind == "ollama":
-            return await _probe_models(session, backend, "/api/tags")
+        if backend.kind == "ollama" or memory.ollama:
+            return _detected(await _probe_models(session, backend, "/api/tags"), "ollama" if memory.ollama else None)
         if backend.kind == "openai" or not memory.health_endpoint:
             return _plain_openai(await _probe_models(session, backend, "/v1/models"))
         return await _probe_llamacpp(session, backend, memory)
@@ -155,6 +158,17 @@ async def _probe_models(session: aiohttp.ClientSession, backend: Backend, path: 
     return Observation(True, models=models_of(_json(body)))
 
 
+def _detected(seen: Observation, kind: str | None) -> Observation:
+    seen.kind = kind
+    return seen
+
+
+async def _answers_ollama_version(session: aiohttp.ClientSession, backend: Backend) -> bool:
+    status, body = await _get(session, backend.url + "/api/version")
+    answer = _json(body) if status == 200 else None
+    return isinstance(answer, dict) and isinstance(answer.get("version"), str)
+
+
 def _plain_openai(seen: Observation) -> Observation:
     seen.kind = "openai"  # only the OpenAI API: the proxy asks it for usage (usage_chunk.py)
     return seen
@@ -165,7 +179,10 @@ async def _probe_llamacpp(session: aiohttp.ClientSession, backend: Backend, memo
     if status == 503 and b"loading" in body.lower():
         return Observation(None, "loading model")
     if status == 404 and backend.kind == "auto":
-        memory.health_endpoint = False  # not llama.cpp: judge by /v1/models from now on
+        memory.health_endpoint = False  # not llama.cpp: Ollama, or judge by /v1/models from now on
+        if await _answers_ollama_version(session, backend):
+            memory.ollama = True
+            return _detected(await _probe_models(session, backend, "/api/tags"), "ollama")
         return _plain_openai(await _probe_models(session, backend, "/v1/models"))
     if status != 200:
         return Observation(False, f"/health answered HTTP {status}")
@@ -174,7 +191,8 @@ async def _probe_llamacpp(session: aiohttp.ClientSession, backend: Backend, memo
     if backend.kind == "auto" and not isinstance(health, dict):
         seen.kind = "openai"  # ready without llama.cpp's {"status": "ok"} (vLLM: an empty body): OpenAI API only
     if isinstance(health, dict) and "backends_total" in health:
-        return await _probe_balancer(session, backend, memory)  # another llmbalancer's /health
+        # Another llmbalancer's /health: it speaks Ollama's API too (its own translation included).
+        return _detected(await _probe_balancer(session, backend, memory), "llmbalancer")
     idle = count(health.get("slots_idle")) if isinstance(health, dict) else None
     if idle is not None:
         seen.slots_busy = count(health.get("slots_processing")) or 0

@@ -10,6 +10,12 @@ Where the counts are, in the last bytes of a response:
   OpenAI-compatible backend the proxy asks (``stream_options.include_usage``) when the client did not,
   and ``usage_chunk.UsageCut`` cuts that chunk from the client's stream and hands it here as the tail.
 - Ollama: ``prompt_eval_count`` and ``eval_count`` in the final object.
+- OpenAI's Responses API: ``usage`` with ``input_tokens`` (the whole prompt), ``output_tokens`` and
+  ``input_tokens_details.cached_tokens``, at the end of the answer or of its ``response.completed`` event.
+- Anthropic's Messages API: ``usage`` with ``input_tokens`` (the prompt tokens *not* read from the cache),
+  ``cache_read_input_tokens``, ``cache_creation_input_tokens`` and ``output_tokens``. Streamed, the
+  prompt's counts are in the first event (``message_start``) and only ``output_tokens`` in the last
+  (``message_delta``): the proxy keeps the first chunk as well (``head``), read only when the tail lacks them.
 The proxy keeps only the last two chunks it relayed and hands them here once, after the stream ends.
 """
 
@@ -28,7 +34,8 @@ _FIELDS = {
     name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*(\d+)')
     for name in (
         "cache_n", "prompt_n", "predicted_n", "prompt_tokens", "completion_tokens", "cached_tokens",
-        "prompt_eval_count", "eval_count",
+        "prompt_eval_count", "eval_count", "input_tokens", "output_tokens", "cache_read_input_tokens",
+        "cache_creation_input_tokens",
     )
 }
 
@@ -50,8 +57,9 @@ def _last(name: str, tail: bytes) -> int | None:
     return int(matches[-1]) if matches else None
 
 
-def read_usage(tail: bytes) -> Usage | None:
-    """The counts found in the response's last bytes, or None when it reported none."""
+def read_usage(tail: bytes, head: bytes = b"") -> Usage | None:
+    """The counts found in the response's last bytes (and, for a streamed Anthropic message, its first
+    ones), or None when it reported none."""
     tail = tail[-TAIL_BYTES:]
     if b'_n"' not in tail and b'tokens"' not in tail and b'count"' not in tail:
         return None
@@ -75,8 +83,22 @@ def read_usage(tail: bytes) -> Usage | None:
         if completion is None:
             completion = _last("eval_count", tail)
     if prompt is None and completion is None:
+        prompt, completion, cached = _input_output(tail, head[:TAIL_BYTES])
+    if prompt is None and completion is None:
         return None
     return Usage(prompt, completion, cached, per_token)
+
+
+def _input_output(tail: bytes, head: bytes) -> tuple[int | None, int | None, int | None]:
+    """(prompt, completion, cached) as the Responses and Messages APIs count them."""
+    completion = _last("output_tokens", tail)
+    source = tail if _last("input_tokens", tail) is not None else head
+    prompt = _last("input_tokens", source)
+    read = _last("cache_read_input_tokens", source)
+    created = _last("cache_creation_input_tokens", source)
+    if prompt is not None and (read is not None or created is not None):
+        return prompt + (read or 0) + (created or 0), completion, read  # Anthropic's prompt leaves the cache out
+    return prompt, completion, _last("cached_tokens", source)
 
 
 def _per_token(tail: bytes, prompt_n: int | None) -> float | None:

@@ -53,11 +53,13 @@ class Access:
     finished: float = 0.0
     queue_wait: float | None = None  # seconds the first claim waited (admission queue), when it got one
     usage_tail: Tail = b""
+    usage_head: Tail = b""  # a stream's first chunk (where Anthropic's Messages API puts the prompt's counts)
     # Why each failed attempt before the last failed ("backend: reason"), when any did.
     attempt_errors: list[str] | None = None  # the response's last chunks, for the usage reader (dispatcher.completed)
 
     def emit(self) -> None:
         now = self.finished = time.monotonic()
+        self.usage_head = b""  # read by now, if at all; the monitor's ring keeps this record
         log.info(
             "request",
             request_id=self.request_id,
@@ -85,8 +87,8 @@ class Access:
 
     def read_usage(self) -> Usage | None:
         """The token counts at the response's tail, copied into this record (the tail is then dropped)."""
-        usage = read_usage(self.usage_tail) if self.usage_tail else None
-        self.usage_tail = b""
+        usage = read_usage(self.usage_tail, self.usage_head) if self.usage_tail else None
+        self.usage_tail = self.usage_head = b""
         if usage is not None:
             self.prompt_tokens = usage.prompt_tokens
             self.completion_tokens = usage.completion_tokens

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import NamedTuple
 
 import aiohttp
 from aiohttp import web
@@ -27,6 +26,7 @@ from llmbalancer.fleet.backend import Backend
 from llmbalancer.fleet.registry import Registry
 from llmbalancer.relay.access import Access, answer_unexpected
 from llmbalancer.relay.deadlines import Deadlines
+from llmbalancer.relay.exchange import Adapter, Exchange, Relayed
 from llmbalancer.relay.http_headers import downstream_response_headers, upstream_request_headers
 from llmbalancer.relay.inbound import InboundBody, origin_form, read_body, request_facts, with_model
 from llmbalancer.relay.inbound import request_id as _request_id
@@ -51,12 +51,7 @@ class _ClientStopped(Exception):
         self.code = code
 
 
-class _Relayed(NamedTuple):
-    """How relaying a response went: in full, broken off by the backend (why), or left by the client."""
-
-    response: web.StreamResponse
-    broken: str | None = None
-    client_left: bool = False
+_Relayed = Relayed
 
 
 class _AttemptFailed(Exception):
@@ -109,16 +104,20 @@ class Proxy:
         )
         return self.session
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request, adapter: Adapter | None = None) -> web.StreamResponse:
+        """Proxy one request; ``adapter``: the hook of routes that may not be forwarded as they are
+        (relay/exchange.py; Ollama's API, from web/ollama.py). Without one, requests go as they came."""
         access = Access(_request_id(request), request.method, request.path, time.monotonic())
         try:
             body = await read_body(request, self._max_body)
             facts = request_facts(request, body)
             access.model = facts.model
-            return await self._forward(request, body, facts, access)
+            return await self._forward(request, body, facts, access, adapter)
         except ProxyError as error:
             access.status = error.status
             access.error = error.code
+            if adapter is not None:
+                return adapter.error_response(error, access.request_id)
             return error.response(access.request_id)
         except asyncio.CancelledError:
             access.status = access.status or CLIENT_CLOSED
@@ -132,7 +131,7 @@ class Proxy:
                 observer(access)
 
     async def _forward(
-        self, request: web.Request, body: InboundBody, facts: RequestFacts, access: Access
+        self, request: web.Request, body: InboundBody, facts: RequestFacts, access: Access, adapter: Adapter | None
     ) -> web.StreamResponse:
         excluded: list[Backend] = []
         last_error = ""
@@ -143,6 +142,8 @@ class Proxy:
         def opener(backend: Backend) -> Awaitable[aiohttp.ClientResponse]:
             # The body names the model as this backend knows it (an instance alias, say).
             sent = with_model(body, self._dispatcher.routing.rename_for(facts, backend))
+            if adapter is not None:  # the adapter's hook (relay/exchange.py)
+                return self._open_adapted(request, backend, sent, access.request_id, adapter, streamed)
             if ask_usage and asks_usage_of(backend):
                 sent = with_usage(sent)
             close = streamed and drops_connections_reused_after_a_stream(backend)
@@ -196,7 +197,11 @@ class Proxy:
                         claim.failed(f"HTTP {upstream.status}")
                         excluded.append(backend)
                         continue
-                    relayed = await self._relay(request, upstream, access, ask_usage and asks_usage_of(backend))
+                    exchange = adapter.exchange_for(backend) if adapter is not None else None
+                    if exchange is not None:  # the adapter's hook: it relays its own exchange's answer
+                        relayed = await exchange.relay(request, upstream, access)
+                    else:
+                        relayed = await self._relay(request, upstream, access, ask_usage and asks_usage_of(backend))
                 finally:
                     upstream.close()
                 if relayed.client_left:
@@ -229,10 +234,26 @@ class Proxy:
         access.attempts = attempt
         return claim
 
-    async def _open(
-        self, request: web.Request, backend: Backend, body: InboundBody, request_id: str, close: bool = False
+    async def _open_adapted(
+        self, request: web.Request, backend: Backend, body: InboundBody, request_id: str, adapter: Adapter,
+        streamed: bool,
     ) -> aiohttp.ClientResponse:
-        """Send the request; ``close``: ask the backend to close the connection after answering (never pooled)."""
+        """Open the request the adapter makes of ``body`` for ``backend``, or ``body`` itself when it makes none.
+        The adapter may refuse (``ProxyError``): it is asked here, in the attempt's coroutine, so a refusal never
+        escapes an opener while racing starts several (and holds their claims)."""
+        exchange = adapter.exchange(backend, body)
+        if exchange is None:
+            close = streamed and drops_connections_reused_after_a_stream(backend)
+            return await self._open(request, backend, body, request_id, close)
+        close = exchange.streamed and drops_connections_reused_after_a_stream(backend)
+        return await self._open(request, backend, exchange.body, request_id, close, exchange)
+
+    async def _open(
+        self, request: web.Request, backend: Backend, body: InboundBody, request_id: str, close: bool = False,
+        exchange: Exchange | None = None,
+    ) -> aiohttp.ClientResponse:
+        """Send the request; ``close``: ask the backend to close the connection after answering (never pooled);
+        ``exchange``: the adapter's path and headers instead of the client's."""
         assert self.session is not None
         headers = upstream_request_headers(
             request.headers,
@@ -245,12 +266,15 @@ class Proxy:
         )
         if close:
             headers.append(("Connection", "close"))
-        url = URL(backend.url + origin_form(request), encoded=True)
+        method, path = request.method, origin_form(request)
+        if exchange is not None:
+            method, path, headers = exchange.method, exchange.path, exchange.headers(headers)
+        url = URL(backend.url + path, encoded=True)
         data = body.data if body.replayable else body.stream
         try:
             with self._first_byte.within(self._first_byte_timeout, backend):
                 return await self.session.request(
-                    request.method, url, headers=headers, data=data, allow_redirects=False, timeout=self._timeout
+                    method, url, headers=headers, data=data, allow_redirects=False, timeout=self._timeout
                 )
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise _AttemptFailed(_describe(exc), unreachable=True, body_sent=False) from exc
@@ -346,6 +370,7 @@ class Proxy:
                 chunk = await reader.readany()
                 if chunk:
                     access.ttfb = time.monotonic()
+                    access.usage_head = chunk
                 while chunk:
                     writing = True
                     await write(chunk)

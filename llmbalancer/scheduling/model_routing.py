@@ -39,10 +39,10 @@ from llmbalancer.fleet.backend import Backend
 from llmbalancer.fleet.registry import Registry
 from llmbalancer.scheduling.selectors import RequestFacts
 
-# The routes whose body's `model` picks the backend (OpenAI, llama.cpp native, Ollama).
+# The routes whose body's `model` picks the backend (OpenAI, Anthropic's Messages, llama.cpp native, Ollama).
 MODEL_ROUTES = frozenset(
     {
-        "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/completion",
+        "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages", "/completion",
         "/api/chat", "/api/generate", "/api/embed", "/api/embeddings", "/api/show",
     }
 )

@@ -35,6 +35,9 @@ class FakeLlamaConfig:
     # in every chunk of a stream that asked for usage (as the OpenAI spec says), and only the OpenAI API
     # (/slots, /metrics, /props answer 404; /health answers 200 with an empty body, as vLLM's does).
     plain_openai: bool = False
+    # A chat request offering tools, its last message the user's, is answered with a call of the first tool
+    # with these arguments (JSON text; `tools`).
+    tool_arguments: str = "{}"
 
     def __post_init__(self) -> None:
         if self.slots < 1:

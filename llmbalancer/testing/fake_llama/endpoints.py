@@ -12,6 +12,7 @@ from aiohttp import web
 from llmbalancer.testing.fake_llama.generation import Generation
 from llmbalancer.testing.fake_llama.jobs import chat_job, native_job, read_json, text_job
 from llmbalancer.testing.fake_llama.state import ServerState
+from llmbalancer.testing.fake_llama.tools import requested_call
 from llmbalancer.testing.fake_llama.wire import (
     HEALTH_OK_BODY,
     NO_SLOT_BODY,
@@ -85,7 +86,9 @@ class LlamaApi:
     # --- generation endpoints
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        job = chat_job(await read_json(request))
+        data = await read_json(request)
+        job = chat_job(data)
+        job.tool_call = requested_call(data, self.state.config.tool_arguments)
         return await Generation(request, job, self.state).run()
 
     async def native(self, request: web.Request) -> web.StreamResponse:

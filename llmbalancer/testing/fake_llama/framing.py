@@ -83,15 +83,23 @@ class Framing:
             tail = finish_choice + self.envelope + with_timings + b"}\n\n"
         return tail + DONE
 
-    def openai_body(self, finish: str, text: str, usage: bytes, with_timings: bytes) -> bytes:
-        """The whole answer of a chat or text request that did not stream."""
+    def delta_chunk(self, delta: bytes) -> bytes:
+        """A chat stream's chunk carrying ``delta`` (JSON) as is (a tool call's piece)."""
+        head = b'data: {"choices":[{"finish_reason":null,"index":0,"delta":'
+        return head + delta + b"}" + self.chunk_envelope + b"}\n\n"
+
+    def openai_body(
+        self, finish: str, text: str, usage: bytes, with_timings: bytes, message: bytes | None = None
+    ) -> bytes:
+        """The whole answer of a chat or text request that did not stream (``message``: a chat's, as is)."""
         if self.kind == "chat":
             template = (
-                b'{"choices":[{"finish_reason":"%s","index":0,"message":{"role":"assistant","content":%s}}],'
+                b'{"choices":[{"finish_reason":"%s","index":0,"message":%s}],'
                 b'"created":%d,"model":%s,"system_fingerprint":"%s","object":"chat.completion",'
                 b'"usage":%s,"id":"%s"%s}'
             )
-            choice: tuple[bytes, bytes] = (finish.encode(), dumps(text))
+            said = message or b'{"role":"assistant","content":' + dumps(text) + b"}"
+            choice: tuple[bytes, bytes] = (finish.encode(), said)
         else:
             template = (
                 b'{"choices":[{"text":%s,"index":0,"logprobs":null,"finish_reason":"%s"}],'

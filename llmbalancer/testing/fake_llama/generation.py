@@ -51,6 +51,7 @@ class Generation:
         self.cache_n = self.prompt_n = self.generated = 0
         self.prefilled = self.finished = False
         self.resp: web.StreamResponse | None = None
+        self.tool_chunks: list[bytes] = []  # a tool call's chunks, one per token, instead of the reply's
         self.t_start = self.t_first = 0.0
 
     async def run(self) -> web.StreamResponse:
@@ -100,6 +101,9 @@ class Generation:
         n_gen, finish = plan_length(self.job, reply_len, config.max_tokens_default, engine.n_ctx - n_prompt)
         usage_null = config.plain_openai and self.job.include_usage
         framing = Framing.build(self.job.kind, int(time.time()), self.prep.alias_json, usage_null=usage_null)
+        if self.job.tool_call is not None:
+            self.tool_chunks = [framing.delta_chunk(d) for d in self.job.tool_call.stream_deltas()]
+            n_gen, finish = len(self.tool_chunks), "tool_calls"
         # after_tokens >= the tokens generated: crash before the finish chunk
         if not await self._decode(slot, n_gen, framing) or self.crash_at >= 0:
             abort(self.request)
@@ -122,6 +126,7 @@ class Generation:
         n_prompt = self.n_prompt
         engine = self.engine
         resp = self.resp
+        tool_chunks = self.tool_chunks
         for i in range(n_gen):
             if i:
                 if token_delay > 0:
@@ -138,6 +143,8 @@ class Generation:
             if stream:
                 tok = reply_json[i] if i < reply_len else repeat_json[i % reply_len]
                 chunk = NATIVE_CHUNK % (tok, 1000 + i % reply_len, generated, n_prompt) if native else pre + tok + post
+                if tool_chunks:
+                    chunk = tool_chunks[i]
                 if resp is None:
                     resp = self.resp = web.StreamResponse(headers=SSE_HEADERS)
                     await resp.prepare(request)
@@ -175,7 +182,8 @@ class Generation:
         if job.kind == "native":
             body = self._native_final(slot, text, finish, timings)
         else:
-            body = framing.openai_body(finish, text, usage, with_timings)
+            message = job.tool_call.message() if job.tool_call is not None else None
+            body = framing.openai_body(finish, text, usage, with_timings, message)
         check_alive(self.request)
         self.finished = True
         return json_response(body)

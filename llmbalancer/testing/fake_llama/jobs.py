@@ -18,6 +18,7 @@ from aiohttp import web
 
 from llmbalancer.testing.fake_llama.prepared import default_params
 from llmbalancer.testing.fake_llama.prompt import render_chat, tokenize
+from llmbalancer.testing.fake_llama.tools import ToolCall
 from llmbalancer.testing.fake_llama.wire import api_error
 
 Kind = Literal["chat", "native", "text"]
@@ -51,6 +52,7 @@ class Job:
     ignore_eos: bool
     params: dict[str, Any]
     prompt: Any = None
+    tool_call: ToolCall | None = None  # the answer is this call, not the reply (tools.py)
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
