@@ -11,9 +11,10 @@ any model, because a single-model llama.cpp server ignores the request's ``model
    every model no route matches goes there).
 3. Else the backends known to serve M.
 4. Else the open backends.
-5. Else, when the fleet serves one model only (every backend that lists models lists exactly one, the
-   same one), that model's backends answer any name, as a single llama.cpp server does — unless
-   ``routing.strict_models``. Otherwise M is unknown: 404 listing what is served.
+5. Else, on the OpenAI routes, when the fleet serves one model only (every backend that lists models
+   lists exactly one, the same one), that model's backends answer any name, as a single llama.cpp
+   server does — unless ``routing.strict_models``. Otherwise M is unknown: 404 listing what is served
+   (Ollama's routes always answer an unknown name so: Ollama does, and its clients act on it).
 
 Names match when equal, ignoring case and Ollama's implicit ``:latest`` tag, or when M is a served
 model file's stem: llama-server started without ``--alias`` names its model by its GGUF path
@@ -149,8 +150,9 @@ class ModelRouter:
         route = self.route_for(model) if model is not None else None
         return route.race if route is not None else 1
 
-    def eligible(self, model: str, backends: Iterable[Backend]) -> list[Backend]:
-        """The backends that may take ``model``, whatever their state (the dispatcher checks that)."""
+    def eligible(self, model: str, backends: Iterable[Backend], any_name: bool = True) -> list[Backend]:
+        """The backends that may take ``model``, whatever their state (the dispatcher checks that).
+        ``any_name``: a one-model fleet answers any name (OpenAI routes; Ollama's answer unknown names 404)."""
         pool = list(backends)
         route = self.route_for(model)
         if route is not None and route.backends:
@@ -163,7 +165,7 @@ class ModelRouter:
         if known:
             return known
         open_backends = [b for b in pool if not served_names(b)]
-        if open_backends or self._strict:
+        if open_backends or self._strict or not any_name:
             return open_backends
         only = single_model(pool)
         if only is None:
@@ -174,19 +176,20 @@ class ModelRouter:
                      note="requests naming other models are answered by it (routing.strict_models refuses them)")
         return [b for b in pool if served_names(b)]
 
-    def allowed(self, model: str, backends: Registry) -> frozenset[Backend]:
+    def allowed(self, model: str, backends: Registry, any_name: bool = True) -> frozenset[Backend]:
         """``eligible`` as a set, cached per model until membership or a backend's model lists change
         (``Registry.models_version``)."""
         seen = backends.models_version
-        cached = self._allowed.get(model)
+        key = model if any_name else "\0" + model
+        cached = self._allowed.get(key)
         if cached is not None and cached[0] == seen:
             return cached[1]
-        allowed = frozenset(self.eligible(model, backends))
+        allowed = frozenset(self.eligible(model, backends, any_name))
         if len(model) > _CACHED_NAME_CHARS:
             return allowed  # the cache keeps names: not a client's megabyte-long one
         if len(self._allowed) >= _CACHED_MODELS:
             self._allowed.clear()  # clients naming ever new models must not grow it without bound
-        self._allowed[model] = (seen, allowed)
+        self._allowed[key] = (seen, allowed)
         return allowed
 
     def exclusion(
@@ -205,7 +208,8 @@ class ModelRouter:
             # No routes and every backend open (none names a model): all may take any model, as below.
             # Not for a claim that waits: a backend naming models may join meanwhile.
             return excluded
-        exclusion = _Exclusion(self, model, backends, excluded)
+        # Ollama's API answers an unknown model 404, so its clients (which may then pull it) are told the truth.
+        exclusion = _Exclusion(self, model, backends, excluded, any_name=not facts.path.startswith("/api/"))
         if backends and not exclusion.allowed():
             raise errors.model_not_found(model, client_names(n for b in backends for n in served_names(b)))
         return exclusion
@@ -235,9 +239,12 @@ class _Exclusion(Collection[Backend]):
     a backend that joins while the request waits, or whose models become known meanwhile, may take it.
     A dispatcher's look at each backend costs an int comparison and a set lookup."""
 
-    def __init__(self, router: ModelRouter, model: str, backends: Registry, excluded: Collection[Backend]) -> None:
+    def __init__(
+        self, router: ModelRouter, model: str, backends: Registry, excluded: Collection[Backend], any_name: bool
+    ) -> None:
         self._router = router
         self._model = model
+        self._any_name = any_name
         self._backends = backends
         self._excluded = excluded
         self._version = -1
@@ -245,7 +252,7 @@ class _Exclusion(Collection[Backend]):
 
     def allowed(self) -> frozenset[Backend]:
         self._version = self._backends.models_version
-        self._allowed = self._router.allowed(self._model, self._backends)
+        self._allowed = self._router.allowed(self._model, self._backends, self._any_name)
         return self._allowed
 
     def __contains__(self, backend: object) -> bool:
