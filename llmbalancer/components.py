@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from llmbalancer.batches import BatchRunner
 from llmbalancer.config import Config
 from llmbalancer.fleet.health_poller import HealthPoller
 from llmbalancer.fleet.registry import Registry
@@ -33,6 +34,7 @@ class Components:
     recent: RecentRequests
     metrics: Metrics
     supervisor: Supervisor | None = None
+    batches: BatchRunner | None = None
 
     def snapshot(self) -> dict[str, Any]:
         """The monitor's one document (``GET /llmhealth-snapshot``), as things are now."""
@@ -44,4 +46,5 @@ class Components:
             supervisor=self.supervisor,
             recent=self.recent,
             gpu=self.gpu,
+            batches=self.batches,
         )

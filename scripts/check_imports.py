@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
     "scheduling": 2,
     "relay": 3,
     "supervisor": 3,
+    "batches": 3,
     "observe": 4,
     "configure": 5, "components": 5,
     "web": 6,
