@@ -151,6 +151,9 @@ class BatchRunner:
 
     async def _wait(self) -> None:
         self._changed.clear()
+        if not self.active:  # nothing to place: the fleet's changes are none of its business
+            await self._changed.wait()
+            return
         change = self._registry.next_change()
         changed = asyncio.ensure_future(self._changed.wait())
         expiries = [b.expires_at for b in self.active.values() if b.expires_at and b.closing is None]
