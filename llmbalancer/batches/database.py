@@ -116,6 +116,7 @@ class Database:
             except OSError as exc:
                 problem = f"{self.path} cannot be opened ({exc.strerror or exc})"
         if problem is not None:
+            await self.close()
             raise ConfigError([Problem("batch.dir", problem)])
 
     async def read(self, work: Callable[[sqlite3.Connection], T]) -> T | None:

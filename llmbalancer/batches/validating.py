@@ -6,32 +6,43 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import structlog
 
 from llmbalancer.batches.files import FileSpace
 from llmbalancer.batches.records import FAILED, IN_PROGRESS, BatchRecord
 from llmbalancer.batches.store import BatchStore
-from llmbalancer.batches.validation import check_file, read_lines
+from llmbalancer.batches.validation import Checked, check_file, read_lines
 
 log = structlog.get_logger("llmbalancer.batches")
 
 
 async def validate(store: BatchStore, files: FileSpace, record: BatchRecord, max_lines: int) -> BatchRecord | None:
     """The batch, now ``in_progress`` with its lines stored; None when it failed validation."""
-    path = files.path(record.input_file_id)
     try:
-        checked = await asyncio.to_thread(check_file, path, record.endpoint, max_lines)
+        checked = await _store_lines(store, files, record, max_lines)
     except FileNotFoundError:
-        await store.update_batch(record.id, status=FAILED, failed_at=int(time.time()), errors=[{
-            "code": "invalid_file", "message": f"The input file {record.input_file_id} was deleted",
-            "param": "input_file_id", "line": None,
-        }])
-        return None
+        errors = [_error("invalid_file", f"The input file {record.input_file_id} was deleted", "input_file_id")]
+    except (OSError, ValueError) as exc:  # the disk, or a file that changed under us: not the client's mistake
+        errors = [_error("validation_error", f"The input file could not be read: {exc}")]
+    else:
+        if not checked.errors:
+            return await store.update_batch(
+                record.id, status=IN_PROGRESS, in_progress_at=int(time.time()), total=checked.lines,
+                model=checked.model,
+            )
+        errors = checked.errors
+        log.info("batch_invalid", batch=record.id, errors=len(errors), first=errors[0]["message"])
+    await store.update_batch(record.id, status=FAILED, failed_at=int(time.time()), errors=errors)
+    return None
+
+
+async def _store_lines(store: BatchStore, files: FileSpace, record: BatchRecord, max_lines: int) -> Checked:
+    path = files.path(record.input_file_id)
+    checked = await asyncio.to_thread(check_file, path, record.endpoint, max_lines)
     if checked.errors:
-        await store.update_batch(record.id, status=FAILED, failed_at=int(time.time()), errors=checked.errors)
-        log.info("batch_invalid", batch=record.id, errors=len(checked.errors), first=checked.errors[0]["message"])
-        return None
+        return checked
     await store.delete_lines(record.id)  # what an interrupted validation stored
     chunks = read_lines(path)
     try:
@@ -39,6 +50,8 @@ async def validate(store: BatchStore, files: FileSpace, record: BatchRecord, max
             await store.insert_lines(record.id, chunk)
     finally:
         await asyncio.to_thread(chunks.close)
-    return await store.update_batch(
-        record.id, status=IN_PROGRESS, in_progress_at=int(time.time()), total=checked.lines, model=checked.model
-    )
+    return checked
+
+
+def _error(code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"code": code, "message": message, "param": param, "line": None}
