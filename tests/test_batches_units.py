@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llmbalancer.batches.gate import BatchGate
+from llmbalancer.batches.gate import BatchGate, poisson_quantile
 from llmbalancer.batches.records import priority_of
 from llmbalancer.batches.validation import MAX_ERRORS, check_file, read_lines
 from llmbalancer.fleet.backend import Backend
@@ -73,3 +73,24 @@ def test_the_gate_leaves_each_backend_one_free_slot_unless_told_a_cap() -> None:
 def test_metadata_priority_is_a_whole_number_or_zero() -> None:
     assert [priority_of(m) for m in (None, {}, {"priority": "5"}, {"priority": " -2 "}, {"priority": "high"},
                                      {"priority": "99999"})] == [0, 0, 5, -2, 0, 1000]
+
+
+def test_poisson_quantiles() -> None:
+    assert [poisson_quantile(mean, 0.999) for mean in (0, 0.1, 1, 7, 100)] == [0, 2, 5, 16, 132]
+    assert poisson_quantile(10_000, 0.999) == 10_310  # the normal approximation, past what the sum can do
+
+
+def test_users_arriving_make_batch_work_keep_more_slots_free_and_it_fades() -> None:
+    gate = BatchGate(None)
+    backend = _backend(8, busy=4)  # 4 free
+    gate.plan(0.0, 0, backends=1)
+    assert gate.keep_free == 0 and gate.admits(backend)  # no users yet: all but one slot
+    gate.demand.line_took(1.0)  # a batch line holds its slot for a second
+    for second in range(1, 11):
+        gate.plan(float(second), 3 * second, backends=1)  # three users a second
+    assert round(gate.demand.rate) == 3
+    assert gate.keep_free == poisson_quantile(3.0, 0.999) == 10
+    assert not gate.admits(backend)  # 4 free: not enough for the users a line's time may bring
+    gate.plan(20.0, 30, backends=2)
+    gate.plan(25.0, 30, backends=2)  # nobody for a while: the rate and the headroom fall back
+    assert gate.demand.rate == 0 and gate.keep_free == 0 and gate.admits(backend)

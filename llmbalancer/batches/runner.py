@@ -55,6 +55,7 @@ from llmbalancer.scheduling.dispatch import Dispatcher
 log = structlog.get_logger("llmbalancer.batches")
 
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
+REPLAN_S = 0.5
 
 
 class BatchRunner:
@@ -77,6 +78,7 @@ class BatchRunner:
         self._session: aiohttp.ClientSession | None = None
         self.outcomes: Counter[str] = Counter()  # lines by outcome, for /metrics
         self._paused = False
+        self._lines_started = 0  # claims of batch lines: the rest of the fleet's claims are users'
         registry.on_failed.append(self._backend_failed)
 
     async def open(self) -> None:
@@ -158,6 +160,8 @@ class BatchRunner:
         changed = asyncio.ensure_future(self._changed.wait())
         expiries = [b.expires_at for b in self.active.values() if b.expires_at and b.closing is None]
         timeout = max(0.0, min(expiries) - time.time()) + 0.01 if expiries else None
+        if self.gate.demand.rate:  # users' demand fades with time too, not only with changes of the fleet
+            timeout = min(timeout or REPLAN_S, REPLAN_S)
         try:
             await asyncio.wait((change, changed), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -166,6 +170,9 @@ class BatchRunner:
 
     def _step(self) -> None:
         now = time.time()
+        if self.active:
+            claims = sum(b.traffic.requests_total for b in self._registry)
+            self.gate.plan(time.monotonic(), claims - self._lines_started, len(self._registry.routable()))
         for batch in list(self.active.values()):
             if batch.closing is None and batch.expires_at is not None and now >= batch.expires_at:
                 self._expire(batch)
@@ -220,6 +227,7 @@ class BatchRunner:
         return failed
 
     def _start_line(self, batch: ActiveBatch, pending: Pending, claim: Claim) -> None:
+        self._lines_started += 1
         self.gate.take(claim.backend)
         batch.running[pending.line.line] = self._spawn(self._run_line(batch, pending, claim))
 
@@ -261,7 +269,9 @@ class BatchRunner:
             outcome = send.result()
         if isinstance(outcome, sender.NoAnswer):
             claim.failed(outcome.reason, unreachable=outcome.unreachable)
-        elif outcome.status in RETRY_STATUSES:
+            return outcome
+        self.gate.demand.line_took(outcome.latency)
+        if outcome.status in RETRY_STATUSES:
             claim.failed(f"HTTP {outcome.status}")
         else:
             claim.succeeded(outcome.usage, outcome.ttfb, outcome.latency)
