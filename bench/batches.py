@@ -281,8 +281,32 @@ def report(alone: list[Alone], loaded: list[Loaded], lines: int, rate: float, wi
         f"{sum(progress) / max(1, len(progress)):.1f} |",
         "",
         f"p99 TTFT with the batch / without: **{p99_with / p99_without:.2f}x** (target <= 1.2x).",
+        "",
+        *verdict(alone, p99_with / p99_without, sum(progress) / max(1, len(progress))),
     ]
     return "\n".join(out)
+
+
+def verdict(alone: list[Alone], ratio: float, progress: float) -> list[str]:
+    default = next(a for a in alone if a.max_in_flight is None)
+    unlimited = [a for a in alone if a.max_in_flight is not None]
+    ceiling = (SLOTS - 1) / SLOTS
+    full = capacity(BATCH_WORDS, BATCH_TOKENS, SLOTS)
+    met = "met" if default.busy_open >= 0.9 else "missed"
+    lines = [
+        "Targets:",
+        f"- slot utilisation while the batch runs alone >= 90 %: {met} on the slots open to batch work "
+        f"({default.busy_open:.1%}); of all slots {default.busy_all:.1%}, as the default keeps one of each server's "
+        f"{SLOTS} free for users (a ceiling of {ceiling:.1%} here)"
+        + (f"; with `batch.max_in_flight: {unlimited[0].max_in_flight}` {unlimited[0].busy_all:.1%} of all slots."
+           if unlimited else "."),
+        f"- lines/s alone: {default.lines_per_s:.1f}, {default.lines_per_s / full:.0%} of the fleet's capacity "
+        "with every slot busy.",
+        f"- interactive p99 TTFT with the batch <= 1.2x without: {'met' if ratio <= 1.2 else 'missed'} "
+        f"({ratio:.2f}x); the batch went on at {progress:.1f} lines/s "
+        f"({progress / default.lines_per_s:.0%} of its pace alone) while users came.",
+    ]
+    return lines
 
 
 async def main_async(args: argparse.Namespace) -> str:

@@ -99,7 +99,6 @@ class Database:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._connection: sqlite3.Connection | None = None
-        self.on_create: list[Callable[[sqlite3.Connection], None]] = []
 
     @property
     def exists(self) -> bool:
@@ -228,8 +227,6 @@ class Database:
             if check != "ok":
                 raise sqlite3.DatabaseError(f"integrity check failed: {check}")
             connection.executescript(SCHEMA)
-            for hook in self.on_create:
-                hook(connection)
         except BaseException:
             connection.close()
             raise

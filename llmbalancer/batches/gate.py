@@ -21,7 +21,7 @@ from collections import Counter, deque
 from collections.abc import Iterable
 
 from llmbalancer.fleet.backend import Backend
-from llmbalancer.fleet.capacity import capacity, free_slots
+from llmbalancer.fleet.capacity import free_slots
 
 WINDOW_S = 10.0  # interactive arrivals are counted over this long
 SAMPLE_S = 0.25  # at most one sample of the arrival count per this long
@@ -112,10 +112,3 @@ class BatchGate:
     @property
     def total(self) -> int:
         return sum(self.held.values())
-
-    def limit(self, backend: Backend) -> int | None:
-        """The most lines ``backend`` could run at once with nothing else on it (None: unknown)."""
-        if self.max_in_flight is not None:
-            return self.max_in_flight
-        total = capacity(backend)
-        return 1 if total is None else max(0, total - 1)

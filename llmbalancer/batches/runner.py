@@ -246,6 +246,8 @@ class BatchRunner:
                 self.outcomes["retried"] += 1
                 return
             await self._record(batch, pending, result)
+        except Exception as exc:  # a bug: the line stays pending in the store, and _end reads it again
+            log.error("batch_line_crashed", batch=batch.id, line=pending.line.line, error=repr(exc))
         finally:
             batch.running.pop(pending.line.line, None)
             self.wake()
@@ -324,11 +326,7 @@ class BatchRunner:
             self.wake()
 
     async def _validate(self, record: BatchRecord) -> None:
-        try:
-            adopted = await validate(self.store, self.files, record, self.config.max_lines)
-        except Exception as exc:
-            log.error("batch_validation_failed", batch=record.id, error=repr(exc))
-            raise
+        adopted = await validate(self.store, self.files, record, self.config.max_lines)
         if adopted is not None:
             self.adopt(adopted)
 
@@ -341,13 +339,18 @@ class BatchRunner:
     async def _end(self, batch: ActiveBatch) -> None:
         status = batch.closing or COMPLETED
         try:
+            if status == COMPLETED and await self.store.pending_count(batch.id):
+                # A line the runner lost track of (a task that died of a bug): read the pending ones again.
+                log.error("batch_lines_left_behind", batch=batch.id)
+                batch.cursor, batch.exhausted, batch.finishing = 0, False, False
+                self.wake()
+                return
             if status == COMPLETED and batch.status != FINALIZING:
                 batch.status = FINALIZING
                 await self.store.update_batch(batch.id, status=FINALIZING, finalizing_at=int(time.time()))
             record, not_run = await self.db.write(lambda c: ending.finalize(c, self.files, batch.id, status))
-        except Exception as exc:
-            batch.finishing = False
-            log.error("batch_end_failed", batch=batch.id, error=repr(exc))
+        except Exception:
+            batch.finishing = False  # tried again at the next change
             raise
         self.active.pop(batch.id, None)
         if not_run:
@@ -355,10 +358,16 @@ class BatchRunner:
         log.info("batch_ended", batch=batch.id, status=status, completed=record.completed, failed=record.failed)
 
     def _spawn(self, work: Any) -> asyncio.Task[Any]:
-        task = asyncio.create_task(work)
+        task = asyncio.create_task(work, name=f"batches.{work.__qualname__}")
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
         return task
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("batch_task_failed", task=task.get_name(), error=repr(task.exception()))
+            self.wake()
 
     # --- what the monitor shows -------------------------------------------------------------------
 

@@ -170,6 +170,12 @@ class BatchStore:
 
         return await self.db.write(work)
 
+    async def pending_count(self, batch_id: str) -> int:
+        rows = await self.db.read(lambda c: c.execute(
+            "SELECT COUNT(*) FROM lines WHERE batch_id = ? AND state = 'pending'", (batch_id,)
+        ).fetchall()) or [(0,)]
+        return int(rows[0][0])
+
     async def count_attempt(self, line: Line, attempts: int) -> None:
         """A failed attempt, kept so that a restart does not grant a line more tries than it had left."""
         await self.db.write(lambda c: c.execute(
