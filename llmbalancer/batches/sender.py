@@ -14,7 +14,7 @@ import aiohttp
 
 from llmbalancer.config import TimeoutsConfig
 from llmbalancer.fleet.backend import Backend
-from llmbalancer.fleet.usage import Usage, read_usage
+from llmbalancer.fleet.usage import TAIL_BYTES, Usage, read_usage
 
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 
@@ -56,7 +56,7 @@ async def send(session: aiohttp.ClientSession, backend: Backend, path: str, body
             data = await _read_bounded(reply)
             if data is None:
                 return NoAnswer(f"answer larger than {MAX_RESPONSE_BYTES} bytes", unreachable=False)
-            return Answered(reply.status, data, read_usage(data[-8192:]), ttfb, time.monotonic() - started)
+            return Answered(reply.status, data, _usage(data), ttfb, time.monotonic() - started)
     except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
         return NoAnswer(_describe(exc), unreachable=True)
     except aiohttp.ClientError as exc:
@@ -77,6 +77,15 @@ async def _read_bounded(reply: aiohttp.ClientResponse) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _usage(body: bytes) -> Usage | None:
+    """Token counts at the end of an answer (completions), else at its start (llama.cpp's embeddings put
+    ``usage`` before the vectors)."""
+    usage = read_usage(body[-TAIL_BYTES:])
+    if usage is None and len(body) > TAIL_BYTES:
+        usage = read_usage(body[:TAIL_BYTES])
+    return usage
 
 
 def _describe(exc: BaseException) -> str:
