@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import structlog
 from aiohttp import web
 
+from llmbalancer.batches import BatchApi, BatchRunner
 from llmbalancer.components import Components
 from llmbalancer.config import Config
 from llmbalancer.fleet.agents import Agents
@@ -17,6 +18,7 @@ from llmbalancer.fleet.dns_discovery import DnsDiscovery
 from llmbalancer.fleet.health_poller import HealthPoller
 from llmbalancer.fleet.membership import converge, spec_of
 from llmbalancer.fleet.registry import Registry
+from llmbalancer.observe.batch_metrics import BatchCollector
 from llmbalancer.observe.gpu import GpuSampler
 from llmbalancer.observe.metrics import Metrics, metrics_handler
 from llmbalancer.observe.recent import RecentRequests
@@ -28,6 +30,7 @@ from llmbalancer.scheduling.selectors import make_selector
 from llmbalancer.service import Service, running
 from llmbalancer.supervisor.instances import Supervisor
 from llmbalancer.web.admin import add_admin_routes
+from llmbalancer.web.batches import add_batch_routes
 from llmbalancer.web.guard import expect_handler, guard
 from llmbalancer.web.health import health_handler
 from llmbalancer.web.llmhealth import llmhealth_handler
@@ -66,11 +69,17 @@ def build_components(config: Config, source: ConfigSource | None = None) -> Comp
         agents=agents, discovery=discovery,
     )
     metrics.watch(components.snapshot, registry)
-    # Always there, so that a reload may add instances. Last in the list, so stopped first: the proxy has
-    # drained by then (cleanup runs after it).
+    # Always there, so that a reload may add instances. Last in the list but for batches, so stopped almost
+    # first: the proxy has drained by then (cleanup runs after it).
     components.supervisor = Supervisor(config.supervisor, config.instances, registry)
     services.append(components.supervisor)
     components.reloader = Reloader(components, source)
+    if config.batch.enabled:
+        # After the supervisor, so stopped before it: lines still running are abandoned (pending, run again at the
+        # next start) rather than failed by servers going away.
+        components.batches = BatchRunner(config, registry, dispatcher)
+        services.append(components.batches)
+        metrics.registry.register(BatchCollector(components.batches))
     return components
 
 
@@ -86,6 +95,9 @@ def build_app(config: Config, source: ConfigSource | None = None) -> web.Applica
     add_admin_routes(app, components)
     add_model_routes(app, components)
     add_ollama_routes(app, components)
+    if components.batches is not None:
+        add_batch_routes(app, BatchApi(components.batches))
+        app.on_shutdown.append(_pause_batches)
     # Everything that is not the balancer's own goes to a backend, whatever the method. The balancer's own
     # paths never do: a method they do not answer is aiohttp's 405 (with Allow), another path under
     # theirs its 404 (both made OpenAI-style JSON by the guard).
@@ -96,8 +108,17 @@ def build_app(config: Config, source: ConfigSource | None = None) -> web.Applica
     return app
 
 
+async def _pause_batches(app: web.Application) -> None:
+    """Draining: no new batch line starts; those running finish or are abandoned when the services stop."""
+    batches = app[COMPONENTS].batches
+    if batches is not None:
+        batches.pause()
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     components = app[COMPONENTS]
+    if components.batches is not None:
+        await components.batches.open()  # a data directory it cannot use stops the start, naming batch.dir
     session = components.proxy.open_session()
     try:
         # One round of probes before serving, so backends that are already up take the first request.

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from llmbalancer.batches import BatchRunner
 from llmbalancer.config import Config
 from llmbalancer.fleet.agents import Agents
 from llmbalancer.fleet.dns_discovery import DnsDiscovery
@@ -39,6 +40,7 @@ class Components:
     discovery: DnsDiscovery
     supervisor: Supervisor | None = None
     reloader: Reloader | None = None
+    batches: BatchRunner | None = None
 
     def snapshot(self) -> dict[str, Any]:
         """The monitor's one document (``GET /llmhealth-snapshot``), as things are now."""
@@ -50,4 +52,5 @@ class Components:
             supervisor=self.supervisor,
             recent=self.recent,
             gpu=self.gpu,
+            batches=self.batches,
         )

@@ -70,4 +70,34 @@ def format_table(snapshot: dict[str, Any]) -> str:
         f"gpu {_text(gpu.get('status'))} {gpu.get('max_utilization_pct', 0):.0f}%"
         + ("" if gpu.get("nvml_available") else " (NVML unavailable)")
     )
-    return "\n".join([summary, *lines])
+    return "\n".join([summary, *lines, *_batch_lines(snapshot.get("batches"))])
+
+
+BATCH_COLUMNS = ("BATCH", "STATUS", "DONE", "FAILED", "TOTAL", "RUNNING", "RATE", "FINISHES IN")
+
+
+def _batch_lines(batches: dict[str, Any] | None) -> list[str]:
+    """The active batches under the backends, with the slots their lines hold; nothing when there are none."""
+    active = (batches or {}).get("active") or []
+    if not active:
+        return []
+    rows = [BATCH_COLUMNS]
+    for b in active:
+        rate = b.get("rate_per_s")
+        rows.append((
+            _text(b.get("id")), _text(b.get("status")), _text(b.get("completed")), _text(b.get("failed")),
+            _text(b.get("total")), _text(b.get("in_flight")), "-" if rate is None else f"{rate:.1f}/s",
+            _eta(b.get("eta_s")),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(BATCH_COLUMNS))]
+    table = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    held = (batches or {}).get("slots_held")
+    return ["", f"{len(active)} active batch(es)  batch work holds {_text(held)} slot(s)", *table]
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    return f"{seconds / 60:.0f}min" if seconds < 5400 else f"{seconds / 3600:.1f}h"

@@ -21,6 +21,7 @@ LAYERS: dict[str, int] = {
     "relay": 3,
     "supervisor": 3,
     "translate": 4,
+    "batches": 3,
     "observe": 4,
     "configure": 5, "components": 5, "reloading": 5,
     "web": 6,

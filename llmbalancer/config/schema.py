@@ -40,6 +40,14 @@ def _one_or_many(value: Any) -> Any:
     return (value,) if isinstance(value, str) else value
 
 
+def _windows(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        for name, seconds in value.items():
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds < float("inf"):
+                raise ValueError(f"{name!r} must name a number of seconds above 0, got {seconds!r}")
+    return value
+
+
 Count = Annotated[int, BeforeValidator(_not_bool)]
 Seconds = Annotated[float, BeforeValidator(_not_bool)]
 Number = Annotated[float, BeforeValidator(_not_bool)]
@@ -319,6 +327,25 @@ class RoutingConfig(Section):
     )
 
 
+class BatchConfig(Section):
+    """OpenAI's Files and Batches API (``llmbalancer/batches/``): batch lines run on slots interactive users
+    leave idle, durably (SQLite and files under ``dir``)."""
+
+    enabled: bool = Field(True, description="serve /v1/files and /v1/batches (false: those paths are proxied)")
+    dir: str = Field("llmbalancer-data", description="where files and batch state live; created at the first upload")
+    max_file_bytes: Count = Field(200 * 1024 * 1024, ge=1, description="larger uploads get 413")
+    max_lines: Count = Field(50_000, ge=1, description="requests one batch's input file may hold")
+    max_in_flight: Count | None = Field(
+        None, ge=1,
+        description="batch lines in flight per backend; null: all but one of its slots (never its last free one)",
+    )
+    max_attempts: Count = Field(3, ge=1, description="backends a line is tried on before it goes to the error file")
+    completion_windows: Annotated[Mapping[str, Seconds], BeforeValidator(_windows)] = Field(
+        default_factory=lambda: {"24h": 86400.0},
+        description="completion_window values a batch may ask for, in seconds",
+    )
+
+
 class Config(Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
@@ -338,6 +365,7 @@ class Config(Section):
     admin: AdminConfig = Field(default_factory=AdminConfig)
     agents: AgentsConfig = Field(default_factory=AgentsConfig)
     discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
     server_list: str | None = Field(
         None, description="llama-balancer's server-list.json, imported as backends and routes"
     )

@@ -12,7 +12,8 @@ Sources:
 - the admission queue (``depth()``, ``depths()``, ``max_size``, ``timeout``);
 - sticky sessions: ``entries_count()`` on the selector;
 - supervised instances: ``Supervisor.describe()`` (a list of dicts with ``name``, ``pid``, ``state``,
-  ``restarts``, ``log_path``).
+  ``restarts``, ``log_path``);
+- batches: the runner's active batches (``BatchRunner.describe()``) and the slots its lines hold.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from llmbalancer.batches import BatchRunner
 from llmbalancer.fleet.backend import Backend
 from llmbalancer.observe.gpu import GpuSampler
 from llmbalancer.observe.recent import RecentRequests
@@ -43,6 +45,12 @@ REQUEST_FIELDS = (
 )
 TOP_LEVEL_FIELDS = (
     "schema_version", "time", "policy", "backends", "instances", "sticky_entries", "queue", "requests", "gpu",
+    "batches",
+)
+BATCHES_FIELDS = ("active", "slots_held", "slots_held_by_backend", "max_in_flight")
+BATCH_FIELDS = (
+    "id", "status", "endpoint", "model", "priority", "total", "completed", "failed", "in_flight", "rate_per_s",
+    "eta_s", "created_at", "expires_at",
 )
 
 
@@ -113,6 +121,7 @@ def build_snapshot(
     supervisor: Supervisor | None,
     recent: RecentRequests,
     gpu: GpuSampler,
+    batches: BatchRunner | None = None,
 ) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
@@ -126,6 +135,16 @@ def build_snapshot(
         "queue": describe_queue(admission),
         "requests": [request.describe() for request in recent.newest_first()],
         "gpu": describe_gpu(gpu),
+        "batches": None if batches is None else describe_batches(batches),
+    }
+
+
+def describe_batches(runner: BatchRunner) -> dict[str, Any]:
+    return {
+        "active": runner.describe(),
+        "slots_held": runner.gate.total,
+        "slots_held_by_backend": dict(runner.gate.held),
+        "max_in_flight": runner.config.max_in_flight,
     }
 
 
