@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import NamedTuple
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -30,6 +30,9 @@ from llmbalancer.relay.deadlines import Deadlines
 from llmbalancer.relay.http_headers import downstream_response_headers, upstream_request_headers
 from llmbalancer.relay.inbound import InboundBody, origin_form, read_body, request_facts, with_model
 from llmbalancer.relay.inbound import request_id as _request_id
+from llmbalancer.relay.leg import AttemptFailed, Leg, Relayed
+from llmbalancer.relay.sweep import Sweep
+from llmbalancer.relay.upstream import UpstreamPool
 from llmbalancer.relay.upstream_words import broke_off
 from llmbalancer.relay.usage_chunk import UsageCut, asks_usage_of, cut_whole, wants_usage, with_usage
 from llmbalancer.scheduling.claims import Claim
@@ -43,6 +46,9 @@ CLIENT_CLOSED = 499  # nginx's convention, for the access log only
 _WHOLE_BODY_MAX = 65536  # a reply up to this size that arrived with its headers is relayed in one write
 
 
+R = TypeVar("R")
+
+
 class _ClientStopped(Exception):
     """Writing to the client failed or stalled: the client's doing, not the backend's."""
 
@@ -51,20 +57,23 @@ class _ClientStopped(Exception):
         self.code = code
 
 
-class _Relayed(NamedTuple):
-    """How relaying a response went: in full, broken off by the backend (why), or left by the client."""
+class _AiohttpLeg:
+    """The leg of requests aiohttp's server parsed: aiohttp's client, aiohttp's response writer."""
 
-    response: web.StreamResponse
-    broken: str | None = None
-    client_left: bool = False
+    __slots__ = ("_proxy", "_request", "_request_id")
 
+    def __init__(self, proxy: Proxy, request: web.Request, request_id: str) -> None:
+        self._proxy = proxy
+        self._request = request
+        self._request_id = request_id
 
-class _AttemptFailed(Exception):
-    def __init__(self, reason: str, *, unreachable: bool, body_sent: bool) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.unreachable = unreachable
-        self.body_sent = body_sent
+    def open(self, backend: Backend, body: InboundBody, close: bool) -> Awaitable[aiohttp.ClientResponse]:
+        return self._proxy._open(self._request, backend, body, self._request_id, close)
+
+    def relay(
+        self, upstream: aiohttp.ClientResponse, access: Access, cut_usage: bool
+    ) -> Awaitable[Relayed[web.StreamResponse]]:
+        return self._proxy._relay(self._request, upstream, access, cut_usage)
 
 
 class Proxy:
@@ -79,11 +88,28 @@ class Proxy:
         self._idle_timeout = config.timeouts.idle
         self._connect_timeout = config.timeouts.connect
         self.session: aiohttp.ClientSession | None = None
+        # The lean relay's (relay/lean.py): kept-alive backend connections, and one sweep for every stream's
+        # idle timeout, 1 % late at most.
+        self.pool = UpstreamPool(config.timeouts.connect)
+        self.streams = Sweep(min(1.0, self._idle_timeout / 100))
         # Called once per finished request (metrics, the monitor's recent requests); must be cheap.
         self.on_complete: list[Callable[[Access], None]] = []
         # A hung server accepts connections and answers nothing: once its health checks fail, the
         # requests waiting on it for a first byte are retried elsewhere instead of waiting out first_byte.
         registry.on_failed.append(self._first_byte.expire)
+
+    @property
+    def first_byte(self) -> tuple[Deadlines, float]:
+        """The first-byte deadlines and their timeout, for a leg's ``open``."""
+        return self._first_byte, self._first_byte_timeout
+
+    @property
+    def idle_timeout(self) -> float:
+        return self._idle_timeout
+
+    def close_lean(self) -> None:
+        self.pool.close()
+        self.streams.close()
 
     def open_session(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
@@ -109,7 +135,7 @@ class Proxy:
             body = await read_body(request, self._max_body)
             facts = request_facts(request, body)
             access.model = facts.model
-            return await self._forward(request, body, facts, access)
+            return await self.forward(_AiohttpLeg(self, request, access.request_id), body, facts, access)
         except ProxyError as error:
             access.status = error.status
             access.error = error.code
@@ -121,26 +147,30 @@ class Proxy:
         except Exception:
             return answer_unexpected(request, access)
         finally:
-            access.emit()
-            for observer in self.on_complete:
-                observer(access)
+            self.completed(access)
 
-    async def _forward(
-        self, request: web.Request, body: InboundBody, facts: RequestFacts, access: Access
-    ) -> web.StreamResponse:
+    def completed(self, access: Access) -> None:
+        """The request is over: its one access event, and the observers told."""
+        access.emit()
+        for observer in self.on_complete:
+            observer(access)
+
+    async def forward(self, leg: Leg[Any, R], body: InboundBody, facts: RequestFacts, access: Access) -> R:
+        """Claim a backend, open the request on it through ``leg``, retry what may be retried, relay the
+        answer and record the outcome on the claim; the leg's response."""
         excluded: list[Backend] = []
         last_error = ""
         # A streamed OpenAI completion without usage: asked of the backends that report it nowhere else.
         ask_usage = wants_usage(facts.path, body.parsed)
         streamed = body.parsed is not None and body.parsed.get("stream") is True
 
-        def opener(backend: Backend) -> Awaitable[aiohttp.ClientResponse]:
+        def opener(backend: Backend) -> Awaitable[Any]:
             # The body names the model as this backend knows it (an instance alias, say).
             sent = with_model(body, self._dispatcher.routing.rename_for(facts, backend))
             if ask_usage and asks_usage_of(backend):
                 sent = with_usage(sent)
             close = streamed and drops_connections_reused_after_a_stream(backend)
-            return self._open(request, backend, sent, access.request_id, close)
+            return leg.open(backend, sent, close)
 
         dropped_once = False
         limit = self._attempts
@@ -152,7 +182,7 @@ class Proxy:
                 try:
                     # Racing (off unless configured) may hand back another racer's claim: the winner's.
                     claim, upstream = await self._racing.open(claim, facts, excluded, body.replayable, opener)
-                except _AttemptFailed as failure:
+                except AttemptFailed as failure:
                     backend = claim.backend
                     last_error = f"{backend.name}: {failure.reason}"
                     access.attempt_failed(last_error)
@@ -190,7 +220,7 @@ class Proxy:
                         claim.failed(f"HTTP {upstream.status}")
                         excluded.append(backend)
                         continue
-                    relayed = await self._relay(request, upstream, access, ask_usage and asks_usage_of(backend))
+                    relayed = await leg.relay(upstream, access, ask_usage and asks_usage_of(backend))
                 finally:
                     upstream.close()
                 if relayed.client_left:
@@ -247,23 +277,23 @@ class Proxy:
                     request.method, url, headers=headers, data=data, allow_redirects=False
                 )
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            raise _AttemptFailed(_describe(exc), unreachable=True, body_sent=False) from exc
+            raise AttemptFailed(_describe(exc), unreachable=True, body_sent=False) from exc
         except aiohttp.ClientError as exc:
             # The client's own streamed body can fail while we send it (over the size limit); aiohttp
             # wraps that as a connection error, but it is the client's fault, not the backend's.
             if isinstance(exc.__cause__, ProxyError):
                 raise exc.__cause__ from None
-            raise _AttemptFailed(_describe(exc), unreachable=False, body_sent=True) from exc
+            raise AttemptFailed(_describe(exc), unreachable=False, body_sent=True) from exc
         except TimeoutError:  # after aiohttp's: its connect timeout is a TimeoutError too
             if backend.routable:
                 raise  # first_byte spent on a backend that still answers its health checks: 504
-            raise _AttemptFailed(
+            raise AttemptFailed(
                 f"{backend.state.value} before it answered (health checks failing)", unreachable=True, body_sent=True
             ) from None
 
     async def _relay(
         self, request: web.Request, upstream: aiohttp.ClientResponse, access: Access, cut_usage: bool = False
-    ) -> _Relayed:
+    ) -> Relayed[web.StreamResponse]:
         """Relay the response; ``cut_usage``: drop the usage event the balancer asked for (usage_chunk.py)."""
         whole = usage_tail = _whole_body(upstream)
         cut_usage = cut_usage and upstream.content_type == "text/event-stream"
@@ -289,18 +319,18 @@ class Proxy:
                 await response.write_eof()
                 access.bytes = len(whole)
                 access.usage_tail = usage_tail or whole
-                return _Relayed(response)
+                return Relayed(response)
             broken = await self._pump(upstream, response, access, UsageCut(response.write) if cut_usage else None)
             if broken is None:
                 await response.write_eof()
-                return _Relayed(response)
+                return Relayed(response)
         except (_ClientStopped, ConnectionResetError) as stopped:
             # Closing here (and the upstream in _forward) frees the backend's slot.
             access.error = stopped.code if isinstance(stopped, _ClientStopped) else "client_closed"
             response.force_close()
             if request.transport is not None:
                 request.transport.close()
-            return _Relayed(response, client_left=True)
+            return Relayed(response, client_left=True)
 
         access.error = "upstream_stream_broken"
         if upstream.content_type == "text/event-stream" and response.headers.get("Transfer-Encoding") == "chunked":
@@ -315,7 +345,7 @@ class Proxy:
             response.force_close()
             if request.transport is not None:
                 request.transport.close()
-        return _Relayed(response, broken=broken)
+        return Relayed(response, broken=broken)
 
     async def _pump(
         self, upstream: aiohttp.ClientResponse, response: web.StreamResponse, access: Access, cut: UsageCut | None
