@@ -137,6 +137,17 @@ class StreamRelay:
             self._sent += len(data)
             self._previous, self._last = self._last, data
             return data
+        cut = self._cut
+        if chunks is not None and cut is not None and not cut.holding and chunks.at_boundary and b"[]" not in data:
+            # Whole chunks of whole events, none the usage event (its "choices":[] is not there): the cut would
+            # relay their payload unchanged, so the chunks pass as they came.
+            before = chunks.payload
+            if chunks.feed(data) < 0 and chunks.at_boundary and data.endswith(b"\n\n\r\n"):
+                self._sent += chunks.payload - before
+                self._previous, self._last = self._last, data
+                return data
+            chunks.left, chunks.payload = 0, before  # the slow way after all: walk it again from the boundary
+            chunks.restart()
         if chunks is not None:
             pieces: list[bytes] = []
             end = chunks.feed(data, pieces)
@@ -152,7 +163,6 @@ class StreamRelay:
                 self._reusable = self._reusable and len(payload) == len(data)
         else:
             payload = data  # until the backend closes
-        cut = self._cut
         out = cut.feed(payload) if cut is not None else payload
         if self.ended and cut is not None:
             out += cut.flush()

@@ -107,6 +107,11 @@ class UsageCut:
         self.usage = b""  # the cut event, for the usage reader
         self.cut_bytes = 0
 
+    @property
+    def holding(self) -> bool:
+        """Whether part of an event is held back, waiting for its end."""
+        return bool(self._carry)
+
     def feed(self, chunk: bytes) -> bytes:
         """What of the body so far may leave now: complete events, less the usage event."""
         if self.usage:

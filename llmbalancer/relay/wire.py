@@ -8,7 +8,6 @@ two different Content-Lengths) is ``Malformed``: the attempt failed, as aiohttp'
 from __future__ import annotations
 
 import http
-import re
 from dataclasses import dataclass
 
 from llmbalancer.errors import ProxyError
@@ -20,9 +19,11 @@ HOP_BY_HOP = frozenset(
 )
 RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"x-request-id"}
 _HEX = b"0123456789abcdefABCDEF"
+_TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _MAX_LINE = 8190
-_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) (\d{3})(?: (.*))?")
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_LENGTH, _CODING, _CONNECTION, _TYPE = range(4)
+_FRAMING = {b"content-length": _LENGTH, b"transfer-encoding": _CODING, b"connection": _CONNECTION,
+            b"content-type": _TYPE}
 
 
 class Malformed(Exception):
@@ -32,12 +33,17 @@ class Malformed(Exception):
 @dataclass(slots=True)
 class ResponseHead:
     status: int
-    reason: bytes
-    headers: list[tuple[bytes, bytes, bytes]]  # (lower-cased name, name, value) as they came
+    status_line: bytes
+    headers: list[tuple[bytes, bytes]]  # (lower-cased name, the line as it came)
     length: int | None  # the body's Content-Length; None: chunked, or until the connection closes
     chunked: bool
     reusable: bool  # the connection may carry another request once this body has been read
     content_type: bytes  # the media type, lower-cased, without parameters
+    named: frozenset[bytes]  # header names the backend's Connection header lists (hop-by-hop too)
+
+    @property
+    def reason(self) -> bytes:
+        return self.status_line[13:]
 
     @property
     def bodiless(self) -> bool:
@@ -51,36 +57,46 @@ class ResponseHead:
 def parse_response_head(head: bytes) -> ResponseHead:
     """``head``: the bytes up to (not including) the blank line that ends it."""
     lines = head.split(b"\r\n")
-    match = _STATUS_LINE.fullmatch(lines[0])
-    if match is None:
-        raise Malformed(f"not an HTTP/1.x status line: {lines[0][:60]!r}")
-    reusable = match.group(1) == b"1"
-    headers: list[tuple[bytes, bytes, bytes]] = []
+    first = lines[0]
+    if (
+        not first.startswith((b"HTTP/1.1 ", b"HTTP/1.0 ")) or not first[9:12].isdigit()
+        or first[12:13] not in (b"", b" ")
+    ):
+        raise Malformed(f"not an HTTP/1.x status line: {first[:60]!r}")
+    if head.count(b"\n") != len(lines) - 1 or head.count(b"\r") != len(lines) - 1:
+        raise Malformed("a bare CR or LF in the response head")
+    reusable = first[7] == 49  # HTTP/1.1
+    headers: list[tuple[bytes, bytes]] = []
     length: int | None = None
-    chunked = False
-    coded = False
+    chunked = coded = False
     content_type = b""
+    named: frozenset[bytes] = frozenset()
     for line in lines[1:]:
-        name, colon, value = line.partition(b":")
-        if not colon or _TOKEN.fullmatch(name) is None or b"\n" in line or b"\r" in line:
+        colon = line.find(b":")
+        name = line[:colon]
+        if colon <= 0 or name.translate(None, _TOKEN_CHARS):
             raise Malformed(f"a header line that is not 'name: value': {line[:60]!r}")
-        value = value.strip(b" \t")
         lower = name.lower()
-        headers.append((lower, name, value))
-        if lower == b"content-length":
+        headers.append((lower, line))
+        kind = _FRAMING.get(lower)
+        if kind is None:
+            continue
+        value = line[colon + 1 :].strip(b" \t")
+        if kind == _LENGTH:
             if not value.isdigit() or (length is not None and int(value) != length):
                 raise Malformed(f"Content-Length {value[:30]!r}")
             length = int(value)
-        elif lower == b"transfer-encoding":
+        elif kind == _CODING:
             coded = True
             chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
-        elif lower == b"connection":
-            if b"close" in value.lower():
+        elif kind == _CONNECTION:
+            named = frozenset(token.strip().lower() for token in value.split(b","))
+            if b"close" in named:
                 reusable = False
-        elif lower == b"content-type":
+        else:
             content_type = value.split(b";", 1)[0].strip().lower()
-    status = int(match.group(2))
-    result = ResponseHead(status, match.group(3) or b"", headers, length, chunked, reusable, content_type)
+    status = int(first[9:12])
+    result = ResponseHead(status, first, headers, length, chunked, reusable, content_type, named)
     if result.bodiless:
         result.length, result.chunked = 0, False
     elif coded:
@@ -94,17 +110,14 @@ def parse_response_head(head: bytes) -> ResponseHead:
 
 
 def downstream_head(head: ResponseHead, request_id: str, framing: bytes, close: bool) -> bytes:
-    """The head for the client: the backend's status and end-to-end headers, our request id and ``framing``
-    (a ``Content-Length`` or ``Transfer-Encoding`` line, or nothing)."""
-    drop = RESPONSE_DROP
-    for lower, _, value in head.headers:
-        if lower == b"connection":
-            drop = drop | {token.strip().lower() for token in value.split(b",")}
-    parts = [b"HTTP/1.1 %d %s\r\n" % (head.status, head.reason)]
-    parts += [b"%s: %s\r\n" % (name, value) for lower, name, value in head.headers if lower not in drop]
+    """The head for the client: the backend's status and end-to-end header lines as they came, our request id
+    and ``framing`` (a ``Content-Length`` or ``Transfer-Encoding`` line, or nothing)."""
+    drop = RESPONSE_DROP | head.named if head.named else RESPONSE_DROP
+    lines = [b"HTTP/1.1" + head.status_line[8:]]
+    lines += [line for lower, line in head.headers if lower not in drop]
     connection = b"Connection: close\r\n" if close else b""
-    parts.append(b"X-Request-ID: %s\r\n%s%s\r\n" % (request_id.encode(), framing, connection))
-    return b"".join(parts)
+    lines.append(b"X-Request-ID: %s\r\n%s%s" % (request_id.encode(), framing, connection))
+    return b"\r\n".join(lines) + b"\r\n"
 
 
 def error_response(error: ProxyError, request_id: str | None, close: bool) -> bytes:
@@ -152,6 +165,10 @@ class Chunks:
     def resumed(cls, snapshot: tuple[int, bytes, int]) -> Chunks:
         left, line, state = snapshot
         return cls(left, line, state)
+
+    def restart(self) -> None:
+        """Back to a chunk boundary (with ``left`` and ``payload`` set back by the caller)."""
+        self._line, self._state = b"", _SIZE
 
     @property
     def at_boundary(self) -> bool:
