@@ -139,7 +139,7 @@ class LeanLeg:
                     except ConnectFailed as exc:
                         raise AttemptFailed(str(exc), unreachable=True, body_sent=False) from None
                 try:
-                    return await conn.send(head, data)
+                    return await conn.send(head, data, close)
                 except UpstreamGone as exc:
                     raise AttemptFailed(str(exc), unreachable=False, body_sent=True) from None
                 except BaseException:

@@ -39,7 +39,7 @@ _COMPLETE = Ending()
 
 class StreamRelay:
     __slots__ = (
-        "_access", "_chunks", "_client", "_conn", "_cut", "_done", "_first", "_fresh", "_idle", "_last",
+        "_access", "_answer", "_chunks", "_client", "_conn", "_cut", "_done", "_first", "_fresh", "_idle", "_last",
         "_left", "_mode", "_paused", "_previous", "_reusable", "_seen", "_sent", "_snap_last", "_snap_previous",
         "_sweep", "ended",
     )
@@ -50,6 +50,7 @@ class StreamRelay:
     ) -> None:
         head = answer.head
         self._client = client
+        self._answer = answer
         self._conn = answer.conn
         self._access = access
         self._mode = mode
@@ -233,9 +234,9 @@ class StreamRelay:
         if ending is _COMPLETE:
             if self._paused and conn.transport is not None:
                 conn.transport.resume_reading()
-            conn.finished(self._reusable)
+            self._answer.finish(self._reusable)
         else:
-            conn.abort()
+            self._answer.close()
         access = self._access
         access.bytes = self.received
         if ending is _COMPLETE:

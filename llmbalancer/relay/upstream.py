@@ -70,14 +70,16 @@ def address_of(url: str) -> Address:
 
 
 class Answer:
-    """A response head from a backend, and the connection its body is still to come on."""
+    """A response head from a backend, and the connection its body is still to come on. The answer is done
+    with the connection once ``finish`` or ``close`` was called: it may carry another request by then."""
 
-    __slots__ = ("conn", "early", "head")
+    __slots__ = ("_done", "conn", "early", "head")
 
     def __init__(self, conn: Upstream, head: ResponseHead, early: bytes) -> None:
         self.conn = conn
         self.head = head
         self.early = early  # body bytes that arrived with the head
+        self._done = False
 
     @property
     def status(self) -> int:
@@ -94,16 +96,24 @@ class Answer:
         if length is None or len(self.early) < length:
             return None
         body = self.early[:length]
-        self.conn.finished(head.reusable and len(self.early) == length)
+        self.finish(head.reusable and len(self.early) == length)
         return body
+
+    def finish(self, reusable: bool) -> None:
+        """The body was read to its end: the connection goes back to the pool if ``reusable``, else closes."""
+        if not self._done:
+            self._done = True
+            self.conn.finished(reusable)
 
     def close(self) -> None:
         """Done with this answer: a body not read to its end drops the connection (the backend sees it)."""
-        self.conn.abort_unless_finished()
+        if not self._done:
+            self._done = True
+            self.conn.abort()
 
 
 class Upstream(asyncio.Protocol):
-    __slots__ = ("_answer", "_buffer", "_done", "_pool", "address", "idle_since", "sink", "transport")
+    __slots__ = ("_answer", "_buffer", "_closing", "_pool", "address", "idle_since", "sink", "transport")
 
     def __init__(self, pool: UpstreamPool, address: Address) -> None:
         self._pool = pool
@@ -111,7 +121,7 @@ class Upstream(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._answer: asyncio.Future[Answer] | None = None
         self._buffer = b""
-        self._done = True  # no response under way
+        self._closing = False  # the request asked the backend to close after answering
         self.sink: Sink | None = None
         self.idle_since = 0.0
 
@@ -121,12 +131,13 @@ class Upstream(asyncio.Protocol):
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def send(self, head: bytes, body: bytes) -> asyncio.Future[Answer]:
-        """Write a whole request; the future is the response head."""
+    def send(self, head: bytes, body: bytes, close: bool = False) -> asyncio.Future[Answer]:
+        """Write a whole request (``close``: it asks the backend to close after answering); the future is the
+        response head."""
         transport = self.transport
-        assert transport is not None and self._done
+        assert transport is not None and self._answer is None
         answer = self._answer = asyncio.get_running_loop().create_future()
-        self._done = False
+        self._closing = close
         if len(body) < 65536:
             transport.write(head + body)  # one segment for the usual request
         else:
@@ -190,20 +201,15 @@ class Upstream(asyncio.Protocol):
 
     def finished(self, reusable: bool) -> None:
         """The response was read to its end: back to the pool if the response allows it, else closed."""
-        self._done = True
         self.sink = None
-        if reusable and self.transport is not None and not self.transport.is_closing():
+        if reusable and not self._closing and self.transport is not None and not self.transport.is_closing():
             self._pool.give_back(self)
         else:
             self.abort()
 
-    def abort_unless_finished(self) -> None:
-        if not self._done:
-            self.abort()
-
     def abort(self) -> None:
-        self._done = True
         self.sink = None
+        self._answer = None
         transport = self.transport
         if transport is not None:
             transport.abort()
