@@ -79,8 +79,8 @@ class Lean:
 
 class FrontConnection(asyncio.Protocol):
     __slots__ = (
-        "_body", "_count", "_deadline", "_expire", "_headers", "_lean", "_loop", "_opened", "_parser", "_pending",
-        "_reading_paused", "_stream", "_task", "_url", "_write_paused", "closing", "transport",
+        "_body", "_count", "_deadline", "_expire", "_headers", "_lean", "_loop", "_opened", "_parser", "_peer",
+        "_pending", "_reading_paused", "_stream", "_task", "_url", "_write_paused", "closing", "transport",
     )
 
     def __init__(self, lean: Lean) -> None:
@@ -98,6 +98,7 @@ class FrontConnection(asyncio.Protocol):
         self._expire = _CLOSE
         self._opened = 0.0
         self._count = 0
+        self._peer = "unknown"
         self._write_paused = self._reading_paused = False
         self.closing = False
 
@@ -108,6 +109,9 @@ class FrontConnection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self._peer = str(peer[0])
         lean = self._lean
         lean.fronts.add(self)
         now = self._opened = self._loop.time()
@@ -249,11 +253,8 @@ class FrontConnection(asyncio.Protocol):
             return None
         if not is_json_api_route("POST", path, content_type.decode("latin-1").lower()):
             return None
-        transport = self.transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
         return LeanRequest(
-            target=url, path=path, headers=headers, length=length, host=host,
-            client=str(peer[0]) if isinstance(peer, tuple) else "unknown",
+            target=url, path=path, headers=headers, length=length, host=host, client=self._peer,
             request_id=choose_request_id(given.decode("latin-1") if given is not None else ""), close=close,
             drop=frozenset(drop), forwarded_for=forwarded, started=time.monotonic(),
         )
@@ -327,9 +328,7 @@ class FrontConnection(asyncio.Protocol):
         elif self._expire == _HEAD_408:
             seconds = self._lean.header_timeout
             error = errors.request_timeout(f"The request head did not arrive within {seconds:g} s")
-            peer = transport.get_extra_info("peername")
-            log.info("request_refused", status=error.status, code=error.code,
-                     client=str(peer[0]) if isinstance(peer, tuple) else "unknown")
+            log.info("request_refused", status=error.status, code=error.code, client=self._peer)
             transport.write(error_response(error, None, close=True))
             transport.close()
         elif self._body is not None:

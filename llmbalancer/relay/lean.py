@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import structlog
 
@@ -30,7 +30,6 @@ from llmbalancer.relay.usage_chunk import UsageCut, cut_whole
 from llmbalancer.relay.wire import HOP_BY_HOP, LAST_CHUNK, chunk, downstream_head, error_response
 
 if TYPE_CHECKING:
-    from llmbalancer.relay.front import FrontConnection
     from llmbalancer.relay.proxy import Proxy
 
 log = structlog.get_logger("llmbalancer.access")
@@ -40,6 +39,18 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"host", b"content-length", b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"
 }
 _CHUNKED = b"Transfer-Encoding: chunked\r\n"
+
+
+class Front(Protocol):
+    """What a lean request needs of its client's connection (``front.Front``)."""
+
+    @property
+    def transport(self) -> asyncio.Transport | None: ...
+    @property
+    def closing(self) -> bool: ...
+    def write(self, data: bytes) -> None: ...
+    def attach(self, stream: StreamRelay | None) -> None: ...
+    def exchange_done(self, keep_alive: bool) -> None: ...
 
 
 class RawHeaders(Mapping[str, str]):
@@ -82,7 +93,7 @@ class LeanRequest:
 
 
 async def serve(
-    proxy: Proxy, front: FrontConnection, request: LeanRequest, body: bytes | asyncio.Future[bytes]
+    proxy: Proxy, front: Front, request: LeanRequest, body: bytes | asyncio.Future[bytes]
 ) -> None:
     """The whole of one lean request, as ``Proxy.handle`` is for aiohttp's."""
     access = Access(request.request_id, "POST", request.path, request.started)
@@ -112,7 +123,7 @@ async def serve(
 class LeanLeg:
     __slots__ = ("_forwarded", "_front", "_proxy", "_request", "keep_alive", "started")
 
-    def __init__(self, proxy: Proxy, front: FrontConnection, request: LeanRequest) -> None:
+    def __init__(self, proxy: Proxy, front: Front, request: LeanRequest) -> None:
         self._proxy = proxy
         self._front = front
         self._request = request

@@ -31,9 +31,10 @@ from llmbalancer.relay.http_headers import downstream_response_headers, upstream
 from llmbalancer.relay.inbound import InboundBody, origin_form, read_body, request_facts, with_model
 from llmbalancer.relay.inbound import request_id as _request_id
 from llmbalancer.relay.leg import AttemptFailed, Leg, Relayed
+from llmbalancer.relay.quirks import drops_connections_reused_after_a_stream
 from llmbalancer.relay.sweep import Sweep
 from llmbalancer.relay.upstream import UpstreamPool
-from llmbalancer.relay.upstream_words import broke_off
+from llmbalancer.relay.upstream_words import broke_off, describe
 from llmbalancer.relay.usage_chunk import UsageCut, asks_usage_of, cut_whole, wants_usage, with_usage
 from llmbalancer.scheduling.claims import Claim
 from llmbalancer.scheduling.dispatch import Dispatcher
@@ -277,13 +278,13 @@ class Proxy:
                     request.method, url, headers=headers, data=data, allow_redirects=False
                 )
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            raise AttemptFailed(_describe(exc), unreachable=True, body_sent=False) from exc
+            raise AttemptFailed(describe(exc), unreachable=True, body_sent=False) from exc
         except aiohttp.ClientError as exc:
             # The client's own streamed body can fail while we send it (over the size limit); aiohttp
             # wraps that as a connection error, but it is the client's fault, not the backend's.
             if isinstance(exc.__cause__, ProxyError):
                 raise exc.__cause__ from None
-            raise AttemptFailed(_describe(exc), unreachable=False, body_sent=True) from exc
+            raise AttemptFailed(describe(exc), unreachable=False, body_sent=True) from exc
         except TimeoutError:  # after aiohttp's: its connect timeout is a TimeoutError too
             if backend.routable:
                 raise  # first_byte spent on a backend that still answers its health checks: 504
@@ -399,26 +400,9 @@ class Proxy:
         return None
 
 
-def drops_connections_reused_after_a_stream(backend: Backend) -> bool:
-    """llama.cpp's server (measured on the llama-server of llama-cpp-python 0.3.36) drops a kept-alive
-    connection when the next request arrives within a few milliseconds of the end of a *streamed* response:
-    2 of 30 back-to-back reuses answered nothing ("Server disconnected"), none with a 10 ms gap, none after
-    a non-streamed response. A balancer hands a just-freed slot's connection to the next queued request at
-    once, so under load that race is the common case; streamed requests to these servers are therefore
-    sent with ``Connection: close`` (a connect per stream, and no idle connection holding one of the
-    server's few HTTP threads, ``--threads-http``, for its 5 s keep-alive)."""
-    kind = backend.kind
-    return kind in ("llamacpp", "llamafile") or (kind == "auto" and backend.health.detected_kind is None)
-
-
 def _whole_body(upstream: aiohttp.ClientResponse) -> bytes | None:
     """The body when it came whole with the headers (the usual non-streamed reply), else None."""
     length = upstream.content_length
     if length is None or length > _WHOLE_BODY_MAX or not upstream.content.is_eof():
         return None
     return upstream.content.read_nowait()
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."

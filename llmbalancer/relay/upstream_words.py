@@ -36,3 +36,8 @@ def lost_after(exc: BaseException | None, received: int) -> str:
         return f"the connection to the backend failed {after} ({exc.strerror.lower()})"
     text = str(exc) or type(exc).__name__
     return f"{text if len(text) <= 120 else text[:117] + '...'} ({after})"
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
