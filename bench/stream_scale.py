@@ -104,8 +104,12 @@ class _Client(asyncio.Protocol):
         joined = self._tail + data
         self._events += joined.count(b"data: {") - self._tail.count(b"data: {")
         self._tail = data[-16:]
-        if joined.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"):
-            self._finish()
+        if joined.endswith(b"\r\n0\r\n\r\n"):  # the last chunk: the body ended
+            if joined.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"):
+                self._finish()
+            else:
+                at = data.find(b"event: error")
+                self._fail(data[at : at + 300].decode(errors="replace") if at >= 0 else "ended without [DONE]")
 
     def _finish(self) -> None:
         self._out.events += self._events
@@ -138,9 +142,12 @@ async def burst(port: int, level: int, ramp: float, tokens: int, out: Outcome, l
     ).encode() + BODY
     started = time.perf_counter()
 
+    pending: list[asyncio.Future[None]] = []
+
     async def one(index: int) -> None:
         await asyncio.sleep(ramp * index / level)
         done: asyncio.Future[None] = loop.create_future()
+        pending.append(done)
         at = time.perf_counter()
         try:
             await loop.create_connection(lambda: _Client(request, at, tokens, done, out), "127.0.0.1", port)
@@ -154,7 +161,9 @@ async def burst(port: int, level: int, ramp: float, tokens: int, out: Outcome, l
         async with asyncio.timeout(limit):
             await asyncio.gather(*(one(i) for i in range(level)))
     except TimeoutError:
-        out.first_error = out.first_error or f"not finished within {limit:g} s"
+        unfinished = level - sum(1 for done in pending if done.done() and not done.cancelled())
+        out.errors += unfinished
+        out.first_error = out.first_error or f"{unfinished} streams not finished within {limit:g} s"
     out.wall = time.perf_counter() - started
     out.errors += out.short
 

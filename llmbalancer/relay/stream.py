@@ -95,7 +95,10 @@ class StreamRelay:
         else:
             self._seen = asyncio.get_running_loop().time()
             self._sweep.add(self)
-            self._conn.sink = self
+            if self._conn.transport is None:
+                self.upstream_lost(None)  # the backend went away before the relay began
+            else:
+                self._conn.attach(self)
         return self._done
 
     def upstream_data(self, data: bytes) -> None:

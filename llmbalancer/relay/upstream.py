@@ -113,7 +113,9 @@ class Answer:
 
 
 class Upstream(asyncio.Protocol):
-    __slots__ = ("_answer", "_buffer", "_closing", "_pool", "address", "idle_since", "sink", "transport")
+    __slots__ = (
+        "_answer", "_buffer", "_closing", "_delivered", "_held", "_pool", "address", "idle_since", "sink", "transport",
+    )
 
     def __init__(self, pool: UpstreamPool, address: Address) -> None:
         self._pool = pool
@@ -122,6 +124,8 @@ class Upstream(asyncio.Protocol):
         self._answer: asyncio.Future[Answer] | None = None
         self._buffer = b""
         self._closing = False  # the request asked the backend to close after answering
+        self._delivered: Answer | None = None  # answered, its body not yet taken by a relay
+        self._held = False  # reading paused while body bytes wait for the relay
         self.sink: Sink | None = None
         self.idle_since = 0.0
 
@@ -150,6 +154,14 @@ class Upstream(asyncio.Protocol):
         if sink is not None:
             sink.upstream_data(data)
             return
+        delivered = self._delivered
+        if delivered is not None:
+            # More of the body before the request's task took the answer up (a busy loop): kept for the relay.
+            delivered.early += data
+            if len(delivered.early) > _MAX_HEAD and not self._held and self.transport is not None:
+                self._held = True
+                self.transport.pause_reading()
+            return
         answer = self._answer
         if answer is None:
             self.abort()  # bytes nobody asked for: this connection is not to be trusted again
@@ -175,9 +187,19 @@ class Upstream(asyncio.Protocol):
         self._buffer = b""
         self._answer = None
         if not answer.done():
-            answer.set_result(Answer(self, head, buffer))
+            delivered = self._delivered = Answer(self, head, buffer)
+            answer.set_result(delivered)
         else:
             self.abort()
+
+    def attach(self, sink: Sink) -> None:
+        """From now on the body's bytes go to ``sink`` as they arrive."""
+        self._delivered = None
+        self.sink = sink
+        if self._held:
+            self._held = False
+            if self.transport is not None:
+                self.transport.resume_reading()
 
     def eof_received(self) -> bool | None:
         return None  # the backend closed its side: so do we
@@ -201,14 +223,16 @@ class Upstream(asyncio.Protocol):
 
     def finished(self, reusable: bool) -> None:
         """The response was read to its end: back to the pool if the response allows it, else closed."""
-        self.sink = None
+        self.sink = self._delivered = None
+        if self._held:
+            reusable = False
         if reusable and not self._closing and self.transport is not None and not self.transport.is_closing():
             self._pool.give_back(self)
         else:
             self.abort()
 
     def abort(self) -> None:
-        self.sink = None
+        self.sink = self._delivered = None
         self._answer = None
         transport = self.transport
         if transport is not None:
