@@ -48,7 +48,7 @@ class _Sink:
 
 
 async def test_body_bytes_before_the_relay_attaches_wait_for_it_and_then_flow_to_it() -> None:
-    conn = Upstream(UpstreamPool(1.0), Address("http", "127.0.0.1", 1, b"127.0.0.1:1", b""))
+    conn = Upstream(UpstreamPool(1.0), Address("http", "127.0.0.1", 1, b"127.0.0.1:1", b"", True))
     transport = _Transport()
     conn.connection_made(transport)  # type: ignore[arg-type]
     answer = conn.send(b"POST / HTTP/1.1\r\n\r\n", b"")

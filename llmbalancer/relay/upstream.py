@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
+from llmbalancer.relay.deadlines import Deadlines
 from llmbalancer.relay.sweep import Sweep
 from llmbalancer.relay.wire import Malformed, ResponseHead, parse_response_head
 
@@ -46,6 +47,7 @@ class Address:
     port: int
     netloc: bytes  # the Host header's value
     prefix: bytes  # a path the backend's URL carries, put before the request's target
+    literal: bool  # the host is an IP address (nothing to resolve)
 
     @property
     def tls(self) -> bool:
@@ -62,7 +64,14 @@ def address_of(url: str) -> Address:
         tls = parts.scheme == "https"
         port = parts.port or (443 if tls else 80)
         host = parts.hostname or "127.0.0.1"
-        address = Address(parts.scheme, host, port, parts.netloc.encode("idna"), parts.path.rstrip("/").encode())
+        try:
+            ipaddress.ip_address(host)
+            literal = True
+        except ValueError:
+            literal = False
+        address = Address(
+            parts.scheme, host, port, parts.netloc.encode("idna"), parts.path.rstrip("/").encode(), literal
+        )
         if len(_addresses) > 4096:
             _addresses.clear()
         _addresses[url] = address
@@ -248,6 +257,8 @@ class UpstreamPool:
         self._idle: dict[Address, list[Upstream]] = {}
         self._sweep = Sweep(min(1.0, keepalive / 4))
         self._resolved: dict[tuple[str, int], tuple[float, str]] = {}
+        # Connect timeouts kept by one sweep, as first-byte deadlines are (a timer each cost more).
+        self._connects = Deadlines(resolution=min(1.0, connect_timeout / 100))
         self._tls: ssl.SSLContext | None = None
 
     def take(self, address: Address) -> Upstream | None:
@@ -263,7 +274,7 @@ class UpstreamPool:
     async def connect(self, address: Address) -> Upstream:
         loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self._connect_timeout):
+            with self._connects.within(self._connect_timeout):
                 host = await self._resolve(loop, address)
                 tls = self._tls_context() if address.tls else None
                 _, conn = await loop.create_connection(
@@ -307,11 +318,8 @@ class UpstreamPool:
 
     async def _resolve(self, loop: asyncio.AbstractEventLoop, address: Address) -> str:
         host = address.host
-        try:
-            ipaddress.ip_address(host)
+        if address.literal:
             return host
-        except ValueError:
-            pass
         key = (host, address.port)
         cached = self._resolved.get(key)
         now = loop.time()

@@ -47,6 +47,11 @@ def asks_usage_of(backend: Backend) -> bool:
 def with_usage(body: InboundBody) -> InboundBody:
     """``body`` with ``stream_options.include_usage: true`` (other stream options kept)."""
     assert body.parsed is not None
+    data = body.data
+    if "stream_options" not in body.parsed and data is not None and data.startswith(b"{") and body.parsed:
+        # The usual case: the option goes in front of the object's members, and nothing is re-encoded.
+        edited: dict[str, Any] = {"stream_options": {"include_usage": True}, **body.parsed}
+        return InboundBody(b'{"stream_options":{"include_usage":true},' + data[1:], None, edited)
     options = body.parsed.get("stream_options")
     merged = {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
     parsed: dict[str, Any] = {**body.parsed, "stream_options": merged}
