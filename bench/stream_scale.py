@@ -339,6 +339,7 @@ def main() -> int:
     parser.add_argument("--proxy-core", type=int, default=1)
     parser.add_argument("--load-core", type=int, default=0)
     parser.add_argument("--write-results", action="store_true")
+    parser.add_argument("--section", default=SECTION, help="the section of bench/RESULTS.md to (re)write")
     args = parser.parse_args()
     args.levels = [int(v) for v in args.levels.split(",")]
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -385,7 +386,7 @@ def main() -> int:
     print()
     print(text)
     if args.write_results:
-        results.write_section(SECTION, text)
+        results.write_section(args.section, text)
         print(f"\nwritten to {results.RESULTS}")
     return 0
 
