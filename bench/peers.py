@@ -36,7 +36,7 @@ class Processes:
         self._running: list[tuple[str, subprocess.Popen[bytes]]] = []
 
     def start(
-        self, name: str, command: list[str], core: int | None, cwd: Path = ROOT
+        self, name: str, command: list[str], core: int | None, cwd: Path = ROOT, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
         log = (self.workdir / f"{name}.log").open("wb")
 
@@ -47,7 +47,7 @@ class Processes:
         try:
             process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=pin, cwd=cwd,
+                start_new_session=True, preexec_fn=pin, cwd=cwd, env=env,
             )
         finally:
             log.close()
@@ -68,6 +68,15 @@ class Processes:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         self._running = [(n, p) for n, p in self._running if p is not process]
+
+    def last_pid(self) -> int:
+        """The process group (and pid) of the process started last."""
+        return self._running[-1][1].pid
+
+    def stop_pid(self, pid: int) -> None:
+        for _, process in list(self._running):
+            if process.pid == pid:
+                self.stop(process)
 
     def stop_all(self) -> None:
         for _, process in reversed(list(self._running)):
@@ -120,7 +129,7 @@ def sglang_router_available() -> bool:
     return importlib.util.find_spec("sglang_router") is not None
 
 
-def _nginx_conf(workdir: Path, name: str, http_body: str) -> Path:
+def _nginx_conf(workdir: Path, name: str, http_body: str, worker_connections: int = 4096) -> Path:
     base = workdir / name
     base.mkdir(exist_ok=True)
     temp_paths = "\n".join(
@@ -132,7 +141,8 @@ def _nginx_conf(workdir: Path, name: str, http_body: str) -> Path:
 worker_processes 1;
 pid {base}/nginx.pid;
 error_log {base}/error.log warn;
-events {{ worker_connections 4096; }}
+worker_rlimit_nofile {2 * worker_connections + 64};
+events {{ worker_connections {worker_connections}; }}
 http {{
 {temp_paths}
     keepalive_requests 1000000;
@@ -183,7 +193,8 @@ def start_fake_llama(procs: Processes, port: int, events: int, core: int | None)
 
 def start_nginx_least_conn(
     procs: Processes, nginx: str, name: str, port: int, backend_ports: list[int], core: int | None,
-    *, keepalive: int = 256, read_timeout_s: int | None = None,
+    *, keepalive: int = 256, read_timeout_s: int | None = None, worker_connections: int = 4096,
+    access_log: bool = True, backlog: int = 1024,
 ) -> subprocess.Popen[bytes]:
     """nginx as a user configures it in front of streaming servers: least_conn, keep-alive upstream,
     no response buffering (and, for silent prefills, a long read timeout)."""
@@ -192,14 +203,14 @@ def start_nginx_least_conn(
     read_timeout = f"\n            proxy_read_timeout {read_timeout_s}s;" if read_timeout_s else ""
     conf = _nginx_conf(
         procs.workdir, name,
-        f"""    access_log {base}/access.log;
+        f"""    access_log {f"{base}/access.log" if access_log else "off"};
     upstream backends {{
         least_conn;
 {servers}
         keepalive {keepalive};
     }}
     server {{
-        listen 127.0.0.1:{port} backlog=1024;
+        listen 127.0.0.1:{port} backlog={backlog};
         location / {{
             proxy_pass http://backends;
             proxy_http_version 1.1;
@@ -207,6 +218,7 @@ def start_nginx_least_conn(
             proxy_buffering off;{read_timeout}
         }}
     }}""",
+        worker_connections,
     )
     return procs.start(name, [nginx, "-c", str(conf), "-e", str(base / "error.log")], core)
 
@@ -218,7 +230,8 @@ def start_nginx_proxy(
 
 
 def start_llmbalancer(
-    procs: Processes, port: int, backend_port: int, core: int | None, name: str = "llmbalancer", tree: Path = ROOT
+    procs: Processes, port: int, backend_port: int, core: int | None, name: str = "llmbalancer", tree: Path = ROOT,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """``tree``: the checkout to run (``python -m`` imports the package from its working directory)."""
     # Default access logging stays on (one JSON line per request, to the log file): part of the real cost.
@@ -230,6 +243,7 @@ def start_llmbalancer(
         ],
         core,
         cwd=tree,
+        env={**os.environ, **env} if env else None,
     )
 
 

@@ -271,7 +271,15 @@ def report(setup: Setup, command: str) -> str:
         lines.append(f"- Added p50 latency, llmbalancer / nginx: {ours / ngx_added:.2f}x")
     our_cpu, their_cpu = median(_get(figures, LLMBALANCER).cpu_us_c64), median(_get(figures, SGLANG).cpu_us_c64)
     if our_cpu and their_cpu:
-        lines.append(f"- Proxy CPU per request at c64, llmbalancer / sglang-router: {our_cpu / their_cpu:.2f}x")
+        verdict = "met" if our_cpu <= their_cpu else "NOT met"
+        lines.append(
+            f"- Proxy CPU per request at c64, llmbalancer / sglang-router: {our_cpu / their_cpu:.2f}x"
+            f" (issue 16 target <= 1.0x: {verdict})"
+        )
+    if ours is not None and theirs is not None and theirs > 0:
+        verdict = "met" if ours <= 1.2 * theirs else "NOT met"
+        lines.append(f"- Added p50 latency at c1, llmbalancer / sglang-router: {ours / theirs:.2f}x (issue 16 target"
+                     f" <= 1.2x: {verdict})")
     our_chunks, their_chunks = median(_get(figures, LLMBALANCER).chunks_c64), median(_get(figures, SGLANG).chunks_c64)
     if our_chunks and their_chunks:
         lines.append(f"- Chunks/s at c64, llmbalancer / sglang-router: {our_chunks / their_chunks:.2f}")

@@ -236,3 +236,11 @@ async def test_a_usage_event_split_across_reads_is_cut_and_what_came_before_is_n
             assert received[0]["stream_options"] == {"include_usage": True}
             backend = balancer.components.registry.get("split")
             assert backend is not None and _tokens(backend) == (11, 2, 4)
+
+
+def test_usage_is_asked_for_without_re_encoding_the_body_when_it_has_no_stream_options() -> None:
+    data = b'{"model": "m", "stream": true, "messages": [{"role": "user", "content": "caf\xc3\xa9 \\u00e9"}]}'
+    parsed = json.loads(data)
+    sent = with_usage(InboundBody(data, None, parsed))
+    assert sent.data is not None and sent.data.endswith(data[1:])  # the client's bytes, as they were
+    assert json.loads(sent.data) == {**parsed, "stream_options": {"include_usage": True}} == sent.parsed

@@ -91,6 +91,9 @@ class ServerConfig(Section):
     body_timeout: Seconds = Field(
         60.0, ge=0.1, description="seconds a request body may make no progress (408); a slow steady upload goes on"
     )
+    relay: Literal["lean", "aiohttp"] = Field(
+        "lean", description="lean: generation requests relayed socket to socket; aiohttp: every request through aiohttp"
+    )
 
 
 class PolicyConfig(Section):

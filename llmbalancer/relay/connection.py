@@ -34,7 +34,9 @@ from llmbalancer import errors
 from llmbalancer.config import ServerConfig
 from llmbalancer.errors import ProxyError
 from llmbalancer.relay.access import Access, answer_unexpected
-from llmbalancer.relay.inbound import request_id
+from llmbalancer.relay.front import FrontConnection, Lean
+from llmbalancer.relay.inbound import LEAN_PATHS, request_id
+from llmbalancer.relay.proxy import Proxy
 
 log = structlog.get_logger("llmbalancer.connection")
 
@@ -52,7 +54,7 @@ class _Limits:
 class ClientConnection(RequestHandler):
     """aiohttp's per-connection protocol, with the head and body deadlines and JSON errors of this module."""
 
-    __slots__ = ("_body", "_deadline", "_limits", "_line", "_phase", "_progress", "_timer")
+    __slots__ = ("_body", "_deadline", "_limits", "_line", "_phase", "_progress", "_timer", "head_due")
 
     def __init__(self, manager: web.Server, limits: _Limits, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -63,11 +65,12 @@ class ClientConnection(RequestHandler):
         self._line: bytes | None = None  # a request line seen in part, until it is complete and checked
         self._body: Any = None  # the StreamReader of the request whose body is arriving
         self._progress = 0.0
+        self.head_due: float | None = None  # a connection handed over by the front: its first head's deadline
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._phase, self._line = _HEAD, b""  # a connection that sends nothing times out too
-        self._arm(self._loop.time() + self._limits.header_timeout)
+        self._arm(self.head_due or self._loop.time() + self._limits.header_timeout)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._timer is not None:
@@ -228,39 +231,82 @@ def _first_line(text: str | None) -> str:
 
 
 class _Server(web.Server):
-    def __init__(self, handler: Any, *, limits: _Limits, **kwargs: Any) -> None:
+    def __init__(self, handler: Any, *, limits: _Limits, lean: Lean | None, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._limits = limits
+        self._lean = lean
+        if lean is not None:
+            lean.hand_over = self._handed_over
 
-    def __call__(self) -> RequestHandler:
+    def __call__(self) -> asyncio.Protocol:  # type: ignore[override]  # the front, or aiohttp's own
+        if self._lean is not None:
+            return FrontConnection(self._lean)
         return ClientConnection(self, self._limits, loop=self._loop, **self._kwargs)
+
+    def _handed_over(self, head_due: float | None) -> asyncio.Protocol:
+        protocol = ClientConnection(self, self._limits, loop=self._loop, **self._kwargs)
+        protocol.head_due = head_due
+        return protocol
+
+    def pre_shutdown(self) -> None:
+        super().pre_shutdown()
+        if self._lean is not None:
+            for front in list(self._lean.fronts):
+                front.close()
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 - aiohttp's signature
+        lean = self._lean
+        fronts = list(lean.fronts) if lean is not None else []
+        await asyncio.gather(super().shutdown(timeout), *(front.shutdown(timeout) for front in fronts))
+        if lean is not None:
+            lean.close()
 
 
 class _AppRunner(web.AppRunner):
-    __slots__ = ("_limits",)
+    __slots__ = ("_config",)
 
-    def __init__(self, app: web.Application, limits: _Limits, **kwargs: Any) -> None:
+    def __init__(self, app: web.Application, config: ServerConfig, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
-        self._limits = limits
+        self._config = config
 
     async def _make_server(self) -> web.Server:
         # Starts the app and builds aiohttp's server for it; ours is the same but for its protocol class.
         plain = await super()._make_server()
+        config = self._config
         return _Server(
             plain.request_handler,
             request_factory=plain.request_factory,
             handler_cancellation=plain.handler_cancellation,
             loop=asyncio.get_running_loop(),
-            limits=self._limits,
+            limits=_Limits(config.header_timeout, config.body_timeout),
+            lean=_lean_for(self.app, config) if config.relay == "lean" else None,
             **plain._kwargs,
         )
+
+
+def _lean_for(app: web.Application, config: ServerConfig) -> Lean | None:
+    """The lean relay for ``app``: its proxy's catch-all route, less any hot path the app answers itself."""
+    proxy = None
+    claimed: set[str] = set()
+    for route in app.router.routes():
+        owner = getattr(route.handler, "__self__", None)
+        if isinstance(owner, Proxy) and getattr(route.handler, "__func__", None) is Proxy.handle:
+            proxy = owner
+        elif route.resource is not None and route.resource.canonical in LEAN_PATHS:
+            claimed.add(route.resource.canonical)
+    if proxy is None:
+        return None
+    return Lean(
+        proxy, LEAN_PATHS - claimed, header_timeout=config.header_timeout, body_timeout=config.body_timeout,
+        keepalive_timeout=config.keepalive_timeout, max_body=config.max_body_bytes,
+    )
 
 
 def app_runner(app: web.Application, server: ServerConfig, *, shutdown_timeout: float) -> web.AppRunner:
     """The runner ``serve`` (and the functional tests) serve the app with."""
     return _AppRunner(
         app,
-        _Limits(server.header_timeout, server.body_timeout),
+        server,
         # A client hanging up cancels its handler, which aborts the upstream request at once.
         handler_cancellation=True,
         access_log=None,  # the proxy logs one structured event per request

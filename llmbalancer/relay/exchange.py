@@ -10,7 +10,7 @@ Requests without an adapter (every OpenAI route) never reach this module's types
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import aiohttp
 from aiohttp import web
@@ -19,14 +19,7 @@ from llmbalancer.errors import ProxyError
 from llmbalancer.fleet.backend import Backend
 from llmbalancer.relay.access import Access
 from llmbalancer.relay.inbound import InboundBody
-
-
-class Relayed(NamedTuple):
-    """How relaying a response went: in full, broken off by the backend (why), or left by the client."""
-
-    response: web.StreamResponse
-    broken: str | None = None
-    client_left: bool = False
+from llmbalancer.relay.leg import Relayed
 
 
 class Exchange(Protocol):
@@ -56,7 +49,9 @@ class Exchange(Protocol):
         """The request headers to send, given those the proxy would forward."""
         ...
 
-    async def relay(self, request: web.Request, upstream: aiohttp.ClientResponse, access: Access) -> Relayed:
+    async def relay(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, access: Access
+    ) -> Relayed[web.StreamResponse]:
         """Answer the client from ``upstream``; fill ``access`` (status, ttfb, bytes, usage tail, error)."""
         ...
 

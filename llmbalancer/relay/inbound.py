@@ -22,6 +22,8 @@ _NATIVE_JSON_ROUTES = frozenset(
         "/tokenize", "/detokenize", "/rerank", "/reranking", "/apply-template",
     }
 )
+# The routes the lean relay (front.py) takes: the generation and embedding routes, OpenAI's and llama.cpp's.
+LEAN_PATHS = _NATIVE_JSON_ROUTES | {"/v1" + route for route in _NATIVE_JSON_ROUTES} | {"/v1/responses"}
 _STREAMED_CONTENT_TYPES = ("multipart/", "application/octet-stream", "audio/", "image/")
 _MAX_REQUEST_ID = 128
 _DECODED_ENCODINGS = frozenset({"gzip", "deflate", "br", "zstd"})  # aiohttp's HttpRequestParser, auto_decompress
@@ -30,7 +32,11 @@ _LONE_SURROGATE = "a string holds a lone UTF-16 surrogate"
 
 def request_id(request: web.BaseRequest) -> str:
     """The client's ``X-Request-ID`` when it is a sane one, else a new one."""
-    given = request.headers.get("X-Request-ID", "")
+    return choose_request_id(request.headers.get("X-Request-ID", ""))
+
+
+def choose_request_id(given: str) -> str:
+    """``given`` (a client's ``X-Request-ID``) when it is a sane one, else a new one."""
     if given and len(given) <= _MAX_REQUEST_ID and given.isprintable():
         return given
     # An identifier, not a secret: the Mersenne Twister's 128 bits, without secrets' urandom syscall.
@@ -183,18 +189,19 @@ def client_address(request: web.Request) -> str:
 
 
 def request_facts(request: web.Request, body: InboundBody) -> RequestFacts:
-    parsed = body.parsed
+    return facts_of(request.method, request.path, client_address(request), request.headers, body.parsed)
+
+
+def facts_of(
+    method: str, path: str, client: str, headers: Mapping[str, str], parsed: dict[str, Any] | None
+) -> RequestFacts:
     model = parsed.get("model") if parsed is not None else None
-    if model is None and parsed is not None and request.path == "/api/show":
+    if model is None and parsed is not None and path == "/api/show":
         model = parsed.get("name")  # Ollama's older field name, still accepted there
     if isinstance(model, str) and not model.isascii():
         _check_utf8(model)  # it goes on into logs, metric labels and prompt hashes, all UTF-8
     return RequestFacts(
-        method=request.method,
-        path=request.path,
-        client=client_address(request),
-        headers=request.headers,
-        model=model if isinstance(model, str) else None,
+        method=method, path=path, client=client, headers=headers, model=model if isinstance(model, str) else None,
         body=parsed,
     )
 

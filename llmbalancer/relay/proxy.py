@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -26,11 +27,15 @@ from llmbalancer.fleet.backend import Backend
 from llmbalancer.fleet.registry import Registry
 from llmbalancer.relay.access import Access, answer_unexpected
 from llmbalancer.relay.deadlines import Deadlines
-from llmbalancer.relay.exchange import Adapter, Exchange, Relayed
+from llmbalancer.relay.exchange import Adapter, Exchange
 from llmbalancer.relay.http_headers import downstream_response_headers, upstream_request_headers
 from llmbalancer.relay.inbound import InboundBody, origin_form, read_body, request_facts, with_model
 from llmbalancer.relay.inbound import request_id as _request_id
-from llmbalancer.relay.upstream_words import broke_off
+from llmbalancer.relay.leg import AttemptFailed, Leg, Relayed
+from llmbalancer.relay.quirks import drops_connections_reused_after_a_stream
+from llmbalancer.relay.sweep import Sweep
+from llmbalancer.relay.upstream import UpstreamPool
+from llmbalancer.relay.upstream_words import broke_off, describe
 from llmbalancer.relay.usage_chunk import UsageCut, asks_usage_of, cut_whole, wants_usage, with_usage
 from llmbalancer.scheduling.claims import Claim
 from llmbalancer.scheduling.dispatch import Dispatcher
@@ -43,6 +48,9 @@ CLIENT_CLOSED = 499  # nginx's convention, for the access log only
 _WHOLE_BODY_MAX = 65536  # a reply up to this size that arrived with its headers is relayed in one write
 
 
+R = TypeVar("R")
+
+
 class _ClientStopped(Exception):
     """Writing to the client failed or stalled: the client's doing, not the backend's."""
 
@@ -51,15 +59,30 @@ class _ClientStopped(Exception):
         self.code = code
 
 
-_Relayed = Relayed
+class _AiohttpLeg:
+    """The leg of requests aiohttp's server parsed: aiohttp's client, aiohttp's response writer. With an
+    adapter (relay/exchange.py: Ollama's API over other backends), each attempt asks it what to send."""
 
+    __slots__ = ("_adapter", "_proxy", "_request", "_request_id")
 
-class _AttemptFailed(Exception):
-    def __init__(self, reason: str, *, unreachable: bool, body_sent: bool) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.unreachable = unreachable
-        self.body_sent = body_sent
+    def __init__(self, proxy: Proxy, request: web.Request, request_id: str, adapter: Adapter | None) -> None:
+        self._proxy = proxy
+        self._request = request
+        self._request_id = request_id
+        self._adapter = adapter
+
+    def open(self, backend: Backend, body: InboundBody, close: bool) -> Awaitable[aiohttp.ClientResponse]:
+        if self._adapter is not None:
+            return self._proxy._open_adapted(self._request, backend, body, self._request_id, self._adapter, close)
+        return self._proxy._open(self._request, backend, body, self._request_id, close)
+
+    def relay(
+        self, upstream: aiohttp.ClientResponse, access: Access, cut_usage: bool, backend: Backend
+    ) -> Awaitable[Relayed[web.StreamResponse]]:
+        exchange = self._adapter.exchange_for(backend) if self._adapter is not None else None
+        if exchange is not None:  # the adapter's hook: it relays its own exchange's answer
+            return exchange.relay(self._request, upstream, access)
+        return self._proxy._relay(self._request, upstream, access, cut_usage)
 
 
 class Proxy:
@@ -70,6 +93,10 @@ class Proxy:
         # One sweep for every request's first-byte deadline instead of a timer each; 1 % late at most.
         self._first_byte = Deadlines(resolution=min(1.0, self._first_byte_timeout / 100))
         self.session: aiohttp.ClientSession | None = None
+        # The lean relay's (relay/lean.py): kept-alive backend connections, and one sweep for every stream's
+        # idle timeout, 1 % late at most.
+        self.pool = UpstreamPool(config.timeouts.connect)
+        self.streams = Sweep(min(1.0, self._idle_timeout / 100))
         # Called once per finished request (metrics, the monitor's recent requests); must be cheap.
         self.on_complete: list[Callable[[Access], None]] = []
         # A hung server accepts connections and answers nothing: once its health checks fail, the
@@ -85,6 +112,19 @@ class Proxy:
         self._idle_timeout = config.timeouts.idle
         self._connect_timeout = config.timeouts.connect
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout)
+
+    @property
+    def first_byte(self) -> tuple[Deadlines, float]:
+        """The first-byte deadlines and their timeout, for a leg's ``open``."""
+        return self._first_byte, self._first_byte_timeout
+
+    @property
+    def idle_timeout(self) -> float:
+        return self._idle_timeout
+
+    def close_lean(self) -> None:
+        self.pool.close()
+        self.streams.close()
 
     def open_session(self) -> aiohttp.ClientSession:
         connector = aiohttp.TCPConnector(
@@ -105,14 +145,15 @@ class Proxy:
         return self.session
 
     async def handle(self, request: web.Request, adapter: Adapter | None = None) -> web.StreamResponse:
-        """Proxy one request; ``adapter``: the hook of routes that may not be forwarded as they are
-        (relay/exchange.py; Ollama's API, from web/ollama.py). Without one, requests go as they came."""
+        """Proxy one request aiohttp parsed; ``adapter``: the hook of routes that may not be forwarded as they
+        are (relay/exchange.py; Ollama's API, from web/ollama.py). Without one, requests go as they came."""
         access = Access(_request_id(request), request.method, request.path, time.monotonic())
         try:
             body = await read_body(request, self._max_body)
             facts = request_facts(request, body)
             access.model = facts.model
-            return await self._forward(request, body, facts, access, adapter)
+            leg = _AiohttpLeg(self, request, access.request_id, adapter)
+            return await self.forward(leg, body, facts, access)
         except ProxyError as error:
             access.status = error.status
             access.error = error.code
@@ -126,28 +167,30 @@ class Proxy:
         except Exception:
             return answer_unexpected(request, access)
         finally:
-            access.emit()
-            for observer in self.on_complete:
-                observer(access)
+            self.completed(access)
 
-    async def _forward(
-        self, request: web.Request, body: InboundBody, facts: RequestFacts, access: Access, adapter: Adapter | None
-    ) -> web.StreamResponse:
+    def completed(self, access: Access) -> None:
+        """The request is over: its one access event, and the observers told."""
+        access.emit()
+        for observer in self.on_complete:
+            observer(access)
+
+    async def forward(self, leg: Leg[Any, R], body: InboundBody, facts: RequestFacts, access: Access) -> R:
+        """Claim a backend, open the request on it through ``leg``, retry what may be retried, relay the
+        answer and record the outcome on the claim; the leg's response."""
         excluded: list[Backend] = []
         last_error = ""
         # A streamed OpenAI completion without usage: asked of the backends that report it nowhere else.
         ask_usage = wants_usage(facts.path, body.parsed)
         streamed = body.parsed is not None and body.parsed.get("stream") is True
 
-        def opener(backend: Backend) -> Awaitable[aiohttp.ClientResponse]:
+        def opener(backend: Backend) -> Awaitable[Any]:
             # The body names the model as this backend knows it (an instance alias, say).
             sent = with_model(body, self._dispatcher.routing.rename_for(facts, backend))
-            if adapter is not None:  # the adapter's hook (relay/exchange.py)
-                return self._open_adapted(request, backend, sent, access.request_id, adapter, streamed)
             if ask_usage and asks_usage_of(backend):
                 sent = with_usage(sent)
             close = streamed and drops_connections_reused_after_a_stream(backend)
-            return self._open(request, backend, sent, access.request_id, close)
+            return leg.open(backend, sent, close)
 
         dropped_once = False
         limit = self._attempts
@@ -159,7 +202,7 @@ class Proxy:
                 try:
                     # Racing (off unless configured) may hand back another racer's claim: the winner's.
                     claim, upstream = await self._racing.open(claim, facts, excluded, body.replayable, opener)
-                except _AttemptFailed as failure:
+                except AttemptFailed as failure:
                     backend = claim.backend
                     last_error = f"{backend.name}: {failure.reason}"
                     access.attempt_failed(last_error)
@@ -197,11 +240,7 @@ class Proxy:
                         claim.failed(f"HTTP {upstream.status}")
                         excluded.append(backend)
                         continue
-                    exchange = adapter.exchange_for(backend) if adapter is not None else None
-                    if exchange is not None:  # the adapter's hook: it relays its own exchange's answer
-                        relayed = await exchange.relay(request, upstream, access)
-                    else:
-                        relayed = await self._relay(request, upstream, access, ask_usage and asks_usage_of(backend))
+                    relayed = await leg.relay(upstream, access, ask_usage and asks_usage_of(backend), backend)
                 finally:
                     upstream.close()
                 if relayed.client_left:
@@ -236,14 +275,13 @@ class Proxy:
 
     async def _open_adapted(
         self, request: web.Request, backend: Backend, body: InboundBody, request_id: str, adapter: Adapter,
-        streamed: bool,
+        close: bool,
     ) -> aiohttp.ClientResponse:
         """Open the request the adapter makes of ``body`` for ``backend``, or ``body`` itself when it makes none.
         The adapter may refuse (``ProxyError``): it is asked here, in the attempt's coroutine, so a refusal never
         escapes an opener while racing starts several (and holds their claims)."""
         exchange = adapter.exchange(backend, body)
         if exchange is None:
-            close = streamed and drops_connections_reused_after_a_stream(backend)
             return await self._open(request, backend, body, request_id, close)
         close = exchange.streamed and drops_connections_reused_after_a_stream(backend)
         return await self._open(request, backend, exchange.body, request_id, close, exchange)
@@ -253,7 +291,7 @@ class Proxy:
         exchange: Exchange | None = None,
     ) -> aiohttp.ClientResponse:
         """Send the request; ``close``: ask the backend to close the connection after answering (never pooled);
-        ``exchange``: the adapter's path and headers instead of the client's."""
+        ``exchange``: the adapter's method, path and headers instead of the client's."""
         assert self.session is not None
         headers = upstream_request_headers(
             request.headers,
@@ -277,23 +315,23 @@ class Proxy:
                     method, url, headers=headers, data=data, allow_redirects=False, timeout=self._timeout
                 )
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
-            raise _AttemptFailed(_describe(exc), unreachable=True, body_sent=False) from exc
+            raise AttemptFailed(describe(exc), unreachable=True, body_sent=False) from exc
         except aiohttp.ClientError as exc:
             # The client's own streamed body can fail while we send it (over the size limit); aiohttp
             # wraps that as a connection error, but it is the client's fault, not the backend's.
             if isinstance(exc.__cause__, ProxyError):
                 raise exc.__cause__ from None
-            raise _AttemptFailed(_describe(exc), unreachable=False, body_sent=True) from exc
+            raise AttemptFailed(describe(exc), unreachable=False, body_sent=True) from exc
         except TimeoutError:  # after aiohttp's: its connect timeout is a TimeoutError too
             if backend.routable:
                 raise  # first_byte spent on a backend that still answers its health checks: 504
-            raise _AttemptFailed(
+            raise AttemptFailed(
                 f"{backend.state.value} before it answered (health checks failing)", unreachable=True, body_sent=True
             ) from None
 
     async def _relay(
         self, request: web.Request, upstream: aiohttp.ClientResponse, access: Access, cut_usage: bool = False
-    ) -> _Relayed:
+    ) -> Relayed[web.StreamResponse]:
         """Relay the response; ``cut_usage``: drop the usage event the balancer asked for (usage_chunk.py)."""
         whole = usage_tail = _whole_body(upstream)
         cut_usage = cut_usage and upstream.content_type == "text/event-stream"
@@ -319,18 +357,18 @@ class Proxy:
                 await response.write_eof()
                 access.bytes = len(whole)
                 access.usage_tail = usage_tail or whole
-                return _Relayed(response)
+                return Relayed(response)
             broken = await self._pump(upstream, response, access, UsageCut(response.write) if cut_usage else None)
             if broken is None:
                 await response.write_eof()
-                return _Relayed(response)
+                return Relayed(response)
         except (_ClientStopped, ConnectionResetError) as stopped:
             # Closing here (and the upstream in _forward) frees the backend's slot.
             access.error = stopped.code if isinstance(stopped, _ClientStopped) else "client_closed"
             response.force_close()
             if request.transport is not None:
                 request.transport.close()
-            return _Relayed(response, client_left=True)
+            return Relayed(response, client_left=True)
 
         access.error = "upstream_stream_broken"
         if upstream.content_type == "text/event-stream" and response.headers.get("Transfer-Encoding") == "chunked":
@@ -345,7 +383,7 @@ class Proxy:
             response.force_close()
             if request.transport is not None:
                 request.transport.close()
-        return _Relayed(response, broken=broken)
+        return Relayed(response, broken=broken)
 
     async def _pump(
         self, upstream: aiohttp.ClientResponse, response: web.StreamResponse, access: Access, cut: UsageCut | None
@@ -400,26 +438,9 @@ class Proxy:
         return None
 
 
-def drops_connections_reused_after_a_stream(backend: Backend) -> bool:
-    """llama.cpp's server (measured on the llama-server of llama-cpp-python 0.3.36) drops a kept-alive
-    connection when the next request arrives within a few milliseconds of the end of a *streamed* response:
-    2 of 30 back-to-back reuses answered nothing ("Server disconnected"), none with a 10 ms gap, none after
-    a non-streamed response. A balancer hands a just-freed slot's connection to the next queued request at
-    once, so under load that race is the common case; streamed requests to these servers are therefore
-    sent with ``Connection: close`` (a connect per stream, and no idle connection holding one of the
-    server's few HTTP threads, ``--threads-http``, for its 5 s keep-alive)."""
-    kind = backend.kind
-    return kind in ("llamacpp", "llamafile") or (kind == "auto" and backend.health.detected_kind is None)
-
-
 def _whole_body(upstream: aiohttp.ClientResponse) -> bytes | None:
     """The body when it came whole with the headers (the usual non-streamed reply), else None."""
     length = upstream.content_length
     if length is None or length > _WHOLE_BODY_MAX or not upstream.content.is_eof():
         return None
     return upstream.content.read_nowait()
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."

@@ -23,3 +23,21 @@ def broke_off(exc: BaseException, received: int) -> str:
         return f"the connection to the backend failed {after} ({exc.strerror.lower()})"
     text = str(exc) or type(exc).__name__
     return f"{text if len(text) <= 120 else text[:117] + '...'} ({after})"
+
+
+def lost_after(exc: BaseException | None, received: int) -> str:
+    """Why a body stopped after ``received`` bytes, its connection lost (``exc``: the transport's reason)."""
+    after = f"after {received} bytes"
+    if exc is None:
+        return f"the backend closed the connection {after}"
+    if isinstance(exc, ConnectionResetError):
+        return f"the connection to the backend was reset {after}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"the connection to the backend failed {after} ({exc.strerror.lower()})"
+    text = str(exc) or type(exc).__name__
+    return f"{text if len(text) <= 120 else text[:117] + '...'} ({after})"
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -47,6 +47,11 @@ def asks_usage_of(backend: Backend) -> bool:
 def with_usage(body: InboundBody) -> InboundBody:
     """``body`` with ``stream_options.include_usage: true`` (other stream options kept)."""
     assert body.parsed is not None
+    data = body.data
+    if "stream_options" not in body.parsed and data is not None and data.startswith(b"{") and body.parsed:
+        # The usual case: the option goes in front of the object's members, and nothing is re-encoded.
+        edited: dict[str, Any] = {"stream_options": {"include_usage": True}, **body.parsed}
+        return InboundBody(b'{"stream_options":{"include_usage":true},' + data[1:], None, edited)
     options = body.parsed.get("stream_options")
     merged = {**options, "include_usage": True} if isinstance(options, dict) else {"include_usage": True}
     parsed: dict[str, Any] = {**body.parsed, "stream_options": merged}
@@ -96,20 +101,26 @@ def cut_whole(body: bytes) -> bytes:
 
 
 class UsageCut:
-    """Relays an SSE body through ``write``, less the usage event, which it keeps in ``usage``."""
+    """Relays an SSE body less the usage event, which it keeps in ``usage``: through ``write`` (awaited), or
+    as ``feed``/``flush`` for a caller that writes what they return itself (the lean relay)."""
 
     __slots__ = ("_carry", "_write", "cut_bytes", "usage")
 
-    def __init__(self, write: Callable[[bytes], Awaitable[None]]) -> None:
+    def __init__(self, write: Callable[[bytes], Awaitable[None]] | None = None) -> None:
         self._write = write
         self._carry = b""
         self.usage = b""  # the cut event, for the usage reader
         self.cut_bytes = 0
 
-    async def write(self, chunk: bytes) -> None:
+    @property
+    def holding(self) -> bool:
+        """Whether part of an event is held back, waiting for its end."""
+        return bool(self._carry)
+
+    def feed(self, chunk: bytes) -> bytes:
+        """What of the body so far may leave now: complete events, less the usage event."""
         if self.usage:
-            await self._write(chunk)  # cut already: the rest ([DONE]) passes as it comes
-            return
+            return chunk  # cut already: the rest ([DONE]) passes as it comes
         data = self._carry + chunk if self._carry else chunk
         if data.endswith((b"\n\n", b"\r\n\r\n")):
             ready, self._carry = data, b""
@@ -119,18 +130,27 @@ class UsageCut:
             if len(self._carry) > _MAX_CARRY:
                 ready, self._carry = data, b""
         if b"[]" not in ready:  # one scan rules out the usual content chunk
-            if ready:
-                await self._write(ready)
-            return
+            return ready
         out, self.usage = split_usage(ready)
         if self.usage:  # cut: from here on nothing is held back
             self.cut_bytes = len(self.usage)
             out, self._carry = out + self._carry, b""
+        return out
+
+    def flush(self) -> bytes:
+        """The body ended: a held, never completed event, as it came."""
+        carry, self._carry = self._carry, b""
+        return carry
+
+    async def write(self, chunk: bytes) -> None:
+        assert self._write is not None
+        out = self.feed(chunk)
         if out:
             await self._write(out)
 
     async def finish(self) -> None:
         """The body ended: relay a held, never completed event as it came."""
-        if self._carry:
-            carry, self._carry = self._carry, b""
+        assert self._write is not None
+        carry = self.flush()
+        if carry:
             await self._write(carry)

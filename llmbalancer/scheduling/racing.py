@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Collection
+from typing import Protocol, TypeVar
 
-import aiohttp
 import structlog
 
 from llmbalancer.fleet.backend import Backend
@@ -28,7 +28,17 @@ from llmbalancer.scheduling.selectors import RequestFacts
 
 log = structlog.get_logger("llmbalancer.scheduling.racing")
 
-Opener = Callable[[Backend], Awaitable[aiohttp.ClientResponse]]
+
+
+class Answer(Protocol):
+    """A backend's response head, as the relay's leg opened it (aiohttp's, or the lean relay's)."""
+
+    @property
+    def status(self) -> int: ...
+    def close(self) -> None: ...
+
+
+A = TypeVar("A", bound=Answer)
 _RETRYABLE = 500
 
 
@@ -37,8 +47,9 @@ class Racing:
         self._dispatcher = dispatcher
 
     async def open(
-        self, primary: Claim, facts: RequestFacts, excluded: Collection[Backend], replayable: bool, opener: Opener
-    ) -> tuple[Claim, aiohttp.ClientResponse]:
+        self, primary: Claim, facts: RequestFacts, excluded: Collection[Backend], replayable: bool,
+        opener: Callable[[Backend], Awaitable[A]],
+    ) -> tuple[Claim, A]:
         """The claim and response of the backend that answered first (``primary`` alone when not racing)."""
         racers = self._dispatcher.routing.race_for(facts) if replayable else 1
         extras = self._extra_claims(racers - 1, primary, facts, excluded) if racers > 1 else []
@@ -66,8 +77,8 @@ class Racing:
         return claims
 
 
-async def _first_answer(claims: list[Claim], opener: Opener) -> tuple[Claim, aiohttp.ClientResponse]:
-    tasks: list[asyncio.Future[aiohttp.ClientResponse]] = [asyncio.ensure_future(opener(c.backend)) for c in claims]
+async def _first_answer(claims: list[Claim], opener: Callable[[Backend], Awaitable[A]]) -> tuple[Claim, A]:
+    tasks: list[asyncio.Future[A]] = [asyncio.ensure_future(opener(c.backend)) for c in claims]
     winner: int | None = None
     try:
         pending = set(tasks)
