@@ -71,14 +71,19 @@ class _Histogram:
         return out
 
 
+# Names found served by no backend, remembered so that their next request costs a set lookup too.
+MAX_UNSERVED_NAMES = 1024
+
+
 class ModelLabels:
     """The ``model`` label of a request: its model when a backend serves it (declared ``models`` or discovered
     ``served_models``, instance aliases and Ollama's ``:latest`` as model routing reads them) or when a
     ``routing.models`` pattern names it (the first ``MAX_ROUTED_LABELS`` such names, each at most
     ``MAX_TEXT`` characters); else ``other``.
 
-    Per request: a set lookup. The served set is filled as names are asked for and emptied when the
-    registry's ``models_version`` moves (membership or a model list changed)."""
+    Per request: a set lookup. The served set and the set of names found unserved (bounded) are filled as
+    names are asked for and emptied when the registry's ``models_version`` moves (membership or a model
+    list changed) or a reload replaces the routes."""
 
     def __init__(self, registry: Registry, routing: ModelRouter | None = None) -> None:
         self._registry = registry
@@ -86,16 +91,20 @@ class ModelLabels:
         self._version = -1
         self._served: set[str] = set()
         self._routed: set[str] = set()
+        self._unserved: set[str] = set()  # "other", known without a pass over the backends
+        self._routing_seen = routing
 
     def __call__(self, model: str | None) -> str:
         if not model:
             return ""
         version = self._registry.models_version
-        if version != self._version:
-            self._version = version
-            self._served = set()
+        if version != self._version or self.routing is not self._routing_seen:
+            self._version, self._routing_seen = version, self.routing
+            self._served, self._unserved = set(), set()
         if model in self._served or model in self._routed:
             return model
+        if model in self._unserved:
+            return OTHER_MODEL
         if any(instances(model, served_names(b)) for b in self._registry):
             self._served.add(model)  # bounded: a few spellings of each name served
             return model
@@ -106,6 +115,10 @@ class ModelLabels:
         ):
             self._routed.add(model)
             return model
+        if len(model) <= MAX_TEXT:
+            if len(self._unserved) >= MAX_UNSERVED_NAMES:
+                self._unserved.clear()  # invented names must not grow it without bound
+            self._unserved.add(model)
         return OTHER_MODEL
 
 
