@@ -8,7 +8,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from llmbalancer.relay.access import MAX_TEXT, clip
-from llmbalancer.relay.proxy import Access
+from llmbalancer.relay.access import Access
 
 
 @dataclass(frozen=True, slots=True)
