@@ -7,8 +7,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from llmbalancer.relay.access import MAX_TEXT, clip
-from llmbalancer.relay.access import Access
+from llmbalancer.relay.access import MAX_TEXT, Access, clip
 
 
 @dataclass(frozen=True, slots=True)
