@@ -8,6 +8,10 @@ One exception, asked of the policy once per request (``Selector.hold_for``): a c
 a full backend worth waiting for (it holds the request's prompt prefix). The request then waits in the
 queue for that backend only, for at most the wait the policy gave, letting the waiters behind it take
 other servers, and afterwards takes any free backend like everyone else.
+
+Replicas sharing state (``ledger``, a ``claims.SlotLedger``): a claim made here is then admitted against
+the fleet-wide count. Refused (another replica took the last slot first, and the ledger's answer now
+shows the backend full here), it is given back and the request placed again, the queue included.
 """
 
 from __future__ import annotations
@@ -22,9 +26,13 @@ from llmbalancer.fleet.backend import Backend, BackendState
 from llmbalancer.fleet.capacity import has_room
 from llmbalancer.fleet.registry import Registry
 from llmbalancer.scheduling.admission import AdmissionQueue, priority_of
-from llmbalancer.scheduling.claims import Claim, claim_one
+from llmbalancer.scheduling.claims import Claim, SlotLedger, claim_one
 from llmbalancer.scheduling.model_routing import ModelRouter
 from llmbalancer.scheduling.selectors import Hold, RequestFacts, Selector
+
+# Placements refused by the shared ledger in a row before the local decision stands (each refusal shows the
+# backend full here, so a second one in a row is already rare).
+_MAX_REFUSALS = 8
 
 
 class Dispatcher:
@@ -40,6 +48,7 @@ class Dispatcher:
         # Scale from zero: a request finding no backend at all waits for one to register (up to the timeout).
         self.wait_for_backends = bool(queue.wait_for_backends)
         registry.on_removed.append(lambda backend: self.selector.forget(backend.name))
+        self.ledger: SlotLedger | None = None  # set when replicas share state (app.py)
 
     @property
     def queue_depth(self) -> int:
@@ -60,6 +69,23 @@ class Dispatcher:
 
     async def claim(self, facts: RequestFacts, excluded: Collection[Backend] = ()) -> Claim:
         """A claim on the chosen backend; the caller must release it (``with`` or ``finally``)."""
+        claim = await self._claim(facts, excluded)
+        ledger = self.ledger
+        if ledger is None:
+            return claim
+        for _ in range(_MAX_REFUSALS):
+            try:
+                admitted = await ledger.admit(claim.backend)
+            except BaseException:  # cancelled (the client left) while asking: the slot is given back here
+                claim.abandoned()
+                raise
+            if admitted:
+                return claim
+            claim.abandoned()
+            claim = await self._claim(facts, excluded)
+        return claim
+
+    async def _claim(self, facts: RequestFacts, excluded: Collection[Backend]) -> Claim:
         # Only backends that serve the request's model are candidates (unknown model: 404 here).
         # A retry (some backend already excluded) has had its turn: it may take any free slot at once
         # and never blocks the queue's head on a backend it may not use.
@@ -113,7 +139,7 @@ class Dispatcher:
         eligible = self.eligible(excluded)
         if only is not None:
             eligible = [b for b in eligible if b is only]
-        return claim_one(self.registry, self.selector, eligible, facts)
+        return claim_one(self.registry, self.selector, eligible, facts, self.ledger)
 
     def _fail_if_hopeless(self, excluded: Collection[Backend]) -> None:
         """No backend healthy and none starting: 503 at once; a dead fleet does not hold requests (unless
