@@ -154,6 +154,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--commands", metavar="FILE", help="llamafile_commands.txt-style file of servers to launch")
     serve.add_argument("--policy", help=f"routing policy: {', '.join(POLICIES)}; sticky:INNER wraps another")
+    serve.add_argument(
+        "--state", metavar="URL",
+        help="redis://HOST:PORT/DB shared by this balancer's replicas (README 'Several replicas'); default: none",
+    )
     serve.add_argument("--log-format", choices=LOG_FORMATS)
     serve.add_argument("--log-level", choices=LOG_LEVELS)
 
@@ -191,6 +195,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "server_list": args.server_list,
         "supervisor.commands_file": args.commands,
         "policy.name": args.policy,
+        "state.url": args.state,
         "logging.format": args.log_format,
         "logging.level": args.log_level,
     }

@@ -3,10 +3,11 @@ balancer's own routes (``web``) reach the parts they need through it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from llmbalancer.config import Config
+from llmbalancer.counters import Counters, LocalCounters
 from llmbalancer.fleet.agents import Agents
 from llmbalancer.fleet.dns_discovery import DnsDiscovery
 from llmbalancer.fleet.health_poller import HealthPoller
@@ -19,6 +20,7 @@ from llmbalancer.relay.proxy import Proxy
 from llmbalancer.reloading import Reloader
 from llmbalancer.scheduling.dispatch import Dispatcher
 from llmbalancer.service import Service
+from llmbalancer.state import Replicas
 from llmbalancer.supervisor.instances import Supervisor
 
 
@@ -39,6 +41,10 @@ class Components:
     discovery: DnsDiscovery
     supervisor: Supervisor | None = None
     reloader: Reloader | None = None
+    # Replicas sharing state (``state.url``), or None: one process, everything in memory.
+    replicas: Replicas | None = None
+    # Counts per key and window (the API keys' limits): in Redis with replicas, else in memory.
+    counters: Counters = field(default_factory=LocalCounters)
 
     def snapshot(self) -> dict[str, Any]:
         """The monitor's one document (``GET /llmhealth-snapshot``), as things are now."""
@@ -50,4 +56,5 @@ class Components:
             supervisor=self.supervisor,
             recent=self.recent,
             gpu=self.gpu,
+            replicas=self.replicas.describe() if self.replicas is not None else None,
         )

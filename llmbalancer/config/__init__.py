@@ -36,10 +36,12 @@ from llmbalancer.config.schema import (
     RetryConfig,
     RoutingConfig,
     ServerConfig,
+    StateConfig,
     SupervisorConfig,
     TimeoutsConfig,
     default_backend_name,
     http_url,
+    masked_url,
     parse_backend_spec,
 )
 
@@ -71,6 +73,7 @@ __all__ = [
     "RetryConfig",
     "RoutingConfig",
     "ServerConfig",
+    "StateConfig",
     "SupervisorConfig",
     "TimeoutsConfig",
     "build_config",
@@ -79,6 +82,7 @@ __all__ = [
     "fleet_sources",
     "http_url",
     "load_yaml",
+    "masked_url",
     "parse_backend_spec",
     "read_backends_file",
     "without_settings",

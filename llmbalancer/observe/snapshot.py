@@ -12,13 +12,15 @@ Sources:
 - the admission queue (``depth()``, ``depths()``, ``max_size``, ``timeout``);
 - sticky sessions: ``entries_count()`` on the selector;
 - supervised instances: ``Supervisor.describe()`` (a list of dicts with ``name``, ``pid``, ``state``,
-  ``restarts``, ``log_path``).
+  ``restarts``, ``log_path``);
+- replicas sharing state: ``state.Replicas.describe()`` (``replica``, ``replicas``, ``state_store``), passed
+  in as plain data; all three ``null`` for a balancer on its own.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from llmbalancer.fleet.backend import Backend
@@ -35,7 +37,7 @@ BACKEND_FIELDS = (
     "slots_busy", "slots_total", "max_concurrency", "in_flight", "queue_depth",
     "circuit_state", "health_score", "models", "last_error", "requests_total", "errors_total",
     "latency_avg_s", "ttft_avg_s", "prompt_tokens_total", "completion_tokens_total", "cached_tokens_total",
-    "gpu_busy", "deferred", "source",
+    "gpu_busy", "deferred", "source", "in_flight_elsewhere",
 )
 REQUEST_FIELDS = (
     "time", "request_id", "method", "path", "model", "backend", "status", "attempts",
@@ -43,6 +45,7 @@ REQUEST_FIELDS = (
 )
 TOP_LEVEL_FIELDS = (
     "schema_version", "time", "policy", "backends", "instances", "sticky_entries", "queue", "requests", "gpu",
+    "replica", "replicas", "state_store",
 )
 
 
@@ -76,6 +79,7 @@ def describe_backend(backend: Backend) -> dict[str, Any]:
         "gpu_busy": backend.health.gpu_busy,
         "deferred": backend.health.deferred,
         "source": backend.source,
+        "in_flight_elsewhere": backend.in_flight_elsewhere,
     }
 
 
@@ -113,6 +117,7 @@ def build_snapshot(
     supervisor: Supervisor | None,
     recent: RecentRequests,
     gpu: GpuSampler,
+    replicas: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
@@ -126,6 +131,9 @@ def build_snapshot(
         "queue": describe_queue(admission),
         "requests": [request.describe() for request in recent.newest_first()],
         "gpu": describe_gpu(gpu),
+        "replica": replicas["replica"] if replicas else None,
+        "replicas": replicas["replicas"] if replicas else None,
+        "state_store": replicas["state_store"] if replicas else None,
     }
 
 
