@@ -59,6 +59,7 @@ examples:
   llmbalancer serve --commands llamafile_commands.txt --port 8080
   llmbalancer serve --config llmbalancer.yaml --policy sticky:prefix --log-format json
   LLMBALANCER_BACKENDS=http://10.0.0.5:8080 llmbalancer serve
+  llmbalancer serve --config fleet.yaml --state redis://10.0.0.2:6379/0   # one of several replicas
 
 config.example.yaml documents every configuration key; LLMBALANCER_<SECTION>__<KEY> sets any of them."""
 

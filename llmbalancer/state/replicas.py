@@ -9,7 +9,7 @@ Three loops, one service (``run``):
   the fleet merged, counters added) before the store is up again;
 - the events reader: ``XREAD`` on the ``{prefix}:events`` stream (``s`` slot counts, ``f`` fleet records,
   ``a`` agents' heartbeats, ``m`` policy memories), each applied where it belongs; on (re)connecting it
-  first replays what it missed (memories and records; counts and heartbeats only live).
+  first replays what it missed (memories and records; counts and heartbeats only within the lease).
 
 On a clean stop the replica leaves: its entry and slot hash are deleted (a killed one's expire).
 """
@@ -80,6 +80,7 @@ class Replicas:
         self._info = json.dumps({"address": self.address, "started": self.started, "pid": os.getpid()})
         self._seen: list[dict[str, Any]] = []  # every replica, as of the last heartbeat
         self._last_id: bytes | None = None  # the last event read
+        self._clock_offset_ms = 0  # Redis's clock less ours
         self._said_unreachable = False
         store.on_down.append(self.ledger.forget_all)
         self.memory.adopt(dispatcher.selector)
@@ -152,6 +153,7 @@ class Replicas:
 
     def _heard_heartbeat(self, result: list[Any]) -> None:
         now_ms = int(result[0])
+        self._clock_offset_ms = now_ms - int(time.time() * 1000)
         seen: list[dict[str, Any]] = []
         live: dict[str, dict[str, int]] = {}
         for i in range(1, len(result) - 2, 3):
@@ -193,11 +195,10 @@ class Replicas:
         newest: Any = await client.xrevrange(stream, count=1)
         if newest:
             head = newest[0][0]
-            low = b"(" + self._last_id if self._last_id else f"{int((time.time() - REPLAY_S) * 1000)}-0".encode()
+            low = b"(" + self._last_id if self._last_id else f"{self._redis_ms() - int(REPLAY_S * 1000)}-0".encode()
             missed: Any = await client.xrevrange(stream, max=head, min=low, count=_REPLAY_MAX)
-            head_ms = _ms(head)
             for entry_id, fields in reversed(missed):
-                self._heard(fields, (head_ms - _ms(entry_id)) / 1000, live=False)
+                self._heard(entry_id, fields)
             self._last_id = head
         last = self._last_id or b"0-0"
         while self.store.up:
@@ -205,21 +206,28 @@ class Replicas:
             for _stream, entries in reply or ():
                 for entry_id, fields in entries:
                     last = entry_id
-                    self._heard(fields, 0.0, live=True)
+                    self._heard(entry_id, fields)
             self._last_id = last
 
-    def _heard(self, fields: Mapping[bytes, bytes], age_s: float, live: bool) -> None:
+    def _redis_ms(self) -> int:
+        """Now on Redis's clock (which names the events), as of the last heartbeat's reading of it."""
+        return int(time.time() * 1000) + self._clock_offset_ms
+
+    def _heard(self, entry_id: bytes, fields: Mapping[bytes, bytes]) -> None:
         origin = fields.get(b"o")
         if origin is None or origin.decode(errors="replace") == self.id:
             return
         kind, data = fields.get(b"t"), fields.get(b"d", b"")
         try:
-            if kind == b"s" and live:
+            age_s = max(0.0, (self._redis_ms() - _ms(entry_id)) / 1000)
+            # Counts and heartbeats matter only while fresh (a heartbeat brings the counts whole anyway).
+            fresh = age_s <= self._lease_s
+            if kind == b"s" and fresh:
                 backend, _, count = data.partition(b"\n")
                 self.ledger.heard_event(origin.decode(), backend.decode(), int(count))
             elif kind == b"f":
                 self.fleet.heard_record(data)
-            elif kind == b"a" and live:
+            elif kind == b"a" and fresh:
                 self.fleet.heard_agent(data)
             elif kind == b"m":
                 self.memory.heard(fields, age_s)
