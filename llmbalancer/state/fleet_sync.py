@@ -118,7 +118,7 @@ class FleetSync:
         keys, maxlen, me = self._store.keys, self._maxlen, self._me
 
         def build(pipe: Pipeline) -> int:
-            pipe.evalsha(SHA["fleet_put"], 2, keys.fleet, keys.events, record.name, record.json(), record.at,
+            pipe.evalsha(SHA["fleet_put"], 2, keys.fleet, keys.events(me), record.name, record.json(), record.at,
                          record.by, me, maxlen)
             return 1
 
@@ -127,8 +127,8 @@ class FleetSync:
     def _heard_here(self, name: str, beat: Heartbeat | None) -> None:
         payload = json.dumps({"name": name, "beat": None if beat is None else beat.model_dump(mode="json")})
         fields = {"o": self._me, "t": "a", "d": payload}
-        keys, maxlen = self._store.keys, self._maxlen
-        self._store.send(lambda pipe: _xadd(pipe, keys.events, fields, maxlen))
+        stream, maxlen = self._store.keys.events(self._me), self._maxlen
+        self._store.send(lambda pipe: _xadd(pipe, stream, fields, maxlen))
 
     # --- changes heard of -----------------------------------------------------------------------
 
@@ -195,7 +195,7 @@ class FleetSync:
                         pipe.hdel(self._store.keys.fleet, name)
             elif record.newer_than(theirs.get(name)):
                 keys = self._store.keys
-                pipe.evalsha(SHA["fleet_put"], 2, keys.fleet, keys.events, name, record.json(), record.at,
+                pipe.evalsha(SHA["fleet_put"], 2, keys.fleet, keys.events(self._me), name, record.json(), record.at,
                              record.by, self._me, self._maxlen)
         await pipe.execute()
 

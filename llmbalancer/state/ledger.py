@@ -71,7 +71,7 @@ class SharedLedger:
             limit = -1 if total is None else max(0, total - backend.health.slots_external)
         keys = self._store.keys
         pipe.evalsha(
-            SHA["count"], 3, keys.slots(self._me), keys.replicas, keys.events,
+            SHA["count"], 3, keys.slots(self._me), keys.replicas, keys.events(self._me),
             self._me, backend.name, max(0, backend.traffic.in_flight), limit, self._lease_ms, keys.slots_prefix,
             self._maxlen,
         )

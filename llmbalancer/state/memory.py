@@ -2,11 +2,12 @@
 
 A policy that learns (``sticky``'s pins, ``prefix``'s placements and completions) hands each record to
 ``tell``, which queues it for the courier (never awaited by the request; dropped while Redis is away).
-It travels as an ``m`` event on the deployment's stream: ``k`` the kind, ``n`` the backend, ``b`` the key
+It travels as an ``m`` event on the replica's stream: ``k`` the kind, ``n`` the backend, ``b`` the key
 (binary: a 16-byte session digest, a chain of 8-byte block names), ``v`` the numbers. Every other replica
 applies it to its own policy with ``learn``, so ``select`` stays synchronous and local while its tables
-mirror the whole deployment's. The stream keeps the last ``state.memory_entries`` events: a replica that
-starts or comes back replays those of the last ``REPLAY_S`` seconds (pins only within ``sticky_ttl``).
+mirror the whole deployment's. Each replica's stream keeps its last ``state.memory_entries`` events (and
+outlives the replica by ``REPLAY_S``): a replica that starts or comes back replays those of the last
+``REPLAY_S`` seconds (pins only within ``sticky_ttl``).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class SharedMemory:
             "o": self._me, "t": "m", "k": memory.kind, "n": memory.backend, "b": memory.key,
             "v": ",".join(repr(v) for v in memory.values),
         }
-        self._store.send(lambda pipe: _xadd(pipe, self._store.keys.events, fields, self._maxlen))
+        self._store.send(lambda pipe: _xadd(pipe, self._store.keys.events(self._me), fields, self._maxlen))
 
     def heard(self, fields: Mapping[bytes, bytes], age_s: float) -> None:
         """An ``m`` event from another replica, ``age_s`` seconds old (0 when live)."""

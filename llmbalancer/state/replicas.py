@@ -7,9 +7,11 @@ Three loops, one service (``run``):
   it stamped seen, every replica and its counts read back (``HEARTBEAT``: one round trip). While Redis is
   away it tries to reconnect instead, and once it answers, resynchronises (scripts loaded, counts written,
   the fleet merged, counters added) before the store is up again;
-- the events reader: ``XREAD`` on the ``{prefix}:events`` stream (``s`` slot counts, ``f`` fleet records,
-  ``a`` agents' heartbeats, ``m`` policy memories), each applied where it belongs; on (re)connecting it
-  first replays what it missed (memories and records; counts and heartbeats only within the lease).
+- the events reader: ``XREAD`` on the other replicas' streams, ``{prefix}:events:{replica}`` (``s`` slot
+  counts, ``f`` fleet records, ``a`` agents' heartbeats, ``m`` policy memories), each applied where it
+  belongs. A stream is read from where this replica left it, or for one first seen from ``REPLAY_S``
+  back: a replica that starts or comes back catches up (memories and records; counts and heartbeats only
+  within the lease). One stream per replica: nobody reads its own events.
 
 On a clean stop the replica leaves: its entry and slot hash are deleted (a killed one's expire).
 """
@@ -45,7 +47,6 @@ log = structlog.get_logger("llmbalancer.state")
 
 _BLOCK_MS = 1000  # an events read waits this long for news, then asks again
 _READ_COUNT = 2000
-_REPLAY_MAX = 50_000
 _RESYNC_TIMEOUT = 5.0
 _LEAVE_TIMEOUT = 0.5
 
@@ -79,7 +80,7 @@ class Replicas:
         self._lease_s = state.lease
         self._info = json.dumps({"address": self.address, "started": self.started, "pid": os.getpid()})
         self._seen: list[dict[str, Any]] = []  # every replica, as of the last heartbeat
-        self._last_id: bytes | None = None  # the last event read
+        self._last: dict[str, bytes] = {}  # replica -> the last event read from its stream
         self._clock_offset_ms = 0  # Redis's clock less ours
         self._said_unreachable = False
         store.on_down.append(self.ledger.forget_all)
@@ -105,8 +106,9 @@ class Replicas:
     def _heartbeat_args(self) -> list[Any]:
         keys = self.store.keys
         forget_ms = int(max(60.0, 10 * self._lease_s) * 1000)
-        args: list[Any] = [SHA["heartbeat"], 2, keys.replicas, keys.slots(self.id),
-                           self.id, self._info, int(self._lease_s * 1000), forget_ms, keys.slots_prefix]
+        args: list[Any] = [SHA["heartbeat"], 3, keys.replicas, keys.slots(self.id), keys.events(self.id),
+                           self.id, self._info, int(self._lease_s * 1000), forget_ms, keys.slots_prefix,
+                           int(REPLAY_S * 1000)]
         for name, count in self.ledger.counts().items():
             args += [name, count]
         return args
@@ -190,24 +192,22 @@ class Replicas:
                     await client.aclose()
 
     async def _read(self, client: Redis) -> None:
-        stream = self.store.keys.events
-        # redis-py's stream types are loose unions; with bytes replies these are lists of (id, {field: value}).
-        newest: Any = await client.xrevrange(stream, count=1)
-        if newest:
-            head = newest[0][0]
-            low = b"(" + self._last_id if self._last_id else f"{self._redis_ms() - int(REPLAY_S * 1000)}-0".encode()
-            missed: Any = await client.xrevrange(stream, max=head, min=low, count=_REPLAY_MAX)
-            for entry_id, fields in reversed(missed):
-                self._heard(entry_id, fields)
-            self._last_id = head
-        last = self._last_id or b"0-0"
+        """Each other replica's stream, from where this one left it (a replica first seen: the last
+        ``REPLAY_S`` seconds), until Redis is lost. Replicas that appear join at the next read (<= 1 s)."""
+        keys = self.store.keys
         while self.store.up:
-            reply: Any = await client.xread({stream: last}, count=_READ_COUNT, block=_BLOCK_MS)
-            for _stream, entries in reply or ():
+            horizon = f"{self._redis_ms() - int(REPLAY_S * 1000)}-0".encode()
+            streams = {keys.events(r["id"]): self._last.get(r["id"], horizon) for r in self._seen if not r["self"]}
+            if not streams:
+                await asyncio.sleep(self._interval)  # alone: the next heartbeat may find another
+                continue
+            # redis-py's stream types are loose unions; with bytes replies: [(stream, [(id, {field: value})])].
+            reply: Any = await client.xread(streams, count=_READ_COUNT, block=_BLOCK_MS)  # type: ignore[arg-type]
+            for stream, entries in reply or ():
+                replica = _text(stream).removeprefix(keys.events_prefix)
                 for entry_id, fields in entries:
-                    last = entry_id
+                    self._last[replica] = entry_id
                     self._heard(entry_id, fields)
-            self._last_id = last
 
     def _redis_ms(self) -> int:
         """Now on Redis's clock (which names the events), as of the last heartbeat's reading of it."""

@@ -3,11 +3,12 @@ SHA). Keys other replicas own (their slot hashes) are reached by name: a plain R
 
 - ``COUNT``: write this replica's requests in flight on one backend, and when a limit is given, only if
   every live replica's count on it plus ours stays within it. Returns ``{admitted, {replica, count, ...}}``
-  (the others' counts on that backend). Tells the others (an ``s`` event). One per claim, one per release.
+  (the others' counts on that backend). Tells the others (an ``s`` event on this replica's stream). One per
+  claim, one per release.
 - ``HEARTBEAT``: rewrite this replica's whole slot hash (leased: it expires ``lease`` after the last
-  write, so a replica killed takes its counts with it), stamp it seen (Redis's clock), forget replicas
-  unseen for ``forget_ms``; returns Redis's time and every replica with its slot hash (empty when past
-  its lease).
+  write, so a replica killed takes its counts with it), stamp it seen (Redis's clock), keep its event
+  stream for ``events_ttl`` more, forget replicas unseen for ``forget_ms``; returns Redis's time and every
+  replica with its slot hash (empty when past its lease).
 - ``FLEET_PUT``: store a backend's record unless a newer one is there (last writer wins, by time then
   replica), and tell the others (an ``f`` event).
 """
@@ -44,17 +45,19 @@ redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'o', me, 't', 's', 'd',
 return {1, others}
 """
 
-# KEYS: replicas, my slots. ARGV: me, info json, lease_ms, forget_ms, slots prefix, then backend, count pairs.
+# KEYS: replicas, my slots, my events. ARGV: me, info json, lease_ms, forget_ms, slots prefix, events ttl_ms,
+# then backend, count pairs.
 HEARTBEAT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('DEL', KEYS[2])
-for i = 6, #ARGV, 2 do
+for i = 7, #ARGV, 2 do
   redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
 end
-if #ARGV >= 6 then
+if #ARGV >= 7 then
   redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
+redis.call('PEXPIRE', KEYS[3], ARGV[6])
 redis.call('HSET', KEYS[1], ARGV[1], now .. '\\n' .. ARGV[2])
 local out = {now}
 local all = redis.call('HGETALL', KEYS[1])

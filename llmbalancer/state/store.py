@@ -54,10 +54,13 @@ class Keys:
         self.replicas = f"{prefix}:replicas"  # hash: replica id -> "seen_ms\n{json}"
         self.slots_prefix = f"{prefix}:slots:"  # + replica id: hash backend -> requests in flight (leased)
         self.fleet = f"{prefix}:fleet"  # hash: backend name -> record (json; removed ones as tombstones)
-        self.events = f"{prefix}:events"  # stream: what replicas tell each other (capped)
+        self.events_prefix = f"{prefix}:events:"  # + replica id: stream of what it tells the others (capped)
 
     def slots(self, replica: str) -> str:
         return self.slots_prefix + replica
+
+    def events(self, replica: str) -> str:
+        return self.events_prefix + replica
 
     def counter(self, key: str, window_s: float, window: int) -> str:
         return f"{self.prefix}:count:{window_s:g}:{window}:{key}"
