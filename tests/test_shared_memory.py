@@ -98,6 +98,17 @@ def test_the_state_url_is_checked_and_its_password_never_printed() -> None:
         make_config([], **{"state.url": "redis://h", "state.lease": 1.0, "state.heartbeat": 1.0})
 
 
+def test_the_state_url_comes_from_the_environment_or_the_flag() -> None:
+    from llmbalancer.cli import _overrides, _parser
+    from llmbalancer.configure import load_config
+
+    config = load_config(environ={"LLMBALANCER_STATE__URL": "redis://10.0.0.2:6379/1"})
+    assert config.state.url == "redis://10.0.0.2:6379/1" and config.state.prefix == "llmb"
+    args = _parser().parse_args(["serve", "--state", "redis://127.0.0.1:6380/0"])
+    assert load_config(environ={}, overrides=_overrides(args)).state.url == "redis://127.0.0.1:6380/0"
+    assert load_config(environ={}).state.url is None  # the default: one process, in memory
+
+
 def test_a_fleet_record_round_trips_and_the_later_one_wins() -> None:
     older = Record("x", "http://h:1", "auto", 2, ("m",), "api", 10.0, "A")
     newer = Record("x", "http://h:2", "auto", None, (), "api", 11.0, "B", gone=True)
