@@ -11,7 +11,8 @@ other servers, and afterwards takes any free backend like everyone else.
 
 Replicas sharing state (``ledger``, a ``claims.SlotLedger``): a claim made here is then admitted against
 the fleet-wide count. Refused (another replica took the last slot first, and the ledger's answer now
-shows the backend full here), it is given back and the request placed again, the queue included.
+shows the backend full here), it is given back and the request chooses again without losing its place in
+the queue.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from llmbalancer.scheduling.claims import Claim, SlotLedger, claim_one
 from llmbalancer.scheduling.model_routing import ModelRouter
 from llmbalancer.scheduling.selectors import Hold, RequestFacts, Selector
 
-# Placements refused by the shared ledger in a row before the local decision stands (each refusal shows the
-# backend full here, so a second one in a row is already rare).
+# Refusals by the shared ledger in a row after which a queued request waits for the next change before
+# choosing again (each refusal shows the backend full here, so a second one in a row is already rare).
 _MAX_REFUSALS = 8
 
 
@@ -69,23 +70,6 @@ class Dispatcher:
 
     async def claim(self, facts: RequestFacts, excluded: Collection[Backend] = ()) -> Claim:
         """A claim on the chosen backend; the caller must release it (``with`` or ``finally``)."""
-        claim = await self._claim(facts, excluded)
-        ledger = self.ledger
-        if ledger is None:
-            return claim
-        for _ in range(_MAX_REFUSALS):
-            try:
-                admitted = await ledger.admit(claim.backend)
-            except BaseException:  # cancelled (the client left) while asking: the slot is given back here
-                claim.abandoned()
-                raise
-            if admitted:
-                return claim
-            claim.abandoned()
-            claim = await self._claim(facts, excluded)
-        return claim
-
-    async def _claim(self, facts: RequestFacts, excluded: Collection[Backend]) -> Claim:
         # Only backends that serve the request's model are candidates (unknown model: 404 here).
         # A retry (some backend already excluded) has had its turn: it may take any free slot at once
         # and never blocks the queue's head on a backend it may not use.
@@ -96,7 +80,7 @@ class Dispatcher:
         hold = None if retry else self._hold(facts, excluded)
         if hold is None and (retry or not self.admission.depth(model)):  # no jumping ahead of those waiting
             claim = self._try_claim(facts, excluded)
-            if claim is not None:
+            if claim is not None and await self._admitted(claim):
                 return claim
         excluded = self.routing.exclusion(facts, self.registry, given, waiting=True)
         self._fail_if_hopeless(excluded)
@@ -104,6 +88,7 @@ class Dispatcher:
         with self.admission.waiting(model, priority_of(facts.headers), retry) as waiter:
             hold_until = loop.time() + hold.wait if hold is not None else 0.0
             waiter.held_for = hold.backend if hold is not None else None
+            refusals = 0
             try:
                 async with asyncio.timeout(self.admission.timeout):
                     while True:
@@ -113,7 +98,11 @@ class Dispatcher:
                         if self.admission.may_claim(waiter):
                             claim = self._try_claim(facts, excluded, only=held)
                             if claim is not None:
-                                return claim
+                                if await self._admitted(claim):
+                                    return claim
+                                refusals += 1
+                                if refusals < _MAX_REFUSALS:
+                                    continue  # that backend shows full now: choose again, in the same place
                         self._fail_if_hopeless(excluded)
                         if held is None:
                             await self.registry.next_change()
@@ -126,6 +115,20 @@ class Dispatcher:
             finally:
                 # The next in line re-checks now: it may be served by the slot this one did not take.
                 self.registry.notify_change()
+
+    async def _admitted(self, claim: Claim) -> bool:
+        """Replicas: the claim fits the fleet-wide count too; refused, it is given back (``claims.SlotLedger``)."""
+        ledger = self.ledger
+        if ledger is None:
+            return True
+        try:
+            admitted = await ledger.admit(claim.backend)
+        except BaseException:  # cancelled (the client left) while asking: the slot is given back here
+            claim.abandoned()
+            raise
+        if not admitted:
+            claim.abandoned()
+        return admitted
 
     def _hold(self, facts: RequestFacts, excluded: Collection[Backend]) -> Hold | None:
         """The policy's choice of a full backend to wait for, if it wants one."""
