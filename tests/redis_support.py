@@ -8,13 +8,14 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.support import free_port
+from tests.support import RunningBalancer, free_port, make_config, run_balancer, wait_for
 
 
 def _redis_server() -> str:
@@ -79,3 +80,18 @@ def running_redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@contextlib.asynccontextmanager
+async def two_replicas(
+    redis: RedisServer, backends: list[str], **overrides: Any
+) -> AsyncIterator[tuple[RunningBalancer, RunningBalancer]]:
+    """Replicas "A" and "B" of one balancer, in this process, sharing ``redis``; yielded once both joined."""
+    settings = {"state.url": redis.url, **overrides}
+    async with (
+        run_balancer(make_config(backends, **settings, **{"state.replica": "A"})) as a,
+        run_balancer(make_config(backends, **settings, **{"state.replica": "B"})) as b,
+    ):
+        for replica in (a, b):
+            await wait_for(lambda r=replica: r.components.replicas.store.up, timeout=5)  # type: ignore[union-attr]
+        yield a, b

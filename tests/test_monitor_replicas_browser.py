@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from llmbalancer.testing.fake_llama import run_fake_fleet
-from tests.redis_support import running_redis
+from tests.redis_support import running_redis, two_replicas
 from tests.test_monitor_browser import CHROMIUM, LAUNCH_ARGS
-from tests.test_replicas_functional import two_replicas
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install -y chromium)"

@@ -21,9 +21,8 @@ import redis as redis_client
 from structlog.testing import capture_logs
 
 from llmbalancer.testing.fake_llama import FakeLlamaConfig, run_fake_fleet
-from tests.redis_support import RedisServer, running_redis
+from tests.redis_support import RedisServer, running_redis, two_replicas
 from tests.support import REPO, free_port, get_json, make_config, run_balancer, wait_for
-from tests.test_replicas_functional import two_replicas
 
 CHAT = "/v1/chat/completions"
 BODY = {"model": "smollm2", "messages": [{"role": "user", "content": "tell me"}], "max_tokens": 20, "stream": True}

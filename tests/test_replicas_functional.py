@@ -5,37 +5,22 @@ shared counters; the snapshot names each replica and lists the others."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from llmbalancer.reloading import ConfigSource
 from llmbalancer.testing.fake_llama import FakeLlamaConfig, run_fake_fleet
-from tests.redis_support import RedisServer, running_redis
-from tests.support import RunningBalancer, get_json, make_config, run_balancer, wait_for
+from tests.redis_support import running_redis, two_replicas
+from tests.support import RunningBalancer, get_json, run_balancer, wait_for
 
 CHAT = "/v1/chat/completions"
 
 
 def _body(text: str, max_tokens: int = 4) -> dict[str, Any]:
     return {"model": "smollm2", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens}
-
-
-@contextlib.asynccontextmanager
-async def two_replicas(
-    redis: RedisServer, backends: list[str], **overrides: Any
-) -> AsyncIterator[tuple[RunningBalancer, RunningBalancer]]:
-    settings = {"state.url": redis.url, **overrides}
-    async with (
-        run_balancer(make_config(backends, **settings, **{"state.replica": "A"})) as a,
-        run_balancer(make_config(backends, **settings, **{"state.replica": "B"})) as b,
-    ):
-        for replica in (a, b):
-            await wait_for(lambda r=replica: r.components.replicas.store.up, timeout=5)  # type: ignore[union-attr]
-        yield a, b
 
 
 async def _chat(http: aiohttp.ClientSession, url: str, body: dict[str, Any], session: str | None = None) -> str:
@@ -131,6 +116,32 @@ async def test_a_backend_registered_on_one_replica_is_served_by_the_other_within
             await _chat(http, b.url, _body("via the joined one"))
             assert _served_by(b) == "joined"
             assert fakes[1].stats["completed"] == before + 1
+
+
+async def test_a_reload_on_one_replica_changes_the_fleet_of_both(tmp_path: Path) -> None:
+    path = tmp_path / "llmbalancer.yaml"
+    with running_redis(tmp_path) as redis:
+        async with run_fake_fleet(3) as fakes:
+            path.write_text(f"backends: [{fakes[0].url}=x, {fakes[1].url}=y]\n")
+            sources = [
+                ConfigSource(config_file=str(path), environ={}, overrides={
+                    "logging.format": "json", "health.interval": 0.2, "state.url": redis.url, "state.replica": name,
+                }) for name in "AB"
+            ]
+            async with (
+                run_balancer(sources[0].load(), sources[0]) as a,
+                run_balancer(sources[1].load(), sources[1]) as b,
+                aiohttp.ClientSession() as http,
+            ):
+                path.write_text(f"backends: [{fakes[0].url}=x, {fakes[2].url}=z]\n")  # y out, z in
+                async with http.post(a.url + "/admin/reload") as reply:
+                    assert reply.status == 200, await reply.text()
+                registry = b.components.registry
+                await wait_for(lambda: registry.get("y") is None and registry.get("z") is not None, timeout=1.0)
+                z = registry.get("z")
+                assert z is not None and z.source == "config"
+                async with http.post(b.url + "/admin/reload") as reply:  # the same file: nothing left to change
+                    assert (await reply.json())["changes"] == []
 
 
 async def test_an_agent_heartbeating_one_replica_is_served_by_both(tmp_path: Path) -> None:
