@@ -100,6 +100,13 @@ class Claim:
     def release(self) -> None:
         self.abandoned()
 
+    def placed(self) -> None:
+        """The request goes to this backend: the circuit (a half-open probe) and the policy's memory learn it.
+        ``claim_one`` calls it, or, with ``held``, the dispatcher once the shared ledger admitted the claim
+        (a refused one leaves no trace)."""
+        self._registry.circuit.claimed(self.backend)
+        self._selector.claimed(self.backend, self._facts)
+
     def _release(self) -> bool:
         if self.released:
             return False
@@ -122,14 +129,17 @@ def claim_one(
     eligible: Sequence[Backend],
     facts: RequestFacts,
     ledger: SlotLedger | None = None,
+    *,
+    held: bool = False,
 ) -> Claim | None:
-    """Let the policy pick one of ``eligible`` (routable, room, circuit allowing) and claim it, or None."""
+    """Let the policy pick one of ``eligible`` (routable, room, circuit allowing) and claim it, or None.
+    ``held``: the slot is counted, and the caller calls ``placed`` once the claim is confirmed."""
     backend = selector.select(eligible, facts) if eligible else None
     if backend is None:
         return None
     claim = Claim(registry, selector, backend, facts, ledger)
-    registry.circuit.claimed(backend)
-    selector.claimed(backend, facts)
+    if not held:
+        claim.placed()
     return claim
 
 

@@ -126,7 +126,9 @@ class Dispatcher:
         except BaseException:  # cancelled (the client left) while asking: the slot is given back here
             claim.abandoned()
             raise
-        if not admitted:
+        if admitted:
+            claim.placed()  # only now the policy learns the placement: a refused one leaves no trace
+        else:
             claim.abandoned()
         return admitted
 
@@ -142,7 +144,7 @@ class Dispatcher:
         eligible = self.eligible(excluded)
         if only is not None:
             eligible = [b for b in eligible if b is only]
-        return claim_one(self.registry, self.selector, eligible, facts, self.ledger)
+        return claim_one(self.registry, self.selector, eligible, facts, self.ledger, held=self.ledger is not None)
 
     def _fail_if_hopeless(self, excluded: Collection[Backend]) -> None:
         """No backend healthy and none starting: 503 at once; a dead fleet does not hold requests (unless
