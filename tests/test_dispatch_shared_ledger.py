@@ -36,6 +36,8 @@ class Ledger:
         self.delay = delay
         self.admits: list[str] = []
         self.released_names: list[str] = []
+        self.heads: list[tuple[int, float] | None] = []
+        self.older_elsewhere: float | None = None  # when another replica's first in line began waiting
 
     async def admit(self, backend: Backend) -> bool:
         self.admits.append(backend.name)
@@ -48,6 +50,12 @@ class Ledger:
 
     def released(self, backend: Backend) -> None:
         self.released_names.append(backend.name)
+
+    def queue_head(self, model: str, head: tuple[int, float] | None) -> None:
+        self.heads.append(head)
+
+    def goes_first_elsewhere(self, model: str, priority: int, since: float) -> bool:
+        return self.older_elsewhere is not None and self.older_elsewhere <= since
 
 
 def _fleet(*names: str) -> Registry:
@@ -114,3 +122,39 @@ async def test_a_request_cancelled_while_its_claim_is_admitted_gives_the_slot_ba
     waiting.cancel()
     await asyncio.gather(waiting, return_exceptions=True)
     assert a.traffic.in_flight == 0
+
+
+async def test_a_free_slot_is_left_to_an_older_request_queued_on_another_replica_for_a_moment() -> None:
+    registry = _fleet("a")
+    a = registry.get("a")
+    assert a is not None
+    dispatcher = Dispatcher(registry, FirstListed(), QueueConfig(timeout=5))
+    dispatcher.ledger = ledger = Ledger(set())
+    with occupy(registry, a) as holding:
+        waiting = asyncio.create_task(dispatcher.claim(_facts()))
+        await asyncio.sleep(0.02)
+        assert ledger.heads and ledger.heads[-1] is not None  # told: first in line here
+        ledger.older_elsewhere = 0.0  # another replica's first in line has waited longer
+        loop = asyncio.get_running_loop()
+        freed = loop.time()
+        holding.release()
+        await asyncio.sleep(0.02)
+        assert not waiting.done()  # left to the other replica's...
+        claim = await asyncio.wait_for(waiting, 1)  # ...for a moment only: it did not take it
+        assert 0.04 <= loop.time() - freed < 0.5
+        assert ledger.heads[-1] is None  # nobody in line here any more
+        claim.release()
+
+
+async def test_a_new_request_does_not_jump_ahead_of_one_queued_on_another_replica() -> None:
+    registry = _fleet("a")
+    dispatcher = Dispatcher(registry, FirstListed(), QueueConfig(timeout=5))
+    dispatcher.ledger = ledger = Ledger(set())
+    ledger.older_elsewhere = 0.0
+    waiting = asyncio.create_task(dispatcher.claim(_facts()))
+    await asyncio.sleep(0.01)
+    assert not waiting.done() and dispatcher.queue_depth == 1  # queued, though a slot is free
+    ledger.older_elsewhere = None  # the other replica's request took its slot elsewhere
+    registry.notify_change()
+    claim = await asyncio.wait_for(waiting, 1)
+    claim.release()

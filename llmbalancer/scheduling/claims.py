@@ -10,7 +10,9 @@ a ``with`` block) on a claim that has none is ``abandoned``. Only this module wr
 Replicas sharing state (``state.url``) count each backend's claims together through a ``SlotLedger``: the
 dispatcher asks it to ``admit`` a claim (one bounded round trip: the fleet-wide count checked against the
 backend's capacity and ours written, atomically) and every release is told to it (written behind the
-request, never awaited by it). Without one, a claim is this process's business alone.
+request, never awaited by it). The ledger also carries each replica's first in line per model, so that a
+slot freed anywhere goes to the request that has waited longest anywhere (the dispatcher's ``_MAX_YIELD``).
+Without one, a claim is this process's business alone.
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ class SlotLedger(Protocol):
 
     def released(self, backend: Backend) -> None:
         """One of our claims on ``backend`` was given back (tell the other replicas; never blocks)."""
+        ...
+
+    def queue_head(self, model: str, head: tuple[int, float] | None) -> None:
+        """Our first in line for ``model``: its priority and when it began waiting (Unix seconds), or None."""
+        ...
+
+    def goes_first_elsewhere(self, model: str, priority: int, since: float) -> bool:
+        """Another replica's first in line for ``model`` goes before a request of ``priority`` waiting since
+        ``since``: a higher priority, or as high and waiting longer."""
         ...
 
 

@@ -15,8 +15,11 @@ what the replica really has in flight.
 - Each write tells the other replicas (an ``s`` event) and the heartbeat reads every hash: a replica's
   view of the others (``Backend.in_flight_elsewhere``) follows within milliseconds, and is corrected at
   least every heartbeat. A count that falls wakes the requests queued here (a slot may have freed).
-- Redis lost: the others' counts are forgotten (each replica alone, its poller still seeing other
-  clients' busy slots), and every claim is admitted locally.
+- Queues: each replica tells the others its first in line per model (priority, and since when it waits,
+  on Redis's clock) whenever that changes (a ``q`` event), so the dispatcher can leave a free slot to an
+  older request queued elsewhere (``goes_first_elsewhere``).
+- Redis lost: the others' counts and queues are forgotten (each replica alone, its poller still seeing
+  other clients' busy slots), and every claim is admitted locally.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from llmbalancer.fleet.registry import Registry
 from llmbalancer.state.scripts import SHA
 from llmbalancer.state.store import Store
 
+# Another replica's first in line goes first only when it has waited this much longer: the two clocks are
+# compared through Redis's, each known to within a round trip.
+_HEAD_TOLERANCE_MS = 5
+
 
 class SharedLedger:
     def __init__(self, store: Store, registry: Registry, me: str, lease: float, maxlen: int) -> None:
@@ -40,6 +47,9 @@ class SharedLedger:
         self._lease_ms = int(lease * 1000)
         self._maxlen = maxlen
         self._peers: dict[str, dict[str, int]] = {}  # other replica -> backend -> requests in flight
+        self._heads: dict[str, dict[str, tuple[int, int]]] = {}  # other replica -> model -> (priority, since ms)
+        self._told_heads: dict[str, tuple[int, int] | None] = {}  # model -> what we last told of our own
+        self.clock_offset_ms = 0  # Redis's clock less ours (set by each heartbeat)
         self.refusals = 0
 
     # --- claims (SlotLedger) --------------------------------------------------------------------
@@ -77,6 +87,46 @@ class SharedLedger:
         )
         return 1
 
+    # --- queues ---------------------------------------------------------------------------------
+
+    def queue_head(self, model: str, head: tuple[int, float] | None) -> None:
+        told = None if head is None else (head[0], int(head[1] * 1000) + self.clock_offset_ms)
+        if self._told_heads.get(model, None) == told and model in self._told_heads:
+            return
+        self._told_heads[model] = told
+        self._tell_head(model, told)
+
+    def retell_heads(self) -> None:
+        """Redis is back: what it missed of our queues (and a replica that replayed old news) is set right."""
+        for model, told in self._told_heads.items():
+            self._tell_head(model, told)
+
+    def _tell_head(self, model: str, told: tuple[int, int] | None) -> None:
+        data = f"{model}\n" if told is None else f"{model}\n{told[0]}\n{told[1]}"
+        fields = {"o": self._me, "t": "q", "d": data}
+        stream, maxlen = self._store.keys.events(self._me), self._maxlen
+        self._store.send(lambda pipe: _xadd(pipe, stream, fields, maxlen), key=("head", model))
+
+    def goes_first_elsewhere(self, model: str, priority: int, since: float) -> bool:
+        if not self._heads:
+            return False
+        mine = int(since * 1000) + self.clock_offset_ms - _HEAD_TOLERANCE_MS
+        for heads in self._heads.values():
+            head = heads.get(model)
+            if head is not None and (head[0] > priority or (head[0] == priority and head[1] < mine)):
+                return True
+        return False
+
+    def heard_head(self, replica: str, data: bytes) -> None:
+        model, _, rest = data.decode().partition("\n")
+        heads = self._heads.setdefault(replica, {})
+        if rest:
+            priority, _, since = rest.partition("\n")
+            heads[model] = (int(priority), int(since))
+        else:
+            heads.pop(model, None)
+        self._registry.notify_change()  # a request here that left a slot to that one may take it now
+
     # --- what the heartbeat writes --------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
@@ -92,14 +142,16 @@ class SharedLedger:
         """Every live replica's whole hash (ours left out)."""
         names = {name for counts in (*self._peers.values(), *live.values()) for name in counts}
         self._peers = {replica: dict(counts) for replica, counts in live.items() if replica != self._me}
+        self._heads = {replica: heads for replica, heads in self._heads.items() if replica in live}
         for backend in self._registry:
             names.add(backend.name)
         for name in names:
             self._recount(name)
 
     def forget_all(self) -> None:
-        """Redis lost: the others' counts are unknown from now on."""
+        """Redis lost: the others' counts and queues are unknown from now on."""
         self._peers.clear()
+        self._heads.clear()
         woke = False
         for backend in self._registry:
             woke |= backend.in_flight_elsewhere > 0
@@ -127,6 +179,11 @@ class SharedLedger:
         backend.in_flight_elsewhere = total
         if total < before:
             self._registry.notify_change()  # a slot freed elsewhere: a request queued here may take it
+
+
+def _xadd(pipe: Pipeline, stream: str, fields: dict[str, str], maxlen: int) -> int:
+    pipe.xadd(stream, fields, maxlen=maxlen, approximate=True)  # type: ignore[arg-type]
+    return 1
 
 
 def _text(value: Any) -> str:

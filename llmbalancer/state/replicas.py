@@ -8,8 +8,8 @@ Three loops, one service (``run``):
   away it tries to reconnect instead, and once it answers, resynchronises (scripts loaded, counts written,
   the fleet merged, counters added) before the store is up again;
 - the events reader: ``XREAD`` on the other replicas' streams, ``{prefix}:events:{replica}`` (``s`` slot
-  counts, ``f`` fleet records, ``a`` agents' heartbeats, ``m`` policy memories), each applied where it
-  belongs. A stream is read from where this replica left it, or for one first seen from ``REPLAY_S``
+  counts, ``q`` queue heads, ``f`` fleet records, ``a`` agents' heartbeats, ``m`` policy memories), each
+  applied where it belongs. A stream is read from where this replica left it, or for one first seen from ``REPLAY_S``
   back: a replica that starts or comes back catches up (memories and records; counts and heartbeats only
   within the lease). One stream per replica: nobody reads its own events.
 
@@ -152,10 +152,11 @@ class Replicas:
             return
         self._said_unreachable = False
         self.store.mark_up()
+        self.ledger.retell_heads()
 
     def _heard_heartbeat(self, result: list[Any]) -> None:
         now_ms = int(result[0])
-        self._clock_offset_ms = now_ms - int(time.time() * 1000)
+        self._clock_offset_ms = self.ledger.clock_offset_ms = now_ms - int(time.time() * 1000)
         seen: list[dict[str, Any]] = []
         live: dict[str, dict[str, int]] = {}
         for i in range(1, len(result) - 2, 3):
@@ -229,6 +230,8 @@ class Replicas:
                 self.fleet.heard_record(data)
             elif kind == b"a" and fresh:
                 self.fleet.heard_agent(data)
+            elif kind == b"q" and fresh:
+                self.ledger.heard_head(origin.decode(), data)
             elif kind == b"m":
                 self.memory.heard(fields, age_s)
         except (ValueError, UnicodeDecodeError):
