@@ -28,6 +28,7 @@ from llmbalancer.scheduling.dispatch import Dispatcher
 from llmbalancer.scheduling.model_routing import ModelRouter
 from llmbalancer.scheduling.selectors import make_selector
 from llmbalancer.service import Service, running
+from llmbalancer.state import Replicas
 from llmbalancer.supervisor.instances import Supervisor
 from llmbalancer.web.admin import add_admin_routes
 from llmbalancer.web.batches import add_batch_routes
@@ -80,7 +81,21 @@ def build_components(config: Config, source: ConfigSource | None = None) -> Comp
         components.batches = BatchRunner(config, registry, dispatcher)
         services.append(components.batches)
         metrics.registry.register(BatchCollector(components.batches))
+    if config.state.url:
+        _share(components)
     return components
+
+
+def _share(components: Components) -> None:
+    """Replicas on one Redis: one fleet, one slot count per backend, one memory, shared counters."""
+    replicas = Replicas(components.config, components.registry, components.dispatcher, components.agents)
+    components.replicas = replicas
+    components.counters = replicas.counters
+    components.dispatcher.ledger = replicas.ledger
+    if components.reloader is not None:
+        components.reloader.on_policy.append(replicas.memory.adopt)
+    # First in the list, so stopped last: its replica leaves once the others have stopped.
+    components.services.insert(0, replicas)
 
 
 def build_app(config: Config, source: ConfigSource | None = None) -> web.Application:
@@ -121,6 +136,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await components.batches.open()  # a data directory it cannot use stops the start, naming batch.dir
     session = components.proxy.open_session()
     try:
+        if components.replicas is not None:
+            # Join the others before serving: the first request sees the shared fleet (Redis away: alone).
+            await components.replicas.join()
         # One round of probes before serving, so backends that are already up take the first request.
         async with asyncio.timeout(components.config.timeouts.health + 0.5):
             with contextlib.suppress(TimeoutError):

@@ -59,6 +59,7 @@ examples:
   llmbalancer serve --commands llamafile_commands.txt --port 8080
   llmbalancer serve --config llmbalancer.yaml --policy sticky:prefix --log-format json
   LLMBALANCER_BACKENDS=http://10.0.0.5:8080 llmbalancer serve
+  llmbalancer serve --config fleet.yaml --state redis://10.0.0.2:6379/0   # one of several replicas
 
 config.example.yaml documents every configuration key; LLMBALANCER_<SECTION>__<KEY> sets any of them."""
 
@@ -154,6 +155,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--commands", metavar="FILE", help="llamafile_commands.txt-style file of servers to launch")
     serve.add_argument("--policy", help=f"routing policy: {', '.join(POLICIES)}; sticky:INNER wraps another")
+    serve.add_argument(
+        "--state", metavar="URL",
+        help="redis://HOST:PORT/DB shared by this balancer's replicas (README 'Several replicas'); default: none",
+    )
     serve.add_argument("--log-format", choices=LOG_FORMATS)
     serve.add_argument("--log-level", choices=LOG_LEVELS)
 
@@ -191,6 +196,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "server_list": args.server_list,
         "supervisor.commands_file": args.commands,
         "policy.name": args.policy,
+        "state.url": args.state,
         "logging.format": args.log_format,
         "logging.level": args.log_level,
     }

@@ -3,11 +3,12 @@ balancer's own routes (``web``) reach the parts they need through it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from llmbalancer.batches import BatchRunner
 from llmbalancer.config import Config
+from llmbalancer.counters import Counters, LocalCounters
 from llmbalancer.fleet.agents import Agents
 from llmbalancer.fleet.dns_discovery import DnsDiscovery
 from llmbalancer.fleet.health_poller import HealthPoller
@@ -20,6 +21,7 @@ from llmbalancer.relay.proxy import Proxy
 from llmbalancer.reloading import Reloader
 from llmbalancer.scheduling.dispatch import Dispatcher
 from llmbalancer.service import Service
+from llmbalancer.state import Replicas
 from llmbalancer.supervisor.instances import Supervisor
 
 
@@ -41,6 +43,10 @@ class Components:
     supervisor: Supervisor | None = None
     reloader: Reloader | None = None
     batches: BatchRunner | None = None
+    # Replicas sharing state (``state.url``), or None: one process, everything in memory.
+    replicas: Replicas | None = None
+    # Counts per key and window (the API keys' limits): in Redis with replicas, else in memory.
+    counters: Counters = field(default_factory=LocalCounters)
 
     def snapshot(self) -> dict[str, Any]:
         """The monitor's one document (``GET /llmhealth-snapshot``), as things are now."""
@@ -53,4 +59,5 @@ class Components:
             recent=self.recent,
             gpu=self.gpu,
             batches=self.batches,
+            replicas=self.replicas.describe() if self.replicas is not None else None,
         )

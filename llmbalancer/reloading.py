@@ -14,7 +14,7 @@ serving. A valid one is applied as a diff, nothing else touched:
 - queue, timeouts, retries, limits, health checks, circuit breaker, agents, DNS discovery, the admin
   token: read by each new request, probe or heartbeat from now on;
 - ``server.host``, ``server.port`` (and the rest of ``server`` but its drain and body limits), ``logging``,
-  ``gpu`` and ``monitor`` are reported as needing a restart and left alone.
+  ``gpu``, ``monitor`` and ``state`` are reported as needing a restart and left alone.
 
 Nothing here cuts a request in flight: removed backends drain, changed instances drain before restarting.
 """
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -41,7 +41,7 @@ from llmbalancer.observe.metrics import Metrics
 from llmbalancer.relay.proxy import Proxy
 from llmbalancer.scheduling.dispatch import Dispatcher
 from llmbalancer.scheduling.model_routing import ModelRouter
-from llmbalancer.scheduling.selectors import make_selector
+from llmbalancer.scheduling.selectors import Selector, make_selector
 from llmbalancer.supervisor.instances import Supervisor
 
 log = structlog.get_logger("llmbalancer.reloading")
@@ -49,7 +49,7 @@ log = structlog.get_logger("llmbalancer.reloading")
 # Read once, at start-up: a change needs a restart.
 RESTART_KEYS = (
     "server.host", "server.port", "server.keepalive_timeout", "server.header_timeout", "server.body_timeout",
-    "logging", "gpu", "monitor",
+    "logging", "gpu", "monitor", "state",
 )
 _FLEET_KEYS = ("backends", "backends_file", "server_list", "instances", "supervisor.commands_file")
 
@@ -103,6 +103,8 @@ class Reloader:
         self._source = source
         self._lock = asyncio.Lock()
         self._pending: set[asyncio.Task[object]] = set()  # instance stops and restarts under way
+        # Called with the new selector when a reload swaps the policy (replicas share its memory: app.py).
+        self.on_policy: list[Callable[[Selector], object]] = []
 
     async def reload(self) -> Reloaded:
         async with self._lock:
@@ -146,6 +148,8 @@ class Reloader:
         dispatcher = c.dispatcher
         if new.policy != old.policy:
             dispatcher.selector = make_selector(new.policy)
+            for observer in self.on_policy:
+                observer(dispatcher.selector)
         if new.routing != old.routing:
             dispatcher.routing = c.metrics.model_label.routing = ModelRouter(new.routing)
         dispatcher.admission.max_size = new.queue.max_size

@@ -7,6 +7,9 @@ install_system_packages() {
             g++) command -v g++ >/dev/null || missing+=(g++) ;;
             # The binary alone (no service started at install): the DNS discovery tests run their own.
             dnsmasq-base) command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || missing+=(dnsmasq-base) ;;
+            # The replicas tests start their own redis-server on a loopback port (no persistence); a service the
+            # package may start at install is left alone.
+            redis-server) command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || missing+=(redis-server) ;;
             *) command -v "$package" >/dev/null || missing+=("$package") ;;
         esac
     done

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/prerequisites.sh
-install_system_packages cmake g++ chromium dnsmasq-base
+install_system_packages cmake g++ chromium dnsmasq-base redis-server
 ensure_venv '.[test]'
 .venv/bin/python -m llmbalancer install-llama-server
 .venv/bin/ruff check .

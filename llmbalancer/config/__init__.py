@@ -37,10 +37,12 @@ from llmbalancer.config.schema import (
     RetryConfig,
     RoutingConfig,
     ServerConfig,
+    StateConfig,
     SupervisorConfig,
     TimeoutsConfig,
     default_backend_name,
     http_url,
+    masked_url,
     parse_backend_spec,
 )
 
@@ -73,6 +75,7 @@ __all__ = [
     "RetryConfig",
     "RoutingConfig",
     "ServerConfig",
+    "StateConfig",
     "SupervisorConfig",
     "TimeoutsConfig",
     "build_config",
@@ -81,6 +84,7 @@ __all__ = [
     "fleet_sources",
     "http_url",
     "load_yaml",
+    "masked_url",
     "parse_backend_spec",
     "read_backends_file",
     "without_settings",

@@ -14,7 +14,16 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 LogFormat = Literal["auto", "console", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -290,6 +299,68 @@ class DiscoveryConfig(Section):
     )
 
 
+_STATE_SCHEMES = ("redis", "rediss", "unix")
+
+
+def masked_url(url: str | None) -> str | None:
+    """``url`` with its password (if any) replaced by ``***``: what may be printed or shown."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+class StateConfig(Section):
+    """Replicas sharing one fleet through Redis (README "Several replicas"). No ``url``: one process, in memory."""
+
+    url: str | None = Field(
+        None,
+        description="redis://[:password@]host:port/db (rediss:// for TLS, unix:///path.sock); replicas given the same"
+        " url and prefix share backends, slots in flight, sticky pins, prefix placements and counters",
+    )
+    prefix: str = Field("llmb", min_length=1, max_length=100, description="the keys' prefix: one per deployment")
+    timeout: Seconds = Field(
+        0.05, gt=0, le=10,
+        description="seconds each Redis call may take; beyond it the replica serves from its own state until"
+        " Redis answers again",
+    )
+    heartbeat: Seconds = Field(1.0, gt=0, description="seconds between heartbeats: own counts written, others' read")
+    lease: Seconds = Field(
+        3.0, gt=0, description="a replica silent this long is gone: its requests in flight no longer count"
+    )
+    replica: str | None = Field(
+        None, min_length=1, max_length=200, description="this replica's name (default: host:port and a random suffix)"
+    )
+    address: str | None = Field(
+        None, description="where people reach this replica, shown by the others (default: http://host:port)"
+    )
+    memory_entries: Count = Field(
+        100_000, ge=100,
+        description="recent events kept in Redis (pins, placements) for a replica that starts or reconnects",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str | None) -> str | None:
+        if url is not None and urlsplit(url).scheme not in _STATE_SCHEMES:
+            raise ValueError(f"must be a redis://, rediss:// or unix:// URL, got {masked_url(url)!r}")
+        return url
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeats(self) -> StateConfig:
+        if self.lease <= self.heartbeat:
+            raise ValueError(f"lease ({self.lease:g} s) must be longer than heartbeat ({self.heartbeat:g} s)")
+        return self
+
+    @field_serializer("url")
+    def _masked(self, url: str | None) -> str | None:
+        return masked_url(url)
+
+
 class LoggingConfig(Section):
     format: LogFormat = Field("auto", description="auto: console on a terminal, else JSON lines")
     level: LogLevel = Field("info")
@@ -369,6 +440,7 @@ class Config(Section):
     agents: AgentsConfig = Field(default_factory=AgentsConfig)
     discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
     server_list: str | None = Field(
         None, description="llama-balancer's server-list.json, imported as backends and routes"
     )

@@ -8,6 +8,10 @@ probes (``fleet/probes.py``), and sends ``PUT /admin/agents/{name}`` every inter
 one writer) and its state: ready is healthy, not ready is unhealthy at once (the agent saw its server
 stop answering). No heartbeat for ``agents.ttl`` seconds: the backend is removed (drained). An agent that
 stops deregisters (``DELETE /admin/agents/{name}``).
+
+Replicas sharing state hear each other's agents: every heartbeat and deregistration received here is told
+to ``on_heard`` (``state/fleet_sync.py`` passes it on), and one passed on by another replica is applied
+with ``relayed=True`` (not told again), so an agent may heartbeat to any one replica.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -74,16 +79,21 @@ class Agents:
         self._ttl = (config or AgentsConfig()).ttl
         self._seen: dict[str, float] = {}  # agent name -> monotonic time of its last heartbeat
         self._changed = asyncio.Event()
+        # Called with (name, heartbeat) for each heartbeat received here, (name, None) for a deregistration.
+        self.on_heard: list[Callable[[str, Heartbeat | None], object]] = []
 
     def configure(self, config: AgentsConfig) -> None:
         self._ttl = config.ttl
         self._changed.set()
 
-    def heartbeat(self, name: str, beat: Heartbeat) -> Change:
+    def heartbeat(self, name: str, beat: Heartbeat, *, relayed: bool = False) -> Change:
         """Register or refresh agent ``name``'s backend; raises ``membership.Conflict`` when another source
-        holds the name."""
+        holds the name. ``relayed``: another replica received it."""
         spec = BackendSpec(name, beat.url, beat.kind, beat.max_concurrency)
         change = register(self._registry, spec, SOURCE)
+        if not relayed:
+            for observer in self.on_heard:
+                observer(name, beat)
         if name not in self._seen:
             log.info("agent_registered" if change.action == "added" else "agent_back", agent=name, url=beat.url)
         self._seen[name] = time.monotonic()
@@ -99,12 +109,15 @@ class Agents:
             self._registry.set_state(backend, state, beat.reason or "its agent reports the server not ready")
         return change
 
-    def deregister(self, name: str) -> bool:
+    def deregister(self, name: str, *, relayed: bool = False) -> bool:
         """The agent is stopping: drain and remove its backend. False when no agent has that name."""
         self._seen.pop(name, None)
         backend = self._registry.get(name)
         if backend is None or backend.source != SOURCE:
             return False
+        if not relayed:
+            for observer in self.on_heard:
+                observer(name, None)
         log.info("agent_deregistered", agent=name)
         self._registry.remove(name, "its agent deregistered")
         return True

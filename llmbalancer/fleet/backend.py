@@ -7,7 +7,8 @@ per owner, each written by exactly one module:
 - ``traffic``: what this balancer sent it and how that went, written by the claim guard
   (``scheduling/claims.py``);
 - ``breaker``: the circuit breaker's per-backend state, written by ``fleet/circuit.py``;
-- ``instance``: the supervised process behind it, when the balancer launched it (``supervisor/``).
+- ``instance``: the supervised process behind it, when the balancer launched it (``supervisor/``);
+- ``in_flight_elsewhere``: what other replicas have in flight on it, the slot ledger's (``state/``).
 
 What a backend *is* (``name``, ``url``, ``kind``, ``max_concurrency``, ``models``: a ``BackendSpec``) is
 set by whoever registered it, through the registry's ``add`` and ``update`` only; ``source`` says who that
@@ -136,6 +137,9 @@ class Backend:
     traffic: Traffic = field(default_factory=Traffic)
     breaker: Breaker = field(default_factory=Breaker)
     instance: SupervisedProcess | None = None
+    # Requests other replicas of this balancer (sharing ``state.url``) have in flight here, as last heard:
+    # written by the replicas' slot ledger (``state/ledger.py``) only; 0 for a balancer on its own.
+    in_flight_elsewhere: int = 0
 
     @classmethod
     def of(cls, spec: BackendSpec, source: str) -> Backend:

@@ -2,9 +2,10 @@
 
 Capacity is ``max_concurrency`` when configured, else the slot count the poller read (llama.cpp
 ``/slots``, llamafile's ``slots_idle + slots_processing``), else unknown (no gate). Busy is this
-balancer's in-flight claims, which move at once on claim and release, plus the slots other clients
-held at the last poll. So free = polled free slots minus what we dispatched since, and it rises the
-moment one of our requests finishes, without waiting for the next poll.
+balancer's in-flight claims, which move at once on claim and release, plus those of the other replicas
+sharing its state (``in_flight_elsewhere``, as last heard), plus the slots other clients held at the last
+poll. So free = polled free slots minus what we dispatched since, and it rises the moment one of our
+requests finishes, without waiting for the next poll.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def free_slots(backend: Backend) -> int | None:
     total = capacity(backend)
     if total is None:
         return None
-    return max(0, total - backend.traffic.in_flight - backend.health.slots_external)
+    return max(0, total - backend.traffic.in_flight - backend.in_flight_elsewhere - backend.health.slots_external)
 
 
 def has_room(backend: Backend) -> bool:
@@ -32,8 +33,8 @@ def has_room(backend: Backend) -> bool:
 
 
 def busy(backend: Backend) -> int:
-    """Slots in use: this balancer's in-flight requests plus other clients' at the last poll."""
-    return backend.traffic.in_flight + backend.health.slots_external
+    """Slots in use: this balancer's in-flight requests, its other replicas', and other clients' at the last poll."""
+    return backend.traffic.in_flight + backend.in_flight_elsewhere + backend.health.slots_external
 
 
 def load(backend: Backend) -> float:

@@ -94,9 +94,10 @@ def write_health(registry: Registry, backend: Backend, seen: Observation) -> Non
     if seen.slots_total is not None:
         health.slots_total = seen.slots_total
         health.slots_busy = seen.slots_busy
-        # Busy slots beyond our own requests belong to other clients. Ours may not show yet
-        # (dispatched after the server's last decode step), so never count below zero.
-        health.slots_external = max(0, (seen.slots_busy or 0) - backend.traffic.in_flight)
+        # Busy slots beyond our own requests (and our other replicas') belong to other clients. Ours may not
+        # show yet (dispatched after the server's last decode step), so never count below zero.
+        ours = backend.traffic.in_flight + backend.in_flight_elsewhere
+        health.slots_external = max(0, (seen.slots_busy or 0) - ours)
     health.deferred = seen.deferred
     if seen.models is not None and seen.models != health.served_models:
         health.served_models = seen.models

@@ -50,6 +50,10 @@ class Registry:
         self.on_removed: list[Callable[[Backend], object]] = []
         # Called with a backend just added (the poller starts probing it at once, not at its next sweep).
         self.on_added: list[Callable[[Backend], object]] = []
+        # Called with (backend, "added" | "updated" | "removing") whenever what a source says of a backend
+        # changes: added, updated (or taken back while draining), removed (its drain starts). Replicas sharing
+        # a fleet tell each other from here (``state/fleet_sync.py``).
+        self.on_membership: list[Callable[[Backend, str], object]] = []
 
     @classmethod
     def from_configs(cls, configs: tuple[BackendConfig, ...]) -> Registry:
@@ -79,6 +83,7 @@ class Registry:
         )
         for observer in self.on_added:
             observer(backend)
+        self._membership(backend, "added")
         self.notify_change()
         return backend
 
@@ -105,6 +110,7 @@ class Registry:
             self.set_state(backend, BackendState.STARTING, "registered again")
         if "models" in changed or "url" in changed:
             self.models_version += 1
+        self._membership(backend, "updated")
         self.notify_change()
         return [*changed, *(["revived"] if revived else [])]
 
@@ -118,6 +124,7 @@ class Registry:
         if name in self._leaving:
             return backend
         self.set_state(backend, BackendState.DRAINING, reason)
+        self._membership(backend, "removing")
         if backend.traffic.in_flight <= 0:
             self._forget(backend, "drained")
             self.notify_change()
@@ -131,6 +138,10 @@ class Registry:
             return backend
         self._leaving[name] = handle
         return backend
+
+    def _membership(self, backend: Backend, action: str) -> None:
+        for observer in self.on_membership:
+            observer(backend, action)
 
     def leaving(self, name: str) -> bool:
         """``name`` was removed and is draining."""

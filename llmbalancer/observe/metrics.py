@@ -259,6 +259,7 @@ class FleetCollector(Collector):
         yield from _gpu_metrics(snapshot["gpu"])
         yield from _supervisor_metrics(snapshot["instances"])
         yield from _circuit_metrics(self._registry)
+        yield from _state_metrics(snapshot)
 
 
 def _gauge(name: str, documentation: str, labels: list[str] | None = None) -> GaugeMetricFamily:
@@ -337,6 +338,26 @@ def _circuit_metrics(registry: Registry) -> Iterator[Metric]:
     for backend in registry:
         opens.add_metric([backend.name], float(backend.breaker.opens))
     yield opens
+
+
+def _state_metrics(snapshot: dict[str, Any]) -> Iterator[Metric]:
+    store = snapshot.get("state_store")
+    if store is None:  # a balancer on its own: no shared state to report
+        return
+    yield GaugeMetricFamily(
+        "llmbalancer_state_store_up", "1 while the shared state (Redis) answers; 0: serving from local state.",
+        value=1.0 if store["up"] else 0.0,
+    )
+    yield GaugeMetricFamily(
+        "llmbalancer_replicas_up", "Replicas sharing the state seen alive at the last heartbeat, this one included.",
+        value=float(sum(1 for r in snapshot["replicas"] or () if r["up"])),
+    )
+    elsewhere = _gauge(
+        "llmbalancer_backend_in_flight_elsewhere", "Requests the other replicas have in flight.", ["backend"]
+    )
+    for backend in snapshot["backends"]:
+        elsewhere.add_metric([backend["name"]], float(backend["in_flight_elsewhere"]))
+    yield elsewhere
 
 
 def metrics_handler(metrics: Metrics) -> Callable[[web.Request], Awaitable[web.Response]]:

@@ -14,12 +14,14 @@ Sources:
 - supervised instances: ``Supervisor.describe()`` (a list of dicts with ``name``, ``pid``, ``state``,
   ``restarts``, ``log_path``);
 - batches: the runner's active batches (``BatchRunner.describe()``) and the slots its lines hold.
+- replicas sharing state: ``state.Replicas.describe()`` (``replica``, ``replicas``, ``state_store``), passed
+  in as plain data; all three ``null`` for a balancer on its own.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from llmbalancer.batches import BatchRunner
@@ -37,7 +39,7 @@ BACKEND_FIELDS = (
     "slots_busy", "slots_total", "max_concurrency", "in_flight", "queue_depth",
     "circuit_state", "health_score", "models", "last_error", "requests_total", "errors_total",
     "latency_avg_s", "ttft_avg_s", "prompt_tokens_total", "completion_tokens_total", "cached_tokens_total",
-    "gpu_busy", "deferred", "source",
+    "gpu_busy", "deferred", "source", "in_flight_elsewhere",
 )
 REQUEST_FIELDS = (
     "time", "request_id", "method", "path", "model", "backend", "status", "attempts",
@@ -45,7 +47,7 @@ REQUEST_FIELDS = (
 )
 TOP_LEVEL_FIELDS = (
     "schema_version", "time", "policy", "backends", "instances", "sticky_entries", "queue", "requests", "gpu",
-    "batches",
+    "batches", "replica", "replicas", "state_store",
 )
 BATCHES_FIELDS = ("active", "slots_held", "slots_held_by_backend", "max_in_flight")
 BATCH_FIELDS = (
@@ -84,6 +86,7 @@ def describe_backend(backend: Backend) -> dict[str, Any]:
         "gpu_busy": backend.health.gpu_busy,
         "deferred": backend.health.deferred,
         "source": backend.source,
+        "in_flight_elsewhere": backend.in_flight_elsewhere,
     }
 
 
@@ -122,6 +125,7 @@ def build_snapshot(
     recent: RecentRequests,
     gpu: GpuSampler,
     batches: BatchRunner | None = None,
+    replicas: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
@@ -136,6 +140,9 @@ def build_snapshot(
         "requests": [request.describe() for request in recent.newest_first()],
         "gpu": describe_gpu(gpu),
         "batches": None if batches is None else describe_batches(batches),
+        "replica": replicas["replica"] if replicas else None,
+        "replicas": replicas["replicas"] if replicas else None,
+        "state_store": replicas["state_store"] if replicas else None,
     }
 
 

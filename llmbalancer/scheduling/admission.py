@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -36,6 +37,7 @@ class Waiter:
     sort_key: tuple[int, int] = field(init=False)
     held_for: Backend | None = None  # waiting for this backend only (until the dispatcher clears it)
     retry: bool = False
+    since: float = field(default_factory=time.time)  # when it began waiting (Unix seconds)
 
     def __post_init__(self) -> None:
         self.sort_key = (-self.priority, self.seq)  # higher priority first, then arrival
@@ -55,6 +57,12 @@ class AdmissionQueue:
 
     def depths(self) -> dict[str, int]:
         return {model: len(queue) for model, queue in self._queues.items() if queue}
+
+    def head(self, model: str, leaving: Waiter | None = None) -> Waiter | None:
+        """The first in line for any backend (not held, not a retry) for ``model``, ``leaving`` left out."""
+        return next(
+            (w for w in self._queues.get(model, ()) if w is not leaving and not w.retry and w.held_for is None), None
+        )
 
     def may_claim(self, waiter: Waiter) -> bool:
         """A retry, or first in line for what it waits for: no waiter ahead of it (retries aside) waits for

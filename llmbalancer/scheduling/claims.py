@@ -6,11 +6,19 @@ same half-open probe bookkeeping as anyone). It returns a ``Claim``, a guard who
 circuit breaker, the registry's state, the policy's memory, token totals) and release the slot.
 Release happens exactly once whatever the path: the first outcome wins, and ``release()`` (or leaving
 a ``with`` block) on a claim that has none is ``abandoned``. Only this module writes ``backend.traffic``.
+
+Replicas sharing state (``state.url``) count each backend's claims together through a ``SlotLedger``: the
+dispatcher asks it to ``admit`` a claim (one bounded round trip: the fleet-wide count checked against the
+backend's capacity and ours written, atomically) and every release is told to it (written behind the
+request, never awaited by it). The ledger also carries each replica's first in line per model, so that a
+slot freed anywhere goes to the request that has waited longest anywhere (the dispatcher's ``_MAX_YIELD``).
+Without one, a claim is this process's business alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 from llmbalancer.fleet.backend import Backend, BackendState
 from llmbalancer.fleet.registry import Registry
@@ -20,15 +28,42 @@ from llmbalancer.scheduling.selectors import RequestFacts, Selector
 _EWMA_WEIGHT = 0.2
 
 
+class SlotLedger(Protocol):
+    """In-flight counts per backend shared by the replicas of one balancer (``state/ledger.py``)."""
+
+    async def admit(self, backend: Backend) -> bool:
+        """Our claim on ``backend`` (already counted in its ``traffic.in_flight``) fits in its capacity with
+        every replica's claims counted: True (and written), or False (another replica took the slot first:
+        give it back). True whenever the shared count cannot be reached: degraded, never failed."""
+        ...
+
+    def released(self, backend: Backend) -> None:
+        """One of our claims on ``backend`` was given back (tell the other replicas; never blocks)."""
+        ...
+
+    def queue_head(self, model: str, head: tuple[int, float] | None) -> None:
+        """Our first in line for ``model``: its priority and when it began waiting (Unix seconds), or None."""
+        ...
+
+    def goes_first_elsewhere(self, model: str, priority: int, since: float) -> bool:
+        """Another replica's first in line for ``model`` goes before a request of ``priority`` waiting since
+        ``since``: a higher priority, or as high and waiting longer."""
+        ...
+
+
 class Claim:
     """One request's hold on one backend."""
 
-    __slots__ = ("_facts", "_registry", "_selector", "backend", "released")
+    __slots__ = ("_facts", "_ledger", "_registry", "_selector", "backend", "released")
 
-    def __init__(self, registry: Registry, selector: Selector, backend: Backend, facts: RequestFacts) -> None:
+    def __init__(
+        self, registry: Registry, selector: Selector, backend: Backend, facts: RequestFacts,
+        ledger: SlotLedger | None = None,
+    ) -> None:
         self._registry = registry
         self._selector = selector
         self._facts = facts
+        self._ledger = ledger
         self.backend = backend
         self.released = False
         traffic = backend.traffic
@@ -76,11 +111,20 @@ class Claim:
     def release(self) -> None:
         self.abandoned()
 
+    def placed(self) -> None:
+        """The request goes to this backend: the circuit (a half-open probe) and the policy's memory learn it.
+        ``claim_one`` calls it, or, with ``held``, the dispatcher once the shared ledger admitted the claim
+        (a refused one leaves no trace)."""
+        self._registry.circuit.claimed(self.backend)
+        self._selector.claimed(self.backend, self._facts)
+
     def _release(self) -> bool:
         if self.released:
             return False
         self.released = True
         self.backend.traffic.in_flight -= 1
+        if self._ledger is not None:
+            self._ledger.released(self.backend)
         return True
 
     def __enter__(self) -> Claim:
@@ -95,14 +139,18 @@ def claim_one(
     selector: Selector,
     eligible: Sequence[Backend],
     facts: RequestFacts,
+    ledger: SlotLedger | None = None,
+    *,
+    held: bool = False,
 ) -> Claim | None:
-    """Let the policy pick one of ``eligible`` (routable, room, circuit allowing) and claim it, or None."""
+    """Let the policy pick one of ``eligible`` (routable, room, circuit allowing) and claim it, or None.
+    ``held``: the slot is counted, and the caller calls ``placed`` once the claim is confirmed."""
     backend = selector.select(eligible, facts) if eligible else None
     if backend is None:
         return None
-    claim = Claim(registry, selector, backend, facts)
-    registry.circuit.claimed(backend)
-    selector.claimed(backend, facts)
+    claim = Claim(registry, selector, backend, facts, ledger)
+    if not held:
+        claim.placed()
     return claim
 
 

@@ -8,12 +8,22 @@ One exception, asked of the policy once per request (``Selector.hold_for``): a c
 a full backend worth waiting for (it holds the request's prompt prefix). The request then waits in the
 queue for that backend only, for at most the wait the policy gave, letting the waiters behind it take
 other servers, and afterwards takes any free backend like everyone else.
+
+Replicas sharing state (``ledger``, a ``claims.SlotLedger``): a claim made here is then admitted against
+the fleet-wide count. Refused (another replica took the last slot first, and the ledger's answer now
+shows the backend full here), it is given back and the request chooses again without losing its place in
+the queue. Each replica binds freed slots to requests in its own queue, with one courtesy: while another
+replica's first in line for the model has waited longer (or has a higher priority), a free slot is left to
+it for up to ``_MAX_YIELD`` (it hears of the slot within milliseconds), so replicas behave as one queue
+rather than each serving its own first (without it, two replicas' p99 time to first token was 1.1-1.3x one
+balancer's: bench/RESULTS.md, "Replicas").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Collection
 
 from llmbalancer import errors
@@ -21,10 +31,17 @@ from llmbalancer.config import QueueConfig
 from llmbalancer.fleet.backend import Backend, BackendState
 from llmbalancer.fleet.capacity import has_room
 from llmbalancer.fleet.registry import Registry
-from llmbalancer.scheduling.admission import AdmissionQueue, priority_of
-from llmbalancer.scheduling.claims import Claim, claim_one
+from llmbalancer.scheduling.admission import AdmissionQueue, Waiter, priority_of
+from llmbalancer.scheduling.claims import Claim, SlotLedger, claim_one
 from llmbalancer.scheduling.model_routing import ModelRouter
 from llmbalancer.scheduling.selectors import Hold, RequestFacts, Selector
+
+# Refusals by the shared ledger in a row after which a queued request waits for the next change before
+# choosing again (each refusal shows the backend full here, so a second one in a row is already rare).
+_MAX_REFUSALS = 8
+# The longest a free slot is left to an older request queued on another replica before taking it anyway (the
+# other normally claims it within a few milliseconds; this bounds the cost when it cannot use that backend).
+_MAX_YIELD = 0.05
 
 
 class Dispatcher:
@@ -40,6 +57,7 @@ class Dispatcher:
         # Scale from zero: a request finding no backend at all waits for one to register (up to the timeout).
         self.wait_for_backends = bool(queue.wait_for_backends)
         registry.on_removed.append(lambda backend: self.selector.forget(backend.name))
+        self.ledger: SlotLedger | None = None  # set when replicas share state (app.py)
 
     @property
     def queue_depth(self) -> int:
@@ -68,9 +86,10 @@ class Dispatcher:
         excluded = self.routing.exclusion(facts, self.registry, given)
         model = facts.model or ""
         hold = None if retry else self._hold(facts, excluded)
-        if hold is None and (retry or not self.admission.depth(model)):  # no jumping ahead of those waiting
+        # No jumping ahead of those waiting, here or (replicas) on another replica.
+        if hold is None and (retry or (not self.admission.depth(model) and not self._behind_elsewhere(facts))):
             claim = self._try_claim(facts, excluded)
-            if claim is not None:
+            if claim is not None and await self._admitted(claim):
                 return claim
         excluded = self.routing.exclusion(facts, self.registry, given, waiting=True)
         self._fail_if_hopeless(excluded)
@@ -78,28 +97,82 @@ class Dispatcher:
         with self.admission.waiting(model, priority_of(facts.headers), retry) as waiter:
             hold_until = loop.time() + hold.wait if hold is not None else 0.0
             waiter.held_for = hold.backend if hold is not None else None
+            refusals = 0
+            yield_until: float | None = None  # replicas: a free slot left to an older request elsewhere, until
+            self._tell_head(model)
             try:
                 async with asyncio.timeout(self.admission.timeout):
                     while True:
                         held = waiter.held_for
                         if held is not None and (loop.time() >= hold_until or held not in self.candidates(excluded)):
                             waiter.held_for = held = None  # the affinity wait is over: any free backend now
+                            self._tell_head(model)
+                        wake_by = hold_until if held is not None else None
                         if self.admission.may_claim(waiter):
-                            claim = self._try_claim(facts, excluded, only=held)
-                            if claim is not None:
-                                return claim
+                            if held is None and not retry and self._yields(waiter, excluded):
+                                if yield_until is None:
+                                    yield_until = loop.time() + _MAX_YIELD
+                            else:
+                                yield_until = None  # no slot free, or nobody older elsewhere
+                            if yield_until is not None and loop.time() < yield_until:
+                                wake_by = yield_until
+                            else:
+                                claim = self._try_claim(facts, excluded, only=held)
+                                if claim is not None:
+                                    if await self._admitted(claim):
+                                        return claim
+                                    refusals += 1
+                                    if refusals < _MAX_REFUSALS:
+                                        continue  # that backend shows full now: choose again, in the same place
                         self._fail_if_hopeless(excluded)
-                        if held is None:
+                        if wake_by is None:
                             await self.registry.next_change()
                         else:
                             with contextlib.suppress(TimeoutError):
-                                async with asyncio.timeout(hold_until - loop.time()):
+                                async with asyncio.timeout(wake_by - loop.time()):
                                     await self.registry.next_change()
             except TimeoutError:
                 raise errors.queue_timeout(self.admission.timeout) from None
             finally:
+                self._tell_head(model, leaving=waiter)
                 # The next in line re-checks now: it may be served by the slot this one did not take.
                 self.registry.notify_change()
+
+    def _behind_elsewhere(self, facts: RequestFacts) -> bool:
+        """Replicas: another replica has a request for this model queued before this one (just arrived)."""
+        ledger = self.ledger
+        return ledger is not None and ledger.goes_first_elsewhere(facts.model or "", priority_of(facts.headers),
+                                                                  time.time())
+
+    def _yields(self, waiter: Waiter, excluded: Collection[Backend]) -> bool:
+        """Replicas: a slot is free for this waiter, and another replica's first in line goes before it."""
+        ledger = self.ledger
+        return (
+            ledger is not None and ledger.goes_first_elsewhere(waiter.model, waiter.priority, waiter.since)
+            and bool(self.eligible(excluded))
+        )
+
+    def _tell_head(self, model: str, leaving: Waiter | None = None) -> None:
+        ledger = self.ledger
+        if ledger is not None:
+            head = self.admission.head(model, leaving)
+            ledger.queue_head(model, None if head is None else (head.priority, head.since))
+
+    async def _admitted(self, claim: Claim) -> bool:
+        """Replicas: the claim fits the fleet-wide count too; refused, it is given back (``claims.SlotLedger``)."""
+        ledger = self.ledger
+        if ledger is None:
+            return True
+        try:
+            admitted = await ledger.admit(claim.backend)
+        except BaseException:  # cancelled (the client left) while asking: the slot is given back here
+            claim.abandoned()
+            raise
+        if admitted:
+            claim.placed()  # only now the policy learns the placement: a refused one leaves no trace
+        else:
+            claim.abandoned()
+        return admitted
 
     def _hold(self, facts: RequestFacts, excluded: Collection[Backend]) -> Hold | None:
         """The policy's choice of a full backend to wait for, if it wants one."""
@@ -113,7 +186,7 @@ class Dispatcher:
         eligible = self.eligible(excluded)
         if only is not None:
             eligible = [b for b in eligible if b is only]
-        return claim_one(self.registry, self.selector, eligible, facts)
+        return claim_one(self.registry, self.selector, eligible, facts, self.ledger, held=self.ledger is not None)
 
     def _fail_if_hopeless(self, excluded: Collection[Backend]) -> None:
         """No backend healthy and none starting: 503 at once; a dead fleet does not hold requests (unless

@@ -9,12 +9,17 @@ learn (``sticky``, ``prefix``) do so in the ``claimed`` / ``completed`` hooks, n
 A cache-aware policy may also ask, through ``hold_for``, to wait briefly for a *full* backend that holds
 the request's prompt cache instead of being shown only the free ones: the dispatcher then waits for that
 backend alone (bounded by ``Hold.wait``) before falling back to ``select`` over any free backend.
+
+Replicas sharing state keep one memory: a policy that learns tells what it learned, as compact ``Memory``
+records, to the sink given by ``share`` (which only queues them: still no I/O here), and applies the
+records other replicas' policies told with ``learn``. So ``select`` reads local tables only, which mirror
+the deployment's.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
@@ -42,8 +47,21 @@ class Hold(NamedTuple):
     wait: float
 
 
+class Memory(NamedTuple):
+    """One thing a policy learned from one request, as another replica's policy of the same kind applies it."""
+
+    kind: str  # the policy's own word: "pin" (sticky), "placed" and "done" (prefix)
+    backend: str
+    key: bytes = b""  # a session's digest, a prompt's block chain
+    values: tuple[float, ...] = ()  # kind-specific numbers
+
+
+MemorySink = Callable[[Memory], None]
+
+
 class Selector(ABC):
     name: ClassVar[str]
+    sink: MemorySink | None = None  # replicas: where what the policy learns is told (``share``)
 
     @abstractmethod
     def select(self, candidates: Sequence[Backend], facts: RequestFacts) -> Backend | None:
@@ -64,6 +82,15 @@ class Selector(ABC):
 
     def forget(self, backend_name: str) -> None:
         """``backend_name`` left the fleet: drop what the policy remembers of it (indexes, pins)."""
+        return None
+
+    def share(self, sink: MemorySink | None) -> None:
+        """From now on tell ``sink`` what the policy learns (None: stop). Wrappers pass it to what they wrap."""
+        self.sink = sink
+
+    def learn(self, memory: Memory) -> None:
+        """Apply what another replica's policy learned (a record its ``sink`` was told); unknown kinds are
+        ignored (a replica running another policy)."""
         return None
 
     def entries_count(self) -> int | None:

@@ -59,6 +59,10 @@ Parameters (``policy.prefix_*`` in the configuration)
 - ``protect_histories`` (on): step 5b. Off, new chats follow the longest match alone (as other
   cache-aware routers do) and pile onto the server that first saw their system prompt.
 The capacity gate (no backend is shown to a policy without a free slot) applies before all this.
+
+Replicas: steps 7 and 8 are told as ``Memory`` records (``placed``: the backend and the chain; ``done``:
+the chain, whether the index was reset, and the usage numbers the rates learn from) and applied alike on
+the other replicas, so each one's indexes, follow-ups and prompt rates mirror the whole deployment's.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ from typing import Any
 from llmbalancer.fleet.backend import Backend
 from llmbalancer.fleet.capacity import busy
 from llmbalancer.fleet.usage import Usage
-from llmbalancer.scheduling.selectors.base import Hold, RequestFacts, Selector
+from llmbalancer.scheduling.selectors.base import Hold, Memory, RequestFacts, Selector
 from llmbalancer.scheduling.selectors.follow_ups import FollowUps, family_of
 from llmbalancer.scheduling.selectors.slot_aware import slot_rank
 
@@ -83,6 +87,7 @@ _EWMA_WEIGHT = 0.2
 # The chance that a new chat placed beside a waiting chat of its family overwrites that chat's slot: the new
 # one takes one of the (usually two) idle slots, and llama.cpp prefers the one that shares its prefix.
 _RISK_WEIGHT = 0.5
+_BLOCK_BYTES = 8  # a block name's size (block_chain's digest_size): chains travel between replicas as their join
 
 
 def _ewma(previous: float | None, sample: float) -> float:
@@ -115,7 +120,7 @@ def block_chain(text: str, model: str, block_chars: int) -> list[bytes]:
     for start in range(0, len(text) - block_chars + 1, block_chars):
         # surrogatepass: a lone surrogate (valid JSON "\ud800") hashes like any character, never raises.
         previous = hashlib.blake2b(
-            previous + text[start : start + block_chars].encode("utf-8", "surrogatepass"), digest_size=8
+            previous + text[start : start + block_chars].encode("utf-8", "surrogatepass"), digest_size=_BLOCK_BYTES
         ).digest()
         chain.append(previous)
     return chain
@@ -263,33 +268,64 @@ class Prefix(Selector):
         chain = self.chain(facts)
         if not chain:
             return
-        if self.follow_ups is not None:
-            self.follow_ups.arrived(chain)
-            self.follow_ups.started(backend.name, chain)
-        index = self._indexes.setdefault(backend.name, _Index(self.max_blocks))
+        index = self._placed(backend.name, chain)
         self._pending[id(facts)] = (chain, index.match(chain))
         while len(self._pending) > _MAX_PENDING:
             self._pending.popitem(last=False)
         index.touch(chain)
+        if self.sink is not None:
+            self.sink(Memory("placed", backend.name, b"".join(chain)))
+
+    def _placed(self, backend_name: str, chain: list[bytes]) -> _Index:
+        if self.follow_ups is not None:
+            self.follow_ups.arrived(chain)
+            self.follow_ups.started(backend_name, chain)
+        return self._indexes.setdefault(backend_name, _Index(self.max_blocks))
 
     def completed(self, backend: Backend, facts: RequestFacts, usage: Usage | None) -> None:
         pending = self._pending.pop(id(facts), None)
         if pending is None:
             return
         chain, predicted = pending
+        reset = False
+        if usage is not None and usage.prompt_tokens and usage.cached_tokens is not None:
+            predicted_share = predicted / len(chain)
+            reset = predicted_share >= 0.5 and usage.cached_tokens / usage.prompt_tokens < predicted_share / 4
+        self._done(backend.name, chain, usage, reset)
+        if self.sink is not None:
+            u = usage or Usage()
+            numbers = (u.prompt_tokens, u.cached_tokens, u.prompt_token_seconds)
+            values = (float(reset), *(-1.0 if n is None else float(n) for n in numbers))
+            self.sink(Memory("done", backend.name, b"".join(chain), values))
+
+    def _done(self, backend_name: str, chain: list[bytes], usage: Usage | None, reset: bool) -> None:
         if self.follow_ups is not None:
-            self.follow_ups.finished(backend.name, chain)
+            self.follow_ups.finished(backend_name, chain)
         if usage is not None and usage.prompt_tokens:
-            self._learn_rates(backend.name, len(chain), usage)
-        index = self._indexes.get(backend.name)
+            self._learn_rates(backend_name, len(chain), usage)
+        index = self._indexes.get(backend_name)
         if index is None or usage is None or not usage.prompt_tokens or usage.cached_tokens is None:
             return
-        predicted_share = predicted / len(chain)
-        actual_share = usage.cached_tokens / usage.prompt_tokens
-        if predicted_share >= 0.5 and actual_share < predicted_share / 4:
+        if reset:
             index.clear()
             self.resets += 1
         index.touch(chain)
+
+    def learn(self, memory: Memory) -> None:
+        key = memory.key
+        if memory.kind not in ("placed", "done") or not key or len(key) % _BLOCK_BYTES:
+            return
+        chain = [key[i : i + _BLOCK_BYTES] for i in range(0, len(key), _BLOCK_BYTES)]
+        if memory.kind == "placed":
+            self._placed(memory.backend, chain).touch(chain)
+        elif len(memory.values) == 4:
+            reset, prompt, cached, seconds = memory.values
+            usage = Usage(
+                prompt_tokens=int(prompt) if prompt >= 0 else None,
+                cached_tokens=int(cached) if cached >= 0 else None,
+                prompt_token_seconds=seconds if seconds >= 0 else None,
+            )
+            self._done(memory.backend, chain, usage, bool(reset))
 
     def _learn_rates(self, backend_name: str, blocks: int, usage: Usage) -> None:
         assert usage.prompt_tokens

@@ -11,6 +11,10 @@ and the session is re-pinned there; whether to wait for a full server instead is
 ``hold_for`` (``sticky:prefix`` may wait). Pins live in an LRU map bounded to ``max_sessions``;
 expired pins are dropped as new ones are made. A pin is keyed by a 16-byte digest of the session key,
 never the client's string: a megabyte-long ``user`` costs the map what a short one does.
+
+Replicas: each pin made is told as a ``Memory("pin", backend, digest)``; one learned from another replica
+pins the session here too (for ``ttl`` from when it arrived), so a session's next request finds its pin
+whichever replica it reaches.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 from llmbalancer.fleet.backend import Backend
 from llmbalancer.fleet.usage import Usage
-from llmbalancer.scheduling.selectors.base import Hold, RequestFacts, Selector
+from llmbalancer.scheduling.selectors.base import Hold, Memory, MemorySink, RequestFacts, Selector
 
 _USERNAME = re.compile(r"\b(?:user(?:name)?|user id|user_id)\s*(?:is|:|=)\s*[\"']?([\w.@-]{1,64})", re.IGNORECASE)
 
@@ -113,14 +117,29 @@ class Sticky(Selector):
         return self.inner.hold_for(full, free, facts)
 
     def claimed(self, backend: Backend, facts: RequestFacts) -> None:
-        now = self._clock()
         key = self._key(facts)
-        self._pins[key] = (backend.name, now + self._ttl)
+        self._pin(key, backend.name)
+        if self.sink is not None:
+            self.sink(Memory("pin", backend.name, key))
+        self.inner.claimed(backend, facts)
+
+    def _pin(self, key: bytes, backend_name: str) -> None:
+        now = self._clock()
+        self._pins[key] = (backend_name, now + self._ttl)
         self._pins.move_to_end(key)
         # Oldest first: refreshed pins move to the end, so expired ones gather at the front.
         while self._pins and (len(self._pins) > self._max or next(iter(self._pins.values()))[1] < now):
             self._pins.popitem(last=False)
-        self.inner.claimed(backend, facts)
+
+    def share(self, sink: MemorySink | None) -> None:
+        self.sink = sink
+        self.inner.share(sink)
+
+    def learn(self, memory: Memory) -> None:
+        if memory.kind == "pin":
+            self._pin(memory.key, memory.backend)
+        else:
+            self.inner.learn(memory)
 
     def completed(self, backend: Backend, facts: RequestFacts, usage: Usage | None) -> None:
         self.inner.completed(backend, facts, usage)
