@@ -164,7 +164,9 @@ async def test_an_agent_heartbeating_one_replica_is_served_by_both(tmp_path: Pat
 
 async def test_counters_are_shared_by_the_replicas(tmp_path: Path) -> None:
     with running_redis(tmp_path) as redis:
-        async with run_fake_fleet(1) as fakes, two_replicas(redis, [fakes[0].url]) as (a, b):
+        # A generous bound on Redis calls: on a loaded machine 100 at once could outlast the default 50 ms, and a
+        # call that does falls back to local counts (by design), which is not what this test is about.
+        async with run_fake_fleet(1) as fakes, two_replicas(redis, [fakes[0].url], **{"state.timeout": 2.0}) as (a, b):
             ca, cb = a.components.counters, b.components.counters
             totals = await asyncio.gather(*(c.incr("key:alice:requests", 1) for c in [ca, cb] * 50))
             assert sorted(totals) == list(range(1, 101))  # atomic: each addition saw every one before it
