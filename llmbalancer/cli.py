@@ -175,6 +175,10 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--interval", type=float, default=1.0, help="seconds between probes and heartbeats (1)")
     agent.add_argument("--token", help="the balancers' admin.token (default: $LLMBALANCER_ADMIN__TOKEN)")
     agent.add_argument("--kind", choices=BACKEND_KINDS, default="auto", help="the server's API (auto: probe it)")
+    agent.add_argument(
+        "--api-key", help="the server's own --api-key: probed with it, and given to the balancers to send "
+        "(default: $LLMBALANCER_AGENT_API_KEY)",
+    )
     agent.add_argument("--log-format", choices=LOG_FORMATS)
 
     command("install-llama-server", "build llama-server and fetch the SmolLM2 model", _INSTALL, _INSTALL_EPILOG)
@@ -260,7 +264,8 @@ def _agent(args: argparse.Namespace) -> int:
         print("llmbalancer agent: --interval must be between 0.05 and 3600 seconds", file=sys.stderr)
         return 2
     token = args.token or os.environ.get("LLMBALANCER_ADMIN__TOKEN") or None
-    options = AgentOptions(local, balancers, external, name, args.interval, token, args.kind)
+    api_key = args.api_key or os.environ.get("LLMBALANCER_AGENT_API_KEY") or None
+    options = AgentOptions(local, balancers, external, name, args.interval, token, args.kind, api_key=api_key)
     return asyncio.run(run_agent(options))
 
 
