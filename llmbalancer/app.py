@@ -22,6 +22,7 @@ from llmbalancer.observe.batch_metrics import BatchCollector
 from llmbalancer.observe.gpu import GpuSampler
 from llmbalancer.observe.metrics import Metrics, metrics_handler
 from llmbalancer.observe.recent import RecentRequests
+from llmbalancer.relay.access import add_limit_headers
 from llmbalancer.relay.proxy import Proxy
 from llmbalancer.reloading import ConfigSource, Reloader
 from llmbalancer.scheduling.dispatch import Dispatcher
@@ -33,6 +34,7 @@ from llmbalancer.web.admin import add_admin_routes
 from llmbalancer.web.batches import add_batch_routes
 from llmbalancer.web.guard import expect_handler, guard
 from llmbalancer.web.health import health_handler
+from llmbalancer.web.keyed import observed
 from llmbalancer.web.llmhealth import llmhealth_handler
 from llmbalancer.web.models import add_model_routes
 from llmbalancer.web.monitor import monitor_handler
@@ -69,6 +71,7 @@ def build_components(config: Config, source: ConfigSource | None = None) -> Comp
         agents=agents, discovery=discovery,
     )
     metrics.watch(components.snapshot, registry)
+    proxy.keys.limits.use(components.counters)  # the keys' minutes: in memory, or shared by replicas
     # Always there, so that a reload may add instances. Last in the list but for batches, so stopped almost
     # first: the proxy has drained by then (cleanup runs after it).
     components.supervisor = Supervisor(config.supervisor, config.instances, registry)
@@ -89,9 +92,10 @@ def build_app(config: Config, source: ConfigSource | None = None) -> web.Applica
     app[COMPONENTS] = components
     app.router.add_get("/health", health_handler(components.registry))
     app.router.add_get("/llmhealth", llmhealth_handler(components.gpu))
-    app.router.add_get("/llmhealth-snapshot", snapshot_handler(components.snapshot))
+    # With client keys configured, what the balancer knows of its traffic is for observers only (auth/rules.py).
+    app.router.add_get("/llmhealth-snapshot", observed(components, snapshot_handler(components.snapshot)))
     app.router.add_get("/llmhealth-monitor", monitor_handler())
-    app.router.add_get("/metrics", metrics_handler(components.metrics))
+    app.router.add_get("/metrics", observed(components, metrics_handler(components.metrics)))
     add_admin_routes(app, components)
     add_model_routes(app, components)
     add_ollama_routes(app, components)
@@ -104,6 +108,7 @@ def build_app(config: Config, source: ConfigSource | None = None) -> web.Applica
     app.router.add_route(
         "*", _PROXIED, components.proxy.handle, expect_handler=expect_handler(config.server.max_body_bytes)
     )
+    app.on_response_prepare.append(add_limit_headers)  # a keyed request's x-ratelimit-* headers, on any answer
     app.cleanup_ctx.append(_lifecycle)
     return app
 

@@ -3,11 +3,12 @@ balancer's own routes (``web``) reach the parts they need through it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from llmbalancer.batches import BatchRunner
 from llmbalancer.config import Config
+from llmbalancer.counters import Counters, LocalCounters
 from llmbalancer.fleet.agents import Agents
 from llmbalancer.fleet.dns_discovery import DnsDiscovery
 from llmbalancer.fleet.health_poller import HealthPoller
@@ -41,6 +42,7 @@ class Components:
     supervisor: Supervisor | None = None
     reloader: Reloader | None = None
     batches: BatchRunner | None = None
+    counters: Counters = field(default_factory=LocalCounters)
 
     def snapshot(self) -> dict[str, Any]:
         """The monitor's one document (``GET /llmhealth-snapshot``), as things are now."""

@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "llmbalancer"
 # The first part after `llmbalancer.` names the layer; top-level modules are named in full.
 LAYERS: dict[str, int] = {
-    "__init__": 0, "errors": 0, "service": 0, "config": 0,
+    "__init__": 0, "errors": 0, "service": 0, "config": 0, "counters": 0,
     "fleet": 1,
+    "auth": 2,
     "scheduling": 2,
     "relay": 3,
     "supervisor": 3,

@@ -27,7 +27,7 @@ from llmbalancer.relay.leg import AttemptFailed, Relayed
 from llmbalancer.relay.stream import PASS_CHUNKED, PASS_LENGTH, RECHUNK, StreamRelay
 from llmbalancer.relay.upstream import Answer, ConnectFailed, UpstreamGone, address_of
 from llmbalancer.relay.usage_chunk import UsageCut, cut_whole
-from llmbalancer.relay.wire import HOP_BY_HOP, LAST_CHUNK, chunk, downstream_head, error_response
+from llmbalancer.relay.wire import HOP_BY_HOP, LAST_CHUNK, chunk, downstream_head, error_response, header_lines
 
 if TYPE_CHECKING:
     from llmbalancer.relay.proxy import Proxy
@@ -39,6 +39,7 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"host", b"content-length", b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"
 }
 _CHUNKED = b"Transfer-Encoding: chunked\r\n"
+_CREDENTIALS = frozenset({b"authorization", b"x-api-key"})  # http_headers.CREDENTIALS
 
 
 class Front(Protocol):
@@ -107,7 +108,7 @@ async def serve(
     except ProxyError as error:
         access.status = error.status
         access.error = error.code
-        leg.refuse(error)
+        leg.refuse(error, access)
     except asyncio.CancelledError:
         access.status = access.status or CLIENT_CLOSED
         access.error = access.error or "client_closed"
@@ -127,7 +128,7 @@ class LeanLeg:
         self._proxy = proxy
         self._front = front
         self._request = request
-        self._forwarded: bytes | None = None
+        self._forwarded: tuple[bytes, bytes] | None = None
         self.keep_alive = not request.close
         self.started = False  # the response's head went to the client
 
@@ -135,8 +136,13 @@ class LeanLeg:
         address = address_of(backend.url)
         data = body.data
         assert data is not None
-        head = b"POST %s%s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n%s\r\n" % (
-            address.prefix, self._request.target, address.netloc, self._end_to_end(), len(data),
+        end_to_end, credentials = self._end_to_end()
+        if backend.api_key:
+            credentials = b"Authorization: Bearer %s\r\n" % backend.api_key.encode()  # its own, in the client's place
+        elif self._proxy.strips_credentials:
+            credentials = b""  # the client's key is the balancer's: never forwarded
+        head = b"POST %s%s HTTP/1.1\r\nHost: %s\r\n%s%sContent-Length: %d\r\n%s\r\n" % (
+            address.prefix, self._request.target, address.netloc, end_to_end, credentials, len(data),
             b"Connection: close\r\n" if close else b"",
         )
         pool = self._proxy.pool
@@ -163,20 +169,27 @@ class LeanLeg:
                 f"{backend.state.value} before it answered (health checks failing)", unreachable=True, body_sent=True
             ) from None
 
-    def _end_to_end(self) -> bytes:
-        """The client's end-to-end header lines and ours, the same for every attempt."""
+    def _end_to_end(self) -> tuple[bytes, bytes]:
+        """The client's end-to-end header lines and ours, the same for every attempt; and apart, the client's
+        credentials (``Authorization``, ``x-api-key``), which depend on the backend and on keys."""
         forwarded = self._forwarded
         if forwarded is None:
             request = self._request
             drop = request.drop
-            lines = [b"%s: %s\r\n" % (name, value) for name, value in request.headers if name.lower() not in drop]
+            lines: list[bytes] = []
+            credentials: list[bytes] = []
+            for name, value in request.headers:
+                lower = name.lower()
+                if lower in drop:
+                    continue
+                (credentials if lower in _CREDENTIALS else lines).append(b"%s: %s\r\n" % (name, value))
             client = request.client.encode()
             chain = request.forwarded_for + b", " + client if request.forwarded_for else client
             lines.append(
                 b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\nX-Request-ID: %s\r\n"
                 % (chain, request.host, request.request_id.encode())
             )
-            forwarded = self._forwarded = b"".join(lines)
+            forwarded = self._forwarded = (b"".join(lines), b"".join(credentials))
         return forwarded
 
     async def relay(self, upstream: Answer, access: Access, cut_usage: bool, backend: Backend) -> Relayed[None]:
@@ -186,12 +199,13 @@ class LeanLeg:
         front = self._front
         close = not self.keep_alive or front.closing
         request_id = self._request.request_id
+        limits = header_lines(access.limit_headers)  # a keyed request's x-ratelimit-* headers
         whole = upstream.whole()
         if whole is not None:
             body = cut_whole(whole) if cut and whole else whole
             framing = b"" if head.bodiless else b"Content-Length: %d\r\n" % len(body)
             self.started = True
-            front.write(downstream_head(head, request_id, framing, close) + body)
+            front.write(downstream_head(head, request_id, framing + limits, close, bool(limits)) + body)
             if whole:
                 access.ttfb = time.monotonic()
             access.bytes = len(body)
@@ -213,7 +227,9 @@ class LeanLeg:
         self.started = True
         front.attach(stream)
         try:
-            ending = await stream.start(downstream_head(head, request_id, framing, close), upstream.early)
+            ending = await stream.start(
+                downstream_head(head, request_id, framing + limits, close, bool(limits)), upstream.early
+            )
         except asyncio.CancelledError:
             stream.client_lost()
             raise
@@ -234,14 +250,15 @@ class LeanLeg:
             self.keep_alive = False  # closing without the body's end is the only way to say it is incomplete
         return Relayed(None, broken=ending.broken)
 
-    def refuse(self, error: ProxyError) -> None:
+    def refuse(self, error: ProxyError, access: Access) -> None:
         """Answer ``error`` in place of a backend's response (or cut the connection if one had started)."""
         if self.started:
             self.keep_alive = False
             return
         if error.status == 408:
             self.keep_alive = False  # the body never came whole: what follows on this connection is not a head
-        self._front.write(error_response(error, self._request.request_id, not self.keep_alive or self._front.closing))
+        close = not self.keep_alive or self._front.closing
+        self._front.write(error_response(error, self._request.request_id, close, header_lines(access.limit_headers)))
 
     def unexpected(self, access: Access) -> None:
         """The last line against a bug, as ``access.answer_unexpected``: logged once, a 500 or a cut connection."""
@@ -250,4 +267,4 @@ class LeanLeg:
         access.error = error.code
         if not self.started:
             access.status = error.status
-        self.refuse(error)
+        self.refuse(error, access)
