@@ -20,6 +20,7 @@ from llmbalancer.fleet.membership import converge, spec_of
 from llmbalancer.fleet.registry import Registry
 from llmbalancer.observe.batch_metrics import BatchCollector
 from llmbalancer.observe.gpu import GpuSampler
+from llmbalancer.observe.key_metrics import KeyMetrics
 from llmbalancer.observe.metrics import Metrics, metrics_handler
 from llmbalancer.observe.recent import RecentRequests
 from llmbalancer.relay.access import add_limit_headers
@@ -34,7 +35,7 @@ from llmbalancer.web.admin import add_admin_routes
 from llmbalancer.web.batches import add_batch_routes
 from llmbalancer.web.guard import expect_handler, guard
 from llmbalancer.web.health import health_handler
-from llmbalancer.web.keyed import observed
+from llmbalancer.web.keyed import observed, requester
 from llmbalancer.web.llmhealth import llmhealth_handler
 from llmbalancer.web.models import add_model_routes
 from llmbalancer.web.monitor import monitor_handler
@@ -72,6 +73,9 @@ def build_components(config: Config, source: ConfigSource | None = None) -> Comp
     )
     metrics.watch(components.snapshot, registry)
     proxy.keys.limits.use(components.counters)  # the keys' minutes: in memory, or shared by replicas
+    key_metrics = KeyMetrics(proxy.keys)
+    proxy.on_complete.append(key_metrics.observe)
+    metrics.registry.register(key_metrics)
     # Always there, so that a reload may add instances. Last in the list but for batches, so stopped almost
     # first: the proxy has drained by then (cleanup runs after it).
     components.supervisor = Supervisor(config.supervisor, config.instances, registry)
@@ -80,7 +84,7 @@ def build_components(config: Config, source: ConfigSource | None = None) -> Comp
     if config.batch.enabled:
         # After the supervisor, so stopped before it: lines still running are abandoned (pending, run again at the
         # next start) rather than failed by servers going away.
-        components.batches = BatchRunner(config, registry, dispatcher)
+        components.batches = BatchRunner(config, registry, dispatcher, keys=proxy.keys)
         services.append(components.batches)
         metrics.registry.register(BatchCollector(components.batches))
     return components
@@ -100,7 +104,7 @@ def build_app(config: Config, source: ConfigSource | None = None) -> web.Applica
     add_model_routes(app, components)
     add_ollama_routes(app, components)
     if components.batches is not None:
-        add_batch_routes(app, BatchApi(components.batches))
+        add_batch_routes(app, BatchApi(components.batches), owner_of=lambda request: _key_name(components, request))
         app.on_shutdown.append(_pause_batches)
     # Everything that is not the balancer's own goes to a backend, whatever the method. The balancer's own
     # paths never do: a method they do not answer is aiohttp's 405 (with Allow), another path under
@@ -111,6 +115,11 @@ def build_app(config: Config, source: ConfigSource | None = None) -> web.Applica
     app.on_response_prepare.append(add_limit_headers)  # a keyed request's x-ratelimit-* headers, on any answer
     app.cleanup_ctx.append(_lifecycle)
     return app
+
+
+def _key_name(components: Components, request: web.Request) -> str | None:
+    key = requester(components, request)
+    return None if key is None else key.name
 
 
 async def _pause_batches(app: web.Application) -> None:

@@ -163,6 +163,10 @@ def _parser() -> argparse.ArgumentParser:
     status = command("status", "print a running balancer's backends as a table", _STATUS, _STATUS_EPILOG)
     status.add_argument("--url", default="http://127.0.0.1:8088", help="the balancer (default %(default)s)")
     status.add_argument("--json", action="store_true", help="print the raw /llmhealth-snapshot document")
+    status.add_argument(
+        "--token", help="the admin token or a key with observe: true, when the balancer has client keys "
+        "(default: $LLMBALANCER_ADMIN__TOKEN)",
+    )
 
     agent = command("agent", "keep one server registered with balancers", _AGENT, _AGENT_EPILOG)
     agent.add_argument("--local", required=True, metavar="URL", help="the server, as reached from here")
@@ -238,7 +242,7 @@ def _status(args: argparse.Namespace) -> int:
     from llmbalancer.status import StatusError, fetch_snapshot, format_table
 
     try:
-        snapshot = fetch_snapshot(args.url)
+        snapshot = fetch_snapshot(args.url, token=args.token or os.environ.get("LLMBALANCER_ADMIN__TOKEN") or None)
     except StatusError as exc:
         print(f"llmbalancer: {exc}", file=sys.stderr)
         return 1

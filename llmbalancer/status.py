@@ -19,10 +19,12 @@ class StatusError(Exception):
     pass
 
 
-def fetch_snapshot(url: str, timeout: float = 5.0) -> dict[str, Any]:
+def fetch_snapshot(url: str, timeout: float = 5.0, token: str | None = None) -> dict[str, Any]:
+    """The snapshot; ``token``: the admin token or an observe key (needed when the balancer has client keys)."""
     target = url.rstrip("/") + "/llmhealth-snapshot"
+    request = urllib.request.Request(target, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(target, timeout=timeout) as reply:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
             return dict(json.load(reply))
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise StatusError(f"cannot read {target}: {getattr(exc, 'reason', exc)}") from exc

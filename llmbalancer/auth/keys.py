@@ -79,6 +79,9 @@ class KeyTable:
     def __len__(self) -> int:
         return len(self._by_digest)
 
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
     def named(self, name: str) -> ApiKey | None:
         return self._by_name.get(name)
 

@@ -139,11 +139,17 @@ class KeyLimits:
             return WINDOW_S - now % WINDOW_S
         return None
 
-    async def line_started(self, key: ApiKey) -> None:
+    def line_started(self, key: ApiKey) -> None:
+        """A line of ``key`` starts: it holds an in-flight place at once (``count_line`` counts it)."""
         self._in_flight[key.name] = self._in_flight.get(key.name, 0) + 1
+        seen = self._seen.get(key.name)
         if key.rpm is not None:
-            requests = await self._add(f"key:{key.name}:requests", 1)
-            self._saw(key, requests=requests)
+            now = seen is not None and seen[0] == window_of(WINDOW_S, self._clock())
+            self._saw(key, requests=(seen[1] if seen is not None and now else 0) + 1)
+
+    async def count_line(self, key: ApiKey) -> None:
+        if key.rpm is not None:
+            self._saw(key, requests=await self._add(f"key:{key.name}:requests", 1))
 
     async def line_ended(self, key: ApiKey, used: int) -> None:
         await self.release(key, 0, None, 0.0)

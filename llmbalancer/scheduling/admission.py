@@ -39,6 +39,7 @@ class Waiter:
     held_for: Backend | None = None  # waiting for this backend only (until the dispatcher clears it)
     retry: bool = False
     start: float = 0.0  # its fair-share start tag (fairness.py)
+    tenant: str = ""  # whose share it takes: its key's name, else its client's address
 
     def __post_init__(self) -> None:
         self.sort_key = fair_sort_key(self.priority, self.start, self.seq)
@@ -79,7 +80,7 @@ class AdmissionQueue:
         if len(queue) >= self.max_size:
             raise errors.queue_full(len(queue))
         start = self.fair.start_tag(model, tenant, priority, queue)
-        waiter = Waiter(model, priority, next(self._seq), retry=retry, start=start)
+        waiter = Waiter(model, priority, next(self._seq), retry=retry, start=start, tenant=tenant)
         bisect.insort(queue, waiter, key=lambda w: w.sort_key)
         return _Place(self, waiter)
 
