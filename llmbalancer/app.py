@@ -25,6 +25,7 @@ from llmbalancer.observe.metrics import Metrics, metrics_handler
 from llmbalancer.observe.recent import RecentRequests
 from llmbalancer.relay.access import add_limit_headers
 from llmbalancer.relay.proxy import Proxy
+from llmbalancer.relay.tls import Certificates
 from llmbalancer.reloading import ConfigSource, Reloader
 from llmbalancer.scheduling.dispatch import Dispatcher
 from llmbalancer.scheduling.model_routing import ModelRouter
@@ -80,6 +81,8 @@ def build_components(config: Config, source: ConfigSource | None = None) -> Comp
     # first: the proxy has drained by then (cleanup runs after it).
     components.supervisor = Supervisor(config.supervisor, config.instances, registry)
     services.append(components.supervisor)
+    if Certificates.wanted(config.server):
+        components.tls = Certificates(config.server)  # a pair that cannot be loaded stops the start, named
     components.reloader = Reloader(components, source)
     if config.batch.enabled:
         # After the supervisor, so stopped before it: lines still running are abandoned (pending, run again at the

@@ -207,3 +207,19 @@ def test_tls_needs_a_certificate_and_a_key_together() -> None:
         load_config(environ={}, overrides={"server.tls_cert": "/x/cert.pem"})
     assert caught.value.problems[0].key == "server"
     assert "tls_cert and tls_key go together" in caught.value.problems[0].message
+
+
+def test_upstream_keys_come_from_a_server_list_and_a_supervised_command_line(tmp_path: Path) -> None:
+    from llmbalancer.config.commands_file import api_key_of
+
+    listed = tmp_path / "server-list.json"
+    listed.write_text(
+        '{"servers": {"PC1": {"addr": "http://127.0.0.1", "model-port": 8081, "api-key": "pc1-secret"},'
+        ' "PC2": {"addr": "http://127.0.0.1", "model-port": 8082, "api-key-env": "PC2_KEY"}}}'
+    )
+    config = load_config(environ={"PC2_KEY": "pc2-secret"}, overrides={"server_list": str(listed)})
+    keys = {b.name: b.api_key.get_secret_value() if b.api_key else None for b in config.backends}
+    assert keys == {"PC1": "pc1-secret", "PC2": "pc2-secret"}
+    assert api_key_of(("llama-server", "-m", "x.gguf", "--api-key", "k1")) == "k1"
+    assert api_key_of(("llama-server", "--api-key=k2")) == "k2"
+    assert api_key_of(("llama-server", "--port", "8080")) is None

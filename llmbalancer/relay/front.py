@@ -59,9 +59,10 @@ class Lean:
 
     def __init__(
         self, proxy: Proxy, paths: frozenset[str], *, header_timeout: float, body_timeout: float,
-        keepalive_timeout: float, max_body: int,
+        keepalive_timeout: float, max_body: int, scheme: str = "http",
     ) -> None:
         self.proxy = proxy
+        self.scheme = scheme.encode()  # X-Forwarded-Proto: https when the socket serves TLS
         self.paths = paths
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
@@ -256,7 +257,7 @@ class FrontConnection(asyncio.Protocol):
         return LeanRequest(
             target=url, path=path, headers=headers, length=length, host=host, client=self._peer,
             request_id=choose_request_id(given.decode("latin-1") if given is not None else ""), close=close,
-            drop=frozenset(drop), forwarded_for=forwarded, started=time.monotonic(),
+            drop=frozenset(drop), forwarded_for=forwarded, started=time.monotonic(), scheme=lean.scheme,
         )
 
     def _feed_body(self, body: bytes) -> None:

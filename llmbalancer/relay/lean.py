@@ -91,6 +91,7 @@ class LeanRequest:
     drop: frozenset[bytes]  # header names not to forward (hop-by-hop, and those its Connection names)
     forwarded_for: bytes | None
     started: float
+    scheme: bytes = b"http"  # the client's: https on a TLS socket
 
 
 async def serve(
@@ -186,8 +187,8 @@ class LeanLeg:
             client = request.client.encode()
             chain = request.forwarded_for + b", " + client if request.forwarded_for else client
             lines.append(
-                b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\nX-Request-ID: %s\r\n"
-                % (chain, request.host, request.request_id.encode())
+                b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\nX-Request-ID: %s\r\n"
+                % (chain, request.scheme, request.host, request.request_id.encode())
             )
             forwarded = self._forwarded = (b"".join(lines), b"".join(credentials))
         return forwarded
