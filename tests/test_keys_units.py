@@ -10,7 +10,7 @@ import pytest
 
 from llmbalancer.auth.gate import estimate_of
 from llmbalancer.auth.keys import KeyTable, presented
-from llmbalancer.auth.limits import CONCURRENCY, REQUESTS, TOKENS, KeyLimits, Refused, Standing
+from llmbalancer.auth.limits import CONCURRENCY, REQUESTS, TOKENS, KeyLimits, LimitHeaders, Refused, Standing
 from llmbalancer.config import ConfigError
 from llmbalancer.config.keys import KeyConfig
 from llmbalancer.configure import load_config
@@ -66,13 +66,16 @@ async def test_rpm_counts_admitted_requests_per_fixed_minute_and_a_refusal_count
     assert key is not None
     first = await limits.admit(key, 0)
     assert isinstance(first, Standing) and first.requests == 1 and first.reset_s == pytest.approx(40)
-    assert dict(first.headers(key))["x-ratelimit-remaining-requests"] == "1"
+    assert dict(LimitHeaders(key, first).pairs())["x-ratelimit-remaining-requests"] == "1"
     assert isinstance(await limits.admit(key, 0), Standing)
     refused = await limits.admit(key, 0)
     assert isinstance(refused, Refused) and refused.limit == REQUESTS and refused.retry_after == pytest.approx(40)
-    assert dict(refused.standing.headers(key)) == {
+    assert dict(LimitHeaders(key, refused.standing).pairs()) == {
         "x-ratelimit-limit-requests": "2", "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "40s",
     }
+    assert LimitHeaders(key, refused.standing).lines() == (
+        b"x-ratelimit-limit-requests: 2\r\nx-ratelimit-remaining-requests: 0\r\nx-ratelimit-reset-requests: 40s\r\n"
+    )
     assert isinstance(await limits.admit(key, 0), Refused)  # still 2 counted, not 4
     clock.now += 40  # the next minute
     assert isinstance(await limits.admit(key, 0), Standing)

@@ -14,7 +14,7 @@ from typing import Any
 
 from llmbalancer import errors
 from llmbalancer.auth.keys import ApiKey, KeyTable, presented
-from llmbalancer.auth.limits import CONCURRENCY, REQUESTS, KeyLimits, Refused, Standing
+from llmbalancer.auth.limits import CONCURRENCY, REQUESTS, KeyLimits, LimitHeaders, Refused, Standing
 from llmbalancer.config.keys import AuthConfig
 from llmbalancer.counters import Counters
 
@@ -32,7 +32,7 @@ class Grant:
         self.key = key
         self._limits = limits
         self.estimate = estimate
-        self.headers = standing.headers(key) if standing is not None else []
+        self.headers = LimitHeaders(key, standing) if standing is not None else None
         self._admitted_at = now
         self.released = False
 
@@ -80,14 +80,14 @@ class KeyGate:
         estimate = estimate_of(body) if key.tpm is not None else 0
         outcome = await self.limits.admit(key, estimate)
         if isinstance(outcome, Refused):
-            raise RateLimited(refusal(key, outcome), outcome.standing.headers(key), key.name)
+            raise RateLimited(refusal(key, outcome), LimitHeaders(key, outcome.standing), key.name)
         return Grant(key, self.limits, estimate, outcome, self._clock())
 
 
 class RateLimited(Exception):
     """A 429 and the rate-limit headers it goes out with."""
 
-    def __init__(self, error: errors.ProxyError, headers: list[tuple[str, str]], key_name: str) -> None:
+    def __init__(self, error: errors.ProxyError, headers: LimitHeaders, key_name: str) -> None:
         super().__init__(error.message)
         self.error = error
         self.headers = headers

@@ -32,6 +32,13 @@ class ApiKey:
     priority: int = 0
     observe: bool = False
     _judged: dict[str, bool] = field(default_factory=dict, repr=False)
+    # Its counters' names (limits.py), made once.
+    requests_counter: str = field(init=False, repr=False)
+    tokens_counter: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.requests_counter = f"key:{self.name}:requests"
+        self.tokens_counter = f"key:{self.name}:tokens"
 
     @classmethod
     def of(cls, config: KeyConfig) -> ApiKey:

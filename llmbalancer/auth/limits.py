@@ -32,23 +32,53 @@ class Standing:
     tokens: int
     reset_s: float  # seconds until the window ends
 
-    def headers(self, key: ApiKey) -> list[tuple[str, str]]:
-        """OpenAI's ``x-ratelimit-*`` headers for the limits ``key`` has."""
-        reset = _duration(self.reset_s)
+
+class LimitHeaders:
+    """OpenAI's ``x-ratelimit-*`` headers for the limits a key has, made only when an answer is written: as
+    (name, value) pairs for aiohttp's responses, as header lines for the lean relay's."""
+
+    __slots__ = ("_key", "_standing")
+
+    def __init__(self, key: ApiKey, standing: Standing) -> None:
+        self._key = key
+        self._standing = standing
+
+    def __bool__(self) -> bool:
+        return self._key.rpm is not None or self._key.tpm is not None
+
+    def pairs(self) -> list[tuple[str, str]]:
+        key, standing = self._key, self._standing
+        reset = _duration(standing.reset_s)
         out = []
         if key.rpm is not None:
             out += [
                 ("x-ratelimit-limit-requests", str(key.rpm)),
-                ("x-ratelimit-remaining-requests", str(max(0, key.rpm - self.requests))),
+                ("x-ratelimit-remaining-requests", str(max(0, key.rpm - standing.requests))),
                 ("x-ratelimit-reset-requests", reset),
             ]
         if key.tpm is not None:
             out += [
                 ("x-ratelimit-limit-tokens", str(key.tpm)),
-                ("x-ratelimit-remaining-tokens", str(max(0, key.tpm - self.tokens))),
+                ("x-ratelimit-remaining-tokens", str(max(0, key.tpm - standing.tokens))),
                 ("x-ratelimit-reset-tokens", reset),
             ]
         return out
+
+    def lines(self) -> bytes:
+        key, standing = self._key, self._standing
+        reset = _duration(standing.reset_s).encode()
+        out = b""
+        if key.rpm is not None:
+            out = _REQUEST_LINES % (key.rpm, max(0, key.rpm - standing.requests), reset)
+        if key.tpm is not None:
+            out += _TOKEN_LINES % (key.tpm, max(0, key.tpm - standing.tokens), reset)
+        return out
+
+
+_REQUEST_LINES = (
+    b"x-ratelimit-limit-requests: %d\r\nx-ratelimit-remaining-requests: %d\r\nx-ratelimit-reset-requests: %s\r\n"
+)
+_TOKEN_LINES = b"x-ratelimit-limit-tokens: %d\r\nx-ratelimit-remaining-tokens: %d\r\nx-ratelimit-reset-tokens: %s\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,19 +121,21 @@ class KeyLimits:
         if key.max_concurrency is not None and self._in_flight.get(name, 0) >= key.max_concurrency:
             return Refused(CONCURRENCY, await self._standing(key, reset), 1.0)
         if key.rpm is not None:
-            requests = await self._add(f"key:{name}:requests", 1)
+            requests = await self._add(key.requests_counter, 1)
             if requests > key.rpm:
-                await self._add(f"key:{name}:requests", -1)
-                tokens = await self._read(f"key:{name}:tokens") if key.tpm is not None else 0
+                await self._add(key.requests_counter, -1)
+                tokens = await self._read(key.tokens_counter) if key.tpm is not None else 0
                 return self._refused(key, REQUESTS, requests - 1, tokens, reset, now)
         if key.tpm is not None:
-            tokens = await self._read(f"key:{name}:tokens")
-            if tokens >= key.tpm or tokens + estimate > key.tpm:
+            # Counted at once (one call in the usual case), taken back when it does not fit.
+            tokens = await self._add(key.tokens_counter, estimate) if estimate else await self._read(key.tokens_counter)
+            before = tokens - estimate
+            if before >= key.tpm or tokens > key.tpm:
+                if estimate:
+                    await self._add(key.tokens_counter, -estimate)
                 if key.rpm is not None:
-                    requests = await self._add(f"key:{name}:requests", -1)
-                return self._refused(key, TOKENS, requests, tokens, reset, now, estimate)
-            if estimate:
-                tokens = await self._add(f"key:{name}:tokens", estimate)
+                    requests = await self._add(key.requests_counter, -1)
+                return self._refused(key, TOKENS, requests, before, reset, now, estimate)
         self._in_flight[name] = self._in_flight.get(name, 0) + 1
         self._seen[name] = (window_of(WINDOW_S, now), requests, tokens)
         return Standing(requests, tokens, reset)
@@ -120,9 +152,9 @@ class KeyLimits:
         if key.tpm is None or used is None or used == estimate:
             return
         if window_of(WINDOW_S, self._clock()) == window_of(WINDOW_S, admitted_at):
-            await self._add(f"key:{name}:tokens", used - estimate)
+            await self._add(key.tokens_counter, used - estimate)
         elif used > estimate:
-            await self._add(f"key:{name}:tokens", used - estimate)  # the estimate was counted in the last window
+            await self._add(key.tokens_counter, used - estimate)  # the estimate was counted in the last window
 
     # --- batch lines: counted as they start and end, held back while the key is at a limit ---------------
 
@@ -149,12 +181,12 @@ class KeyLimits:
 
     async def count_line(self, key: ApiKey) -> None:
         if key.rpm is not None:
-            self._saw(key, requests=await self._add(f"key:{key.name}:requests", 1))
+            self._saw(key, requests=await self._add(key.requests_counter, 1))
 
     async def line_ended(self, key: ApiKey, used: int) -> None:
         await self.release(key, 0, None, 0.0)
         if key.tpm is not None and used:
-            self._saw(key, tokens=await self._add(f"key:{key.name}:tokens", used))
+            self._saw(key, tokens=await self._add(key.tokens_counter, used))
 
     def _saw(self, key: ApiKey, requests: int | None = None, tokens: int | None = None) -> None:
         window = window_of(WINDOW_S, self._clock())
@@ -173,8 +205,8 @@ class KeyLimits:
         return Refused(limit, Standing(requests, tokens, reset), reset, asked)
 
     async def _standing(self, key: ApiKey, reset: float) -> Standing:
-        requests = await self._read(f"key:{key.name}:requests") if key.rpm is not None else 0
-        tokens = await self._read(f"key:{key.name}:tokens") if key.tpm is not None else 0
+        requests = await self._read(key.requests_counter) if key.rpm is not None else 0
+        tokens = await self._read(key.tokens_counter) if key.tpm is not None else 0
         return Standing(requests, tokens, reset)
 
     async def _add(self, counter: str, amount: int) -> int:

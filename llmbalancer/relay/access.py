@@ -11,6 +11,7 @@ import structlog
 from aiohttp import web
 
 from llmbalancer import errors
+from llmbalancer.auth.limits import LimitHeaders
 from llmbalancer.fleet.usage import Tail, Usage, read_usage
 
 log = structlog.get_logger("llmbalancer.access")
@@ -57,7 +58,7 @@ class Access:
     # Why each failed attempt before the last failed ("backend: reason"), when any did.
     attempt_errors: list[str] | None = None  # the response's last chunks, for the usage reader (dispatcher.completed)
     key_name: str | None = None  # the client key's name (auth/), never the key itself
-    limit_headers: list[tuple[str, str]] | None = None  # the key's x-ratelimit-* headers, on whatever answer it gets
+    limit_headers: LimitHeaders | None = None  # the key's x-ratelimit-* headers, on whatever answer it gets
 
     def emit(self) -> None:
         now = self.finished = time.monotonic()
@@ -117,7 +118,7 @@ async def add_limit_headers(request: web.Request, response: web.StreamResponse) 
     access = request.get(ACCESS)
     if access is not None and access.limit_headers:
         headers = response.headers
-        for name, value in access.limit_headers:
+        for name, value in access.limit_headers.pairs():
             headers[name] = value
 
 

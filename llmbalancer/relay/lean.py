@@ -27,7 +27,7 @@ from llmbalancer.relay.leg import AttemptFailed, Relayed
 from llmbalancer.relay.stream import PASS_CHUNKED, PASS_LENGTH, RECHUNK, StreamRelay
 from llmbalancer.relay.upstream import Answer, ConnectFailed, UpstreamGone, address_of
 from llmbalancer.relay.usage_chunk import UsageCut, cut_whole
-from llmbalancer.relay.wire import HOP_BY_HOP, LAST_CHUNK, chunk, downstream_head, error_response, header_lines
+from llmbalancer.relay.wire import HOP_BY_HOP, LAST_CHUNK, chunk, downstream_head, error_response
 
 if TYPE_CHECKING:
     from llmbalancer.relay.proxy import Proxy
@@ -200,7 +200,7 @@ class LeanLeg:
         front = self._front
         close = not self.keep_alive or front.closing
         request_id = self._request.request_id
-        limits = header_lines(access.limit_headers)  # a keyed request's x-ratelimit-* headers
+        limits = access.limit_headers.lines() if access.limit_headers else b""  # a keyed request's x-ratelimit-*
         whole = upstream.whole()
         if whole is not None:
             body = cut_whole(whole) if cut and whole else whole
@@ -259,7 +259,8 @@ class LeanLeg:
         if error.status == 408:
             self.keep_alive = False  # the body never came whole: what follows on this connection is not a head
         close = not self.keep_alive or self._front.closing
-        self._front.write(error_response(error, self._request.request_id, close, header_lines(access.limit_headers)))
+        limits = access.limit_headers.lines() if access.limit_headers else b""
+        self._front.write(error_response(error, self._request.request_id, close, limits))
 
     def unexpected(self, access: Access) -> None:
         """The last line against a bug, as ``access.answer_unexpected``: logged once, a 500 or a cut connection."""

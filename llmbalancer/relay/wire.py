@@ -140,11 +140,6 @@ def error_response(error: ProxyError, request_id: str | None, close: bool, lines
     )
 
 
-def header_lines(pairs: list[tuple[str, str]] | None) -> bytes:
-    """``pairs`` as header lines (names and values the balancer made: no CR or LF in them)."""
-    return b"".join(b"%s: %s\r\n" % (name.encode(), value.encode()) for name, value in pairs) if pairs else b""
-
-
 def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 

@@ -21,7 +21,6 @@ key's priority, or lower if the client asks.
 from __future__ import annotations
 
 import bisect
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -120,5 +119,8 @@ def asked_priority(headers: Mapping[str, str]) -> int | None:
 
 
 def keyed(facts: RequestFacts, tenant: str, priority_cap: int) -> RequestFacts:
-    """``facts`` of a request made with a client key."""
-    return dataclasses.replace(facts, tenant=tenant, priority_cap=priority_cap)
+    """``facts`` of a request made with a client key (made directly: ``dataclasses.replace`` costs twice as much,
+    once per keyed request)."""
+    return RequestFacts(
+        facts.method, facts.path, facts.client, facts.headers, facts.model, facts.body, tenant, priority_cap
+    )
