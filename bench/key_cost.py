@@ -54,9 +54,12 @@ class Cost:
     note: str = ""
 
 
+CREDENTIALS = (b"Bearer " + KEY.encode(), None)  # as the lean front finds them among the header lines
+
+
 async def _keys_on(gate: KeyGate, n: int) -> None:
     for _ in range(n):
-        headers = RawHeaders(SDK_HEADERS)
+        headers = RawHeaders(SDK_HEADERS, CREDENTIALS)
         facts = RequestFacts("POST", "/v1/chat/completions", "127.0.0.1", headers, "smollm2", BODY)
         grant = await gate.admit(headers, facts.model, BODY)
         keyed(facts, grant.key.name, grant.key.priority)
@@ -67,7 +70,7 @@ async def _keys_on(gate: KeyGate, n: int) -> None:
 
 async def _keys_off(gate: KeyGate, n: int) -> None:
     for _ in range(n):
-        headers = RawHeaders(SDK_HEADERS)
+        headers = RawHeaders(SDK_HEADERS, CREDENTIALS)
         RequestFacts("POST", "/v1/chat/completions", "127.0.0.1", headers, "smollm2", BODY)
         if gate.active:
             raise AssertionError("the keys-off gate must be inactive")

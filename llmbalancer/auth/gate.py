@@ -14,7 +14,7 @@ from typing import Any
 
 from llmbalancer import errors
 from llmbalancer.auth.keys import ApiKey, KeyTable, presented
-from llmbalancer.auth.limits import CONCURRENCY, REQUESTS, KeyLimits, LimitHeaders, Refused, Standing
+from llmbalancer.auth.limits import CONCURRENCY, REQUESTS, WINDOW_S, KeyLimits, LimitHeaders, Refused, Standing
 from llmbalancer.config.keys import AuthConfig
 from llmbalancer.counters import Counters
 
@@ -26,14 +26,14 @@ _MAX_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 class Grant:
     """One admitted request of one key: its rate-limit headers, and its in-flight place until ``release``."""
 
-    __slots__ = ("_admitted_at", "_limits", "estimate", "headers", "key", "released")
+    __slots__ = ("_limits", "_window", "estimate", "headers", "key", "released")
 
-    def __init__(self, key: ApiKey, limits: KeyLimits, estimate: int, standing: Standing | None, now: float) -> None:
+    def __init__(self, key: ApiKey, limits: KeyLimits, estimate: int, standing: Standing | None) -> None:
         self.key = key
         self._limits = limits
         self.estimate = estimate
         self.headers = LimitHeaders(key, standing) if standing is not None else None
-        self._admitted_at = now
+        self._window = standing.window if standing is not None else 0
         self.released = False
 
     async def release(self, used: int | None) -> None:
@@ -42,16 +42,17 @@ class Grant:
             return
         self.released = True
         if self.key.limited:
-            await self._limits.release(self.key, self.estimate, used, self._admitted_at)
+            correction = self._limits.release_now(self.key, self.estimate, used, self._window)
+            if correction:
+                await self._limits.counters.incr(self.key.tokens_counter, correction, WINDOW_S)
 
 
 class KeyGate:
-    __slots__ = ("_clock", "limits", "table")
+    __slots__ = ("limits", "table")
 
     def __init__(self, auth: AuthConfig | None = None, counters: Counters | None = None) -> None:
         self.limits = KeyLimits(counters)
         self.table = KeyTable(auth.keys if auth is not None else ())
-        self._clock = self.limits._clock
 
     @property
     def active(self) -> bool:
@@ -76,12 +77,13 @@ class KeyGate:
         if not key.allows(model):
             raise errors.model_not_allowed(model or "")
         if not key.limited:
-            return Grant(key, self.limits, 0, None, 0.0)
+            return Grant(key, self.limits, 0, None)
         estimate = estimate_of(body) if key.tpm is not None else 0
-        outcome = await self.limits.admit(key, estimate)
+        limits = self.limits
+        outcome = limits.admit_now(key, estimate) if limits.local else await limits.admit(key, estimate)
         if isinstance(outcome, Refused):
             raise RateLimited(refusal(key, outcome), LimitHeaders(key, outcome.standing), key.name)
-        return Grant(key, self.limits, estimate, outcome, self._clock())
+        return Grant(key, self.limits, estimate, outcome)
 
 
 class RateLimited(Exception):

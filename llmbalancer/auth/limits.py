@@ -31,6 +31,7 @@ class Standing:
     requests: int
     tokens: int
     reset_s: float  # seconds until the window ends
+    window: int = 0  # which window (``counters.window_of``)
 
 
 class LimitHeaders:
@@ -111,9 +112,50 @@ class KeyLimits:
     def in_flight(self, name: str) -> int:
         return self._in_flight.get(name, 0)
 
+    @property
+    def local(self) -> bool:
+        """Counting in this process's memory: ``admit_now`` and ``release_now`` do it without awaiting."""
+        return self._local is not None
+
+    def admit_now(self, key: ApiKey, estimate: int) -> Standing | Refused:
+        """``admit`` with counters in memory (``local``), synchronously: the same steps, none awaited (a
+        coroutine per counter call would be most of what a key costs a request)."""
+        local = self._local
+        assert local is not None
+        now = self._clock()
+        reset = WINDOW_S - now % WINDOW_S
+        window = window_of(WINDOW_S, now)  # given to every call: one clock reading per request
+        name = key.name
+        requests = tokens = 0
+        if key.max_concurrency is not None and self._in_flight.get(name, 0) >= key.max_concurrency:
+            requests = local.add(key.requests_counter, 0, WINDOW_S, window) if key.rpm is not None else 0
+            tokens = local.add(key.tokens_counter, 0, WINDOW_S, window) if key.tpm is not None else 0
+            return Refused(CONCURRENCY, Standing(requests, tokens, reset), 1.0)
+        if key.rpm is not None:
+            requests = local.add(key.requests_counter, 1, WINDOW_S, window)
+            if requests > key.rpm:
+                local.add(key.requests_counter, -1, WINDOW_S, window)
+                tokens = local.add(key.tokens_counter, 0, WINDOW_S, window) if key.tpm is not None else 0
+                return self._refused(key, REQUESTS, requests - 1, tokens, reset, now)
+        if key.tpm is not None:
+            tokens = local.add(key.tokens_counter, estimate, WINDOW_S, window)
+            before = tokens - estimate
+            if before >= key.tpm or tokens > key.tpm:
+                if estimate:
+                    local.add(key.tokens_counter, -estimate, WINDOW_S, window)
+                if key.rpm is not None:
+                    requests = local.add(key.requests_counter, -1, WINDOW_S, window)
+                return self._refused(key, TOKENS, requests, before, reset, now, estimate)
+        self._in_flight[name] = self._in_flight.get(name, 0) + 1
+        self._seen[name] = (window, requests, tokens)
+        return Standing(requests, tokens, reset, window)
+
     async def admit(self, key: ApiKey, estimate: int) -> Standing | Refused:
         """Count one request of ``key`` that may take ``estimate`` tokens, or say which limit refuses it. An
-        admitted request holds one of the key's in-flight places until ``release``."""
+        admitted request holds one of the key's in-flight places until ``release``. (In memory, ``admit_now``
+        is the same without awaiting.)"""
+        if self._local is not None:
+            return self.admit_now(key, estimate)
         now = self._clock()
         reset = WINDOW_S - now % WINDOW_S
         name = key.name
@@ -136,13 +178,15 @@ class KeyLimits:
                 if key.rpm is not None:
                     requests = await self._add(key.requests_counter, -1)
                 return self._refused(key, TOKENS, requests, before, reset, now, estimate)
+        window = window_of(WINDOW_S, now)
         self._in_flight[name] = self._in_flight.get(name, 0) + 1
-        self._seen[name] = (window_of(WINDOW_S, now), requests, tokens)
-        return Standing(requests, tokens, reset)
+        self._seen[name] = (window, requests, tokens)
+        return Standing(requests, tokens, reset, window)
 
-    async def release(self, key: ApiKey, estimate: int, used: int | None, admitted_at: float) -> None:
-        """The request admitted at ``admitted_at`` is over: its in-flight place back, its tokens corrected from
-        ``estimate`` to ``used`` (None: what it used is unknown, the estimate stands)."""
+    def release_now(self, key: ApiKey, estimate: int, used: int | None, admitted_in: int) -> int:
+        """The request admitted in window ``admitted_in`` is over: its in-flight place back; returns the tokens to
+        add to correct its count from ``estimate`` to ``used`` (None: unknown, the estimate stands), added here
+        when counting in memory."""
         name = key.name
         left = self._in_flight.get(name, 0) - 1
         if left > 0:
@@ -150,11 +194,21 @@ class KeyLimits:
         else:
             self._in_flight.pop(name, None)
         if key.tpm is None or used is None or used == estimate:
-            return
-        if window_of(WINDOW_S, self._clock()) == window_of(WINDOW_S, admitted_at):
-            await self._add(key.tokens_counter, used - estimate)
-        elif used > estimate:
-            await self._add(key.tokens_counter, used - estimate)  # the estimate was counted in the last window
+            return 0
+        correction = used - estimate
+        window = window_of(WINDOW_S, self._clock())
+        if correction < 0 and window != admitted_in:
+            return 0  # its estimate was counted in a window that has ended: nothing to take back from this one
+        if self._local is not None:
+            self._local.add(key.tokens_counter, correction, WINDOW_S, window)
+            return 0
+        return correction
+
+    async def release(self, key: ApiKey, estimate: int, used: int | None, admitted_in: int) -> None:
+        """``release_now``, and the correction counted when the counters are shared."""
+        correction = self.release_now(key, estimate, used, admitted_in)
+        if correction:
+            await self._add(key.tokens_counter, correction)
 
     # --- batch lines: counted as they start and end, held back while the key is at a limit ---------------
 
@@ -184,7 +238,7 @@ class KeyLimits:
             self._saw(key, requests=await self._add(key.requests_counter, 1))
 
     async def line_ended(self, key: ApiKey, used: int) -> None:
-        await self.release(key, 0, None, 0.0)
+        await self.release(key, 0, None, 0)
         if key.tpm is not None and used:
             self._saw(key, tokens=await self._add(key.tokens_counter, used))
 
@@ -227,4 +281,9 @@ def _duration(seconds: float) -> str:
     if seconds < 1:
         return f"{max(1, round(seconds * 1000))}ms"
     whole = math.ceil(seconds)
+    if whole < len(_WHOLE_SECONDS):
+        return _WHOLE_SECONDS[whole]
     return f"{whole}s" if whole < 60 else f"{whole // 60}m{whole % 60}s"
+
+
+_WHOLE_SECONDS = (*(f"{s}s" for s in range(60)), "1m0s")  # made once: one per request otherwise

@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -55,12 +55,29 @@ class Front(Protocol):
 
 
 class RawHeaders(Mapping[str, str]):
-    """The client's header lines as a case-insensitive mapping (the policies read one or two by name)."""
+    """The client's header lines as a case-insensitive mapping (the policies read one or two by name).
+    ``credentials``: the ``Authorization`` and ``x-api-key`` values the front already found (the key check asks
+    for both on every request when keys are configured), answered without a pass over the lines."""
 
-    __slots__ = ("_pairs",)
+    __slots__ = ("_credentials", "_pairs")
 
-    def __init__(self, pairs: list[tuple[bytes, bytes]]) -> None:
+    def __init__(
+        self, pairs: list[tuple[bytes, bytes]], credentials: tuple[bytes | None, bytes | None] | None = None
+    ) -> None:
         self._pairs = pairs
+        self._credentials = credentials
+
+    def get(self, key: str, default: Any = None) -> Any:
+        credentials = self._credentials
+        if credentials is not None:
+            if key == "Authorization":
+                return default if credentials[0] is None else credentials[0].decode("latin-1")
+            if key == "x-api-key":
+                return default if credentials[1] is None else credentials[1].decode("latin-1")
+        try:
+            return self[key]
+        except KeyError:
+            return default
 
     def __getitem__(self, key: str) -> str:
         wanted = key.lower().encode("latin-1")
@@ -92,6 +109,7 @@ class LeanRequest:
     forwarded_for: bytes | None
     started: float
     scheme: bytes = b"http"  # the client's: https on a TLS socket
+    credentials: tuple[bytes | None, bytes | None] = (None, None)  # its Authorization and x-api-key, if sent
 
 
 async def serve(
@@ -103,7 +121,8 @@ async def serve(
     try:
         data = body if isinstance(body, bytes) else await body
         parsed = parse_json_object(data)
-        facts = facts_of("POST", request.path, request.client, RawHeaders(request.headers), parsed)
+        headers = RawHeaders(request.headers, request.credentials)
+        facts = facts_of("POST", request.path, request.client, headers, parsed)
         access.model = facts.model
         await proxy.forward(leg, InboundBody(data, None, parsed), facts, access)
     except ProxyError as error:

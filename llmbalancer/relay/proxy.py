@@ -154,11 +154,15 @@ class Proxy:
         for observer in self.on_complete:
             observer(access)
 
-    async def forward(self, leg: Leg[Any, R], body: InboundBody, facts: RequestFacts, access: Access) -> R:
-        """Check the request's key (when keys are configured), then ``relay`` it; the leg's response."""
+    def forward(self, leg: Leg[Any, R], body: InboundBody, facts: RequestFacts, access: Access) -> Awaitable[R]:
+        """Check the request's key (when keys are configured), then ``relay`` it; the leg's response. Without
+        keys the relay's own coroutine is handed back: not a frame more per request."""
+        if not self.keys.active:
+            return self.relay(leg, body, facts, access)
+        return self._keyed(leg, body, facts, access)
+
+    async def _keyed(self, leg: Leg[Any, R], body: InboundBody, facts: RequestFacts, access: Access) -> R:
         gate = self.keys
-        if not gate.active:
-            return await self.relay(leg, body, facts, access)
         try:
             grant = await gate.admit(facts.headers, facts.model, body.parsed)
         except RateLimited as limited:
