@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import tempfile
@@ -58,8 +59,9 @@ class Run:
     light_ttft: list[float] = field(default_factory=list)  # seconds; a timeout counts at the queue timeout
     light_timeouts: int = 0
     light_errors: int = 0
-    heavy_served: int = 0
+    heavy_served: int = 0  # heavy requests answered before the run was cut off
     heavy_sent: int = 0
+    seconds: float = 0.0  # from the first arrival to the cut-off (the last light request's end)
 
 
 def _config(workdir: Path, backends: list[int], mode: str, queue_timeout: float) -> Path:
@@ -140,6 +142,7 @@ async def _close_when_done(http: aiohttp.ClientSession, tasks: list[asyncio.Task
 
 async def _drive(url: str, mode: str, seed: int, capacity: float, window: float, queue_timeout: float) -> Run:
     run = Run(mode, seed)
+    started = time.monotonic()
     keyed = mode == MODES[0]
     light_source = "127.0.0.2" if mode == MODES[2] else "127.0.0.1"
     heavy, light = await asyncio.gather(
@@ -155,6 +158,7 @@ async def _drive(url: str, mode: str, seed: int, capacity: float, window: float,
         else:
             run.light_errors += 1
     run.heavy_sent = len(heavy)
+    run.seconds = time.monotonic() - started
     for task in heavy:
         if task.done() and not task.cancelled() and task.exception() is None and task.result()[0] == 200:
             run.heavy_served += 1
@@ -191,18 +195,20 @@ def section(runs: list[Run], cost: key_cost.Cost, args: argparse.Namespace, mach
     capacity = args.servers * args.slots / (MAX_TOKENS * TOKEN_DELAY)
     lines = [
         "## Fair share among keys (`python bench/fairness.py`)", "",
-        f"{machine}; {took / 60:.1f} min. Fleet: {args.servers} fake llama-servers x {args.slots} slots, "
+        f"{machine}, {os.getloadavg()[0]:.1f} at the end; {took / 60:.1f} min. "
+        f"Fleet: {args.servers} fake llama-servers x {args.slots} slots, "
         f"{MAX_TOKENS} tokens at {TOKEN_DELAY * 1000:g} ms each per request: capacity {capacity:.1f} requests/s. "
         f"Heavy key: Poisson at 3x capacity ({3 * capacity:.1f}/s), light key at 10 % ({0.1 * capacity:.2f}/s), "
         f"for {args.window:g} s; queue.timeout {args.queue_timeout:g} s (a light request still waiting then counts "
         f"at {args.queue_timeout:g} s). Seeds {', '.join(str(s) for s in range(1, args.seeds + 1))}, pooled.", "",
-        "| Queue order | light TTFT p50 s | light TTFT p99 s | light timeouts | light requests | heavy served/s |",
+        "| Queue order | light TTFT p50 s | light TTFT p99 s | light timeouts | light requests "
+        "| heavy answered/s |",
         "|---|---|---|---|---|---|",
     ]
     for mode in MODES:
         mine = [r for r in runs if r.mode == mode]
         ttfts = [t for r in mine for t in r.light_ttft]
-        served = sum(r.heavy_served for r in mine) / (len(mine) * args.window) if mine else 0.0
+        served = sum(r.heavy_served for r in mine) / sum(r.seconds for r in mine) if mine else 0.0
         lines.append(
             f"| {mode} | {pct(ttfts, 0.5):.2f} | {pct(ttfts, 0.99):.2f} | {sum(r.light_timeouts for r in mine)} | "
             f"{len(ttfts) + sum(r.light_errors for r in mine)} | {served:.1f} |"
