@@ -105,3 +105,23 @@ async def test_the_monitor_asks_for_a_token_once_and_keeps_it_for_the_tab() -> N
                 await expect(other.locator("[data-testid=auth-form]")).to_be_visible(timeout=10_000)
             finally:
                 await browser.close()
+
+
+async def test_a_backend_registered_over_the_admin_api_carries_its_api_key_and_never_shows_it() -> None:
+    async with run_fake_llama() as fake, run_balancer(make_config([])) as balancer, aiohttp.ClientSession() as session:
+        body = {"url": fake.url, "name": "locked", "api_key": "backend-secret-7"}
+        async with session.post(balancer.url + "/admin/backends", json=body) as reply:
+            assert reply.status == 201
+            assert "backend-secret-7" not in await reply.text()
+        async with session.get(balancer.url + "/admin/backends") as reply:
+            assert "backend-secret-7" not in await reply.text()
+        async with session.post(balancer.url + "/admin/backends",
+                                json={"url": fake.url, "name": "env", "api_key_env": "HOME"}) as reply:
+            assert reply.status == 400
+            assert "api_key_env" in (await reply.json())["error"]["message"]
+        locked = balancer.components.registry.get("locked")
+        assert locked is not None and locked.api_key == "backend-secret-7"
+        async with session.post(balancer.url + "/v1/chat/completions", json=CHAT) as reply:
+            assert reply.status == 200
+        seen = fake.stats["last_by_path"]["/v1/chat/completions"]["headers"]
+        assert seen["authorization"] == "Bearer backend-secret-7"

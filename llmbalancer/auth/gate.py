@@ -36,15 +36,19 @@ class Grant:
         self._window = standing.window if standing is not None else 0
         self.released = False
 
-    async def release(self, used: int | None) -> None:
-        """The request is over; ``used``: the tokens its response reported (prompt + completion), if any."""
+    def release(self, used: int | None) -> int:
+        """The request is over; ``used``: the tokens its response reported (prompt + completion), if any. Returns
+        the tokens still to count (shared counters: ``settle`` them), 0 when nothing is left to do."""
         if self.released:
-            return
+            return 0
         self.released = True
-        if self.key.limited:
-            correction = self._limits.release_now(self.key, self.estimate, used, self._window)
-            if correction:
-                await self._limits.counters.incr(self.key.tokens_counter, correction, WINDOW_S)
+        if not self.key.limited:
+            return 0
+        return self._limits.release_now(self.key, self.estimate, used, self._window)
+
+    async def settle(self, correction: int) -> None:
+        """Count ``release``'s correction in the shared counters."""
+        await self._limits.counters.incr(self.key.tokens_counter, correction, WINDOW_S)
 
 
 class KeyGate:
@@ -71,29 +75,36 @@ class KeyGate:
             raise errors.invalid_api_key(secret is not None)
         return key
 
-    async def admit(self, headers: Mapping[str, str], model: str | None, body: Mapping[str, Any] | None) -> Grant:
-        """The request's grant, or the ``ProxyError`` that answers it (a 429 carries the key's headers)."""
-        key = self.authenticate(headers)
+    def admit_now(self, key: ApiKey, model: str | None, body: Mapping[str, Any] | None) -> Grant:
+        """``key``'s request for ``model``: its grant, or the ``ProxyError`` that answers it (404; ``RateLimited``,
+        a 429 with the key's headers). Counting in memory only (``limits.local``); ``admit`` otherwise."""
         if not key.allows(model):
             raise errors.model_not_allowed(model or "")
         if not key.limited:
             return Grant(key, self.limits, 0, None)
         estimate = estimate_of(body) if key.tpm is not None else 0
-        limits = self.limits
-        outcome = limits.admit_now(key, estimate) if limits.local else await limits.admit(key, estimate)
+        return self._granted(key, estimate, self.limits.admit_now(key, estimate))
+
+    async def admit(self, key: ApiKey, model: str | None, body: Mapping[str, Any] | None) -> Grant:
+        """``admit_now``, with counters wherever they are (in Redis, for replicas)."""
+        if self.limits.local or not key.limited or not key.allows(model):
+            return self.admit_now(key, model, body)
+        estimate = estimate_of(body) if key.tpm is not None else 0
+        return self._granted(key, estimate, await self.limits.admit(key, estimate))
+
+    def _granted(self, key: ApiKey, estimate: int, outcome: Standing | Refused) -> Grant:
         if isinstance(outcome, Refused):
-            raise RateLimited(refusal(key, outcome), LimitHeaders(key, outcome.standing), key.name)
+            raise RateLimited(refusal(key, outcome), LimitHeaders(key, outcome.standing))
         return Grant(key, self.limits, estimate, outcome)
 
 
 class RateLimited(Exception):
     """A 429 and the rate-limit headers it goes out with."""
 
-    def __init__(self, error: errors.ProxyError, headers: LimitHeaders, key_name: str) -> None:
+    def __init__(self, error: errors.ProxyError, headers: LimitHeaders) -> None:
         super().__init__(error.message)
         self.error = error
         self.headers = headers
-        self.key_name = key_name
 
 
 def refusal(key: ApiKey, refused: Refused) -> errors.ProxyError:

@@ -163,17 +163,24 @@ class Proxy:
 
     async def _keyed(self, leg: Leg[Any, R], body: InboundBody, facts: RequestFacts, access: Access) -> R:
         gate = self.keys
+        key = gate.authenticate(facts.headers)  # 401
+        access.key_name = key.name
         try:
-            grant = await gate.admit(facts.headers, facts.model, body.parsed)
+            # Counted in memory without awaiting anything (a coroutine less per request).
+            grant = (
+                gate.admit_now(key, facts.model, body.parsed) if gate.limits.local
+                else await gate.admit(key, facts.model, body.parsed)
+            )
         except RateLimited as limited:
-            access.key_name, access.limit_headers = limited.key_name, limited.headers
+            access.limit_headers = limited.headers
             raise limited.error from None
-        access.key_name = grant.key.name
         access.limit_headers = grant.headers
         try:
-            return await self.relay(leg, body, keyed(facts, grant.key.name, grant.key.priority), access)
+            return await self.relay(leg, body, keyed(facts, key.name, key.priority), access)
         finally:
-            await grant.release(access.tokens_used())
+            correction = grant.release(access.tokens_used())
+            if correction:
+                await grant.settle(correction)
 
     async def relay(self, leg: Leg[Any, R], body: InboundBody, facts: RequestFacts, access: Access) -> R:
         """Claim a backend, open the request on it through ``leg``, retry what may be retried, relay the
