@@ -52,20 +52,17 @@ class Grant:
 
 
 class KeyGate:
-    __slots__ = ("limits", "table")
+    __slots__ = ("active", "limits", "table")
 
     def __init__(self, auth: AuthConfig | None = None, counters: Counters | None = None) -> None:
         self.limits = KeyLimits(counters)
         self.table = KeyTable(auth.keys if auth is not None else ())
-
-    @property
-    def active(self) -> bool:
-        """Keys are configured: every proxied request needs one."""
-        return bool(self.table)
+        self.active = bool(self.table)  # keys are configured: every proxied request needs one (read per request)
 
     def configure(self, auth: AuthConfig) -> None:
         """A reload: the new keys apply to requests that arrive from now on (in-flight counts are kept by name)."""
         self.table = KeyTable(auth.keys)
+        self.active = bool(self.table)
 
     def authenticate(self, headers: Mapping[str, str]) -> ApiKey:
         """The key ``headers`` present; 401 when there is none or it is unknown."""

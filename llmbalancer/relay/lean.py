@@ -196,13 +196,15 @@ class LeanLeg:
         if forwarded is None:
             request = self._request
             drop = request.drop
-            lines: list[bytes] = []
             credentials: list[bytes] = []
-            for name, value in request.headers:
-                lower = name.lower()
-                if lower in drop:
-                    continue
-                (credentials if lower in _CREDENTIALS else lines).append(b"%s: %s\r\n" % (name, value))
+            if request.credentials == (None, None):  # the front saw none: the one pass of old
+                lines = [b"%s: %s\r\n" % (name, value) for name, value in request.headers if name.lower() not in drop]
+            else:
+                lines = []
+                for name, value in request.headers:
+                    lower = name.lower()
+                    if lower not in drop:
+                        (credentials if lower in _CREDENTIALS else lines).append(b"%s: %s\r\n" % (name, value))
             client = request.client.encode()
             chain = request.forwarded_for + b", " + client if request.forwarded_for else client
             lines.append(

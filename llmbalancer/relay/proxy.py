@@ -82,11 +82,8 @@ class Proxy:
         self._connect_timeout = config.timeouts.connect
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout)
         self.keys.configure(config.auth)
-
-    @property
-    def strips_credentials(self) -> bool:
-        """Keys are configured: a client's ``Authorization`` / ``x-api-key`` is the balancer's, never forwarded."""
-        return self.keys.active
+        # Keys are configured: a client's Authorization / x-api-key is the balancer's, never forwarded.
+        self.strips_credentials = self.keys.active
 
     @property
     def first_byte(self) -> tuple[Deadlines, float]:

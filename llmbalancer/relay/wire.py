@@ -115,9 +115,10 @@ def downstream_head(head: ResponseHead, request_id: str, framing: bytes, close: 
     its rate-limit headers). ``limits``: those replace any the backend sent."""
     drop = RESPONSE_DROP | head.named if head.named else RESPONSE_DROP
     lines = [b"HTTP/1.1" + head.status_line[8:]]
-    lines += [
-        line for lower, line in head.headers if lower not in drop and not (limits and lower.startswith(b"x-ratelimit-"))
-    ]
+    if limits:
+        lines += [line for lower, line in head.headers if lower not in drop and not lower.startswith(b"x-ratelimit-")]
+    else:
+        lines += [line for lower, line in head.headers if lower not in drop]
     connection = b"Connection: close\r\n" if close else b""
     lines.append(b"X-Request-ID: %s\r\n%s%s" % (request_id.encode(), framing, connection))
     return b"\r\n".join(lines) + b"\r\n"

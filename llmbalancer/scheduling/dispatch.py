@@ -57,7 +57,8 @@ class Dispatcher:
         allows = self.registry.circuit.allows
         within = self.backend_limits.allows  # a backend at its rpm/tpm for this minute is not offered requests
         eligible = [
-            b for b in self.registry if b.routable and b not in excluded and has_room(b) and allows(b) and within(b)
+            b for b in self.registry if b.routable and b not in excluded and has_room(b) and allows(b)
+            and ((b.rpm is None and b.tpm is None) or within(b))
         ]
         if any(b.health.gpu_busy for b in eligible):
             # Balancers behind us that report busy GPUs (/llmhealth) take work only when no idle one can.
