@@ -26,6 +26,10 @@ def fetch_snapshot(url: str, timeout: float = 5.0, token: str | None = None) -> 
     try:
         with urllib.request.urlopen(request, timeout=timeout) as reply:
             return dict(json.load(reply))
+    except urllib.error.HTTPError as exc:
+        hint = " (the balancer has client keys: give --token, the admin token or a key with observe: true)" \
+            if exc.code in (401, 403) else ""
+        raise StatusError(f"cannot read {target}: HTTP {exc.code} {exc.reason}{hint}") from exc
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise StatusError(f"cannot read {target}: {getattr(exc, 'reason', exc)}") from exc
 

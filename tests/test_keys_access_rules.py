@@ -125,3 +125,15 @@ async def test_a_backend_registered_over_the_admin_api_carries_its_api_key_and_n
             assert reply.status == 200
         seen = fake.stats["last_by_path"]["/v1/chat/completions"]["headers"]
         assert seen["authorization"] == "Bearer backend-secret-7"
+
+
+async def test_llmbalancer_status_reads_the_snapshot_with_a_token_when_keys_are_configured() -> None:
+    import asyncio
+
+    from llmbalancer.status import StatusError, fetch_snapshot
+
+    async with run_fake_llama() as fake, run_balancer(keyed_config([fake.url], *KEYS)) as balancer:
+        snapshot = await asyncio.to_thread(fetch_snapshot, balancer.url, 5.0, OBSERVER)
+        assert snapshot["backends"][0]["url"] == fake.url
+        with pytest.raises(StatusError, match="401"):
+            await asyncio.to_thread(fetch_snapshot, balancer.url, 5.0)
