@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -42,6 +42,7 @@ class AgentOptions:
     token: str | None = None
     kind: str = "auto"
     probe_timeout: float = 2.0
+    api_key: str | None = field(default=None, repr=False)  # the server's own --api-key
 
 
 class Agent:
@@ -49,7 +50,9 @@ class Agent:
         self.options = options
         # The agent's own view of its one server, kept as the poller keeps a backend's (write_health).
         self._fleet = Registry()
-        self._server = self._fleet.add(Backend(options.name, options.local, options.kind, source="agent"))
+        self._server = self._fleet.add(
+            Backend(options.name, options.local, options.kind, api_key=options.api_key, source="agent")
+        )
         self._memory = ProbeMemory()
         self._beat: dict[str, Any] | None = None  # the latest heartbeat; None until the server was first ready
         self._version = 0
@@ -67,6 +70,7 @@ class Agent:
             "deferred": health.deferred,
             "models": list(health.served_models),
             "detected_kind": health.detected_kind,
+            **({"api_key": self.options.api_key} if self.options.api_key else {}),
         }
 
     async def run(self, stop: asyncio.Event) -> None:

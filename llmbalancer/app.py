@@ -20,9 +20,12 @@ from llmbalancer.fleet.membership import converge, spec_of
 from llmbalancer.fleet.registry import Registry
 from llmbalancer.observe.batch_metrics import BatchCollector
 from llmbalancer.observe.gpu import GpuSampler
+from llmbalancer.observe.key_metrics import KeyMetrics
 from llmbalancer.observe.metrics import Metrics, metrics_handler
 from llmbalancer.observe.recent import RecentRequests
+from llmbalancer.relay.access import add_limit_headers
 from llmbalancer.relay.proxy import Proxy
+from llmbalancer.relay.tls import Certificates
 from llmbalancer.reloading import ConfigSource, Reloader
 from llmbalancer.scheduling.dispatch import Dispatcher
 from llmbalancer.scheduling.model_routing import ModelRouter
@@ -34,6 +37,7 @@ from llmbalancer.web.admin import add_admin_routes
 from llmbalancer.web.batches import add_batch_routes
 from llmbalancer.web.guard import expect_handler, guard
 from llmbalancer.web.health import health_handler
+from llmbalancer.web.keyed import observed, requester
 from llmbalancer.web.llmhealth import llmhealth_handler
 from llmbalancer.web.models import add_model_routes
 from llmbalancer.web.monitor import monitor_handler
@@ -70,15 +74,21 @@ def build_components(config: Config, source: ConfigSource | None = None) -> Comp
         agents=agents, discovery=discovery,
     )
     metrics.watch(components.snapshot, registry)
+    proxy.keys.limits.use(components.counters)  # the keys' minutes: in memory, or shared by replicas
+    key_metrics = KeyMetrics(proxy.keys)
+    proxy.on_complete.append(key_metrics.observe)
+    metrics.registry.register(key_metrics)
     # Always there, so that a reload may add instances. Last in the list but for batches, so stopped almost
     # first: the proxy has drained by then (cleanup runs after it).
     components.supervisor = Supervisor(config.supervisor, config.instances, registry)
     services.append(components.supervisor)
+    if Certificates.wanted(config.server):
+        components.tls = Certificates(config.server)  # a pair that cannot be loaded stops the start, named
     components.reloader = Reloader(components, source)
     if config.batch.enabled:
         # After the supervisor, so stopped before it: lines still running are abandoned (pending, run again at the
         # next start) rather than failed by servers going away.
-        components.batches = BatchRunner(config, registry, dispatcher)
+        components.batches = BatchRunner(config, registry, dispatcher, keys=proxy.keys)
         services.append(components.batches)
         metrics.registry.register(BatchCollector(components.batches))
     if config.state.url:
@@ -91,6 +101,7 @@ def _share(components: Components) -> None:
     replicas = Replicas(components.config, components.registry, components.dispatcher, components.agents)
     components.replicas = replicas
     components.counters = replicas.counters
+    components.proxy.keys.limits.use(replicas.counters)  # keys' requests and tokens per minute: counted once
     components.dispatcher.ledger = replicas.ledger
     if components.reloader is not None:
         components.reloader.on_policy.append(replicas.memory.adopt)
@@ -104,14 +115,15 @@ def build_app(config: Config, source: ConfigSource | None = None) -> web.Applica
     app[COMPONENTS] = components
     app.router.add_get("/health", health_handler(components.registry))
     app.router.add_get("/llmhealth", llmhealth_handler(components.gpu))
-    app.router.add_get("/llmhealth-snapshot", snapshot_handler(components.snapshot))
+    # With client keys configured, what the balancer knows of its traffic is for observers only (auth/rules.py).
+    app.router.add_get("/llmhealth-snapshot", observed(components, snapshot_handler(components.snapshot)))
     app.router.add_get("/llmhealth-monitor", monitor_handler())
-    app.router.add_get("/metrics", metrics_handler(components.metrics))
+    app.router.add_get("/metrics", observed(components, metrics_handler(components.metrics)))
     add_admin_routes(app, components)
     add_model_routes(app, components)
     add_ollama_routes(app, components)
     if components.batches is not None:
-        add_batch_routes(app, BatchApi(components.batches))
+        add_batch_routes(app, BatchApi(components.batches), owner_of=lambda request: _key_name(components, request))
         app.on_shutdown.append(_pause_batches)
     # Everything that is not the balancer's own goes to a backend, whatever the method. The balancer's own
     # paths never do: a method they do not answer is aiohttp's 405 (with Allow), another path under
@@ -119,8 +131,14 @@ def build_app(config: Config, source: ConfigSource | None = None) -> web.Applica
     app.router.add_route(
         "*", _PROXIED, components.proxy.handle, expect_handler=expect_handler(config.server.max_body_bytes)
     )
+    app.on_response_prepare.append(add_limit_headers)  # a keyed request's x-ratelimit-* headers, on any answer
     app.cleanup_ctx.append(_lifecycle)
     return app
+
+
+def _key_name(components: Components, request: web.Request) -> str | None:
+    key = requester(components, request)
+    return None if key is None else key.name
 
 
 async def _pause_batches(app: web.Application) -> None:

@@ -168,6 +168,10 @@ def _parser() -> argparse.ArgumentParser:
     status = command("status", "print a running balancer's backends as a table", _STATUS, _STATUS_EPILOG)
     status.add_argument("--url", default="http://127.0.0.1:8088", help="the balancer (default %(default)s)")
     status.add_argument("--json", action="store_true", help="print the raw /llmhealth-snapshot document")
+    status.add_argument(
+        "--token", help="the admin token or a key with observe: true, when the balancer has client keys "
+        "(default: $LLMBALANCER_ADMIN__TOKEN)",
+    )
 
     agent = command("agent", "keep one server registered with balancers", _AGENT, _AGENT_EPILOG)
     agent.add_argument("--local", required=True, metavar="URL", help="the server, as reached from here")
@@ -180,6 +184,10 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--interval", type=float, default=1.0, help="seconds between probes and heartbeats (1)")
     agent.add_argument("--token", help="the balancers' admin.token (default: $LLMBALANCER_ADMIN__TOKEN)")
     agent.add_argument("--kind", choices=BACKEND_KINDS, default="auto", help="the server's API (auto: probe it)")
+    agent.add_argument(
+        "--api-key", help="the server's own --api-key: probed with it, and given to the balancers to send "
+        "(default: $LLMBALANCER_AGENT_API_KEY)",
+    )
     agent.add_argument("--log-format", choices=LOG_FORMATS)
 
     command("install-llama-server", "build llama-server and fetch the SmolLM2 model", _INSTALL, _INSTALL_EPILOG)
@@ -240,7 +248,7 @@ def _status(args: argparse.Namespace) -> int:
     from llmbalancer.status import StatusError, fetch_snapshot, format_table
 
     try:
-        snapshot = fetch_snapshot(args.url)
+        snapshot = fetch_snapshot(args.url, token=args.token or os.environ.get("LLMBALANCER_ADMIN__TOKEN") or None)
     except StatusError as exc:
         print(f"llmbalancer: {exc}", file=sys.stderr)
         return 1
@@ -266,7 +274,8 @@ def _agent(args: argparse.Namespace) -> int:
         print("llmbalancer agent: --interval must be between 0.05 and 3600 seconds", file=sys.stderr)
         return 2
     token = args.token or os.environ.get("LLMBALANCER_ADMIN__TOKEN") or None
-    options = AgentOptions(local, balancers, external, name, args.interval, token, args.kind)
+    api_key = args.api_key or os.environ.get("LLMBALANCER_AGENT_API_KEY") or None
+    options = AgentOptions(local, balancers, external, name, args.interval, token, args.kind, api_key=api_key)
     return asyncio.run(run_agent(options))
 
 

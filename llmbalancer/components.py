@@ -18,6 +18,7 @@ from llmbalancer.observe.metrics import Metrics
 from llmbalancer.observe.recent import RecentRequests
 from llmbalancer.observe.snapshot import build_snapshot
 from llmbalancer.relay.proxy import Proxy
+from llmbalancer.relay.tls import Certificates
 from llmbalancer.reloading import Reloader
 from llmbalancer.scheduling.dispatch import Dispatcher
 from llmbalancer.service import Service
@@ -47,6 +48,7 @@ class Components:
     replicas: Replicas | None = None
     # Counts per key and window (the API keys' limits): in Redis with replicas, else in memory.
     counters: Counters = field(default_factory=LocalCounters)
+    tls: Certificates | None = None  # server.tls_cert / tls_key: the listening socket's certificate
 
     def snapshot(self) -> dict[str, Any]:
         """The monitor's one document (``GET /llmhealth-snapshot``), as things are now."""

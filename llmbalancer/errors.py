@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -163,3 +164,26 @@ def invalid_request(message: str, code: str = "invalid_request") -> ProxyError:
 
 def conflict(message: str) -> ProxyError:
     return ProxyError(409, message, "invalid_request_error", "conflict")
+
+
+def invalid_api_key(presented: bool) -> ProxyError:
+    """No key, or one the balancer does not know (OpenAI's answer: the SDK raises ``AuthenticationError``)."""
+    message = (
+        "Incorrect API key provided" if presented
+        else "You didn't provide an API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')"
+    )
+    return ProxyError(401, message, "invalid_request_error", "invalid_api_key")
+
+
+def model_not_allowed(model: str) -> ProxyError:
+    """A model outside the key's list: OpenAI answers models you cannot see as if they did not exist."""
+    shown = model if len(model) <= 200 else model[:197] + "..."
+    return ProxyError(
+        404, f"The model '{shown}' does not exist or you do not have access to it.", "invalid_request_error",
+        "model_not_found",
+    )
+
+
+def rate_limited(message: str, kind: str, retry_after: float) -> ProxyError:
+    """Over one of the key's limits (``kind``: ``requests``, ``tokens`` or ``concurrency``)."""
+    return ProxyError(429, message, kind, "rate_limit_exceeded", retry_after=max(1, math.ceil(retry_after)))

@@ -12,7 +12,10 @@ serving. A valid one is applied as a diff, nothing else touched:
 - policy and routes: a new selector or model router, built whole and swapped in for requests that arrive
   afterwards (a policy whose settings did not change keeps its memory: pins, prefix indexes);
 - queue, timeouts, retries, limits, health checks, circuit breaker, agents, DNS discovery, the admin
-  token: read by each new request, probe or heartbeat from now on;
+  token, the client keys (``auth``, the keys file read again): read by each new request, probe or
+  heartbeat from now on;
+- the TLS certificate and key (``server.tls_cert``, ``tls_key``): read again, for connections made from now
+  on (turning TLS on or off needs a restart);
 - ``server.host``, ``server.port`` (and the rest of ``server`` but its drain and body limits), ``logging``,
   ``gpu``, ``monitor`` and ``state`` are reported as needing a restart and left alone.
 
@@ -39,6 +42,7 @@ from llmbalancer.fleet.membership import conflicts, converge, spec_of
 from llmbalancer.fleet.registry import Registry
 from llmbalancer.observe.metrics import Metrics
 from llmbalancer.relay.proxy import Proxy
+from llmbalancer.relay.tls import Certificates
 from llmbalancer.scheduling.dispatch import Dispatcher
 from llmbalancer.scheduling.model_routing import ModelRouter
 from llmbalancer.scheduling.selectors import Selector, make_selector
@@ -66,6 +70,7 @@ class Parts(Protocol):
     agents: Agents
     discovery: DnsDiscovery
     supervisor: Supervisor | None
+    tls: Certificates | None
 
 
 @dataclass(frozen=True)
@@ -135,11 +140,21 @@ class Reloader:
         problems += [f"instances: {name!r} is registered by another source" for name in held]
         if problems:
             return Reloaded(False, problems)
+        tls_toggled = Certificates.wanted(new.server) != (c.tls is not None)
+        if c.tls is not None and Certificates.wanted(new.server):
+            try:
+                c.tls.reload(new.server)  # before anything else changes: a pair that does not load changes nothing
+            except ConfigError as exc:
+                return Reloaded(False, [str(problem) for problem in exc.problems])
         changed = _changed_keys(old.as_dict(), new.as_dict())
         if new.admin.token != old.admin.token and "admin.token" not in changed:
             changed.append("admin.token")  # masked alike in as_dict
+        if new.auth != old.auth and not any(k.startswith("auth.") for k in changed):
+            changed.append("auth.keys")  # a secret changed (masked alike), or the keys file's content
         result = Reloaded(True, changed=[k for k in changed if not k.startswith(_FLEET_KEYS)])
         result.needs_restart = [k for k in changed if k.startswith(RESTART_KEYS)]
+        if tls_toggled:
+            result.needs_restart.append("server.tls_cert")  # TLS on or off: the listening socket is made anew
 
         c.registry.drain_timeout = new.server.drain_timeout
         moved = converge(c.registry, "config", specs, reason="removed from the configuration")

@@ -58,13 +58,17 @@ async def serve(config: Config, source: ConfigSource | None = None) -> int:
     try:
         # A burst of thousands of new streams must not overflow the accept queue (a dropped SYN costs a client 1 s
         # and more); the kernel caps this at net.core.somaxconn.
-        site = web.TCPSite(runner, config.server.host, config.server.port, backlog=4096)
+        tls = app[COMPONENTS].tls  # HTTPS: the same HTTP/1.1 over TLS, lean front and aiohttp alike
+        site = web.TCPSite(
+            runner, config.server.host, config.server.port, backlog=4096,
+            ssl_context=tls.context if tls is not None else None,
+        )
         await site.start()
         _settle_garbage_collector()
         registry = app[COMPONENTS].registry
         log.info(
             "listening",
-            url=f"http://{config.server.host}:{config.server.port}",
+            url=f"{'https' if tls is not None else 'http'}://{config.server.host}:{config.server.port}",
             policy=config.policy.name,
             backends=[b.name for b in registry],
             fleet_sources=fleet_sources(config),

@@ -19,11 +19,17 @@ class StatusError(Exception):
     pass
 
 
-def fetch_snapshot(url: str, timeout: float = 5.0) -> dict[str, Any]:
+def fetch_snapshot(url: str, timeout: float = 5.0, token: str | None = None) -> dict[str, Any]:
+    """The snapshot; ``token``: the admin token or an observe key (needed when the balancer has client keys)."""
     target = url.rstrip("/") + "/llmhealth-snapshot"
+    request = urllib.request.Request(target, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
-        with urllib.request.urlopen(target, timeout=timeout) as reply:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
             return dict(json.load(reply))
+    except urllib.error.HTTPError as exc:
+        hint = " (the balancer has client keys: give --token, the admin token or a key with observe: true)" \
+            if exc.code in (401, 403) else ""
+        raise StatusError(f"cannot read {target}: HTTP {exc.code} {exc.reason}{hint}") from exc
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise StatusError(f"cannot read {target}: {getattr(exc, 'reason', exc)}") from exc
 

@@ -17,6 +17,7 @@ PACKAGE = "llmbalancer"
 LAYERS: dict[str, int] = {
     "__init__": 0, "errors": 0, "service": 0, "config": 0, "counters": 0,
     "fleet": 1,
+    "auth": 2,
     "scheduling": 2,
     "relay": 3,
     "supervisor": 3,

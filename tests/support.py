@@ -144,10 +144,12 @@ async def run_balancer(config: Config, source: ConfigSource | None = None) -> As
     runner = app_runner(app, config.server, shutdown_timeout=5)
     await runner.setup()
     port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    tls = app[COMPONENTS].tls  # server.tls_cert: HTTPS, as `serve` binds it
+    site = web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls.context if tls is not None else None)
     await site.start()
+    scheme = "https" if tls is not None else "http"
     try:
-        yield RunningBalancer(f"http://127.0.0.1:{port}", port, app[COMPONENTS], config)
+        yield RunningBalancer(f"{scheme}://127.0.0.1:{port}", port, app[COMPONENTS], config)
     finally:
         await runner.cleanup()
 

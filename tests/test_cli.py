@@ -27,7 +27,7 @@ def test_check_config_prints_the_effective_configuration(tmp_path: Path) -> None
     effective = yaml.safe_load(run.stdout)
     assert effective["server"] == {"host": "127.0.0.1", "port": 9000, "max_body_bytes": 16 * 1024 * 1024,
                                    "drain_timeout": 30.0, "keepalive_timeout": 75.0, "header_timeout": 60.0,
-                                   "body_timeout": 60.0, "relay": "lean"}
+                                   "body_timeout": 60.0, "relay": "lean", "tls_cert": None, "tls_key": None}
     assert effective["policy"]["name"] == "hash"
     assert effective["backends"][0]["name"] == "one"
     assert effective["timeouts"]["connect"] == 5.0  # defaults are printed too

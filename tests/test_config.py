@@ -18,6 +18,7 @@ from llmbalancer.config import (
     ModelRoute,
     parse_backend_spec,
 )
+from llmbalancer.config.keys import KeyConfig
 from llmbalancer.configure import load_config
 from tests.support import REPO
 
@@ -342,7 +343,7 @@ def test_the_example_config_sets_every_key_of_every_section_to_its_default() -> 
 
 def test_the_example_config_shows_every_key_of_a_backend_an_instance_and_a_route() -> None:
     text = (REPO / "config.example.yaml").read_text()
-    for model in (BackendConfig, InstanceConfig, ModelRoute, DnsTarget):
+    for model in (BackendConfig, InstanceConfig, ModelRoute, DnsTarget, KeyConfig):
         for key in model.model_fields:
             assert re.search(rf"^#\s+(- )?{key}:|[{{ ]{key}:", text, re.MULTILINE), f"{model.__name__}.{key}"
 

@@ -65,6 +65,7 @@ class ActiveBatch:
     completed: int
     failed: int
     closing: str | None = None  # the status it ends in once its running lines are done (expired, cancelled)
+    owner: str | None = None  # the client key that made it: its lines count against that key's limits
     loaded: deque[Pending] = field(default_factory=deque)
     retries: deque[Pending] = field(default_factory=deque)
     running: dict[int, asyncio.Task[None]] = field(default_factory=dict)  # by line number
@@ -79,7 +80,7 @@ class ActiveBatch:
         return cls(
             record.id, record.seq, record.priority, record.status, record.endpoint, record.model,
             record.times["created_at"] or 0, record.times["expires_at"], record.total, record.completed,
-            record.failed,
+            record.failed, owner=record.owner,
         )
 
     def next_line(self) -> Pending | None:

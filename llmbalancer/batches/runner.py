@@ -11,6 +11,8 @@ those serving its model. Its result is committed to the store before it counts. 
 before answering (refused, dropped, 5xx, left rotation while the line waited) is charged on the claim
 and the line goes back, to be sent to another backend, up to ``batch.max_attempts`` tries.
 
+A batch made with a client key counts its lines against that key's limits (``key_limits.py``).
+
 On cancel no new line starts; the running ones finish, then the batch ends ``cancelled``. On expiry the
 running lines are stopped at once and the batch ends ``expired``. When the balancer stops, running lines
 are abandoned: they are pending in the store and run again at the next start (``resume``).
@@ -27,12 +29,15 @@ from typing import Any
 import aiohttp
 import structlog
 
+from llmbalancer.auth.gate import KeyGate
+from llmbalancer.auth.keys import ApiKey
 from llmbalancer.batches import finalize as ending
 from llmbalancer.batches import sender
 from llmbalancer.batches.active import LOAD, ActiveBatch, Pending
 from llmbalancer.batches.database import Database
 from llmbalancer.batches.files import FileSpace
 from llmbalancer.batches.gate import BatchGate
+from llmbalancer.batches.key_limits import BatchKeys
 from llmbalancer.batches.records import (
     CANCELLED,
     CANCELLING,
@@ -61,8 +66,11 @@ REPLAN_S = 0.5
 class BatchRunner:
     name = "batches"
 
-    def __init__(self, config: Config, registry: Registry, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self, config: Config, registry: Registry, dispatcher: Dispatcher, keys: KeyGate | None = None
+    ) -> None:
         self.config = config.batch
+        self.keys = BatchKeys(keys)
         self._timeouts = config.timeouts
         self.db = Database(config.batch.dir)
         self.store = BatchStore(self.db)
@@ -162,6 +170,8 @@ class BatchRunner:
         timeout = max(0.0, min(expiries) - time.time()) + 0.01 if expiries else None
         if self.gate.demand.rate:  # users' demand fades with time too, not only with changes of the fleet
             timeout = min(timeout or REPLAN_S, REPLAN_S)
+        if self.keys.wait is not None:  # a key's minute turns, or one of its lines ends
+            timeout = min(timeout or self.keys.wait, self.keys.wait)
         try:
             await asyncio.wait((change, changed), timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -188,11 +198,14 @@ class BatchRunner:
             (b for b in self.active.values() if b.closing is None and b.status in (IN_PROGRESS, FINALIZING)),
             key=lambda b: (-b.priority, b.seq),
         )
+        self.keys.wait = None
         while self._start_one(ready):
             pass
 
     def _start_one(self, ready: list[ActiveBatch]) -> bool:
         for batch in ready:
+            if self.keys.held(batch):
+                continue
             for pending in (batch.retries[0] if batch.retries else None, batch.loaded[0] if batch.loaded else None):
                 if pending is None:
                     continue
@@ -229,16 +242,23 @@ class BatchRunner:
     def _start_line(self, batch: ActiveBatch, pending: Pending, claim: Claim) -> None:
         self._lines_started += 1
         self.gate.take(claim.backend)
-        batch.running[pending.line.line] = self._spawn(self._run_line(batch, pending, claim))
+        key = self.keys.key_of(batch)
+        self.keys.started(key)
+        batch.running[pending.line.line] = self._spawn(self._run_line(batch, pending, claim, key))
 
-    async def _run_line(self, batch: ActiveBatch, pending: Pending, claim: Claim) -> None:
+    async def _run_line(self, batch: ActiveBatch, pending: Pending, claim: Claim, key: ApiKey | None) -> None:
         backend = claim.backend
+        used = 0
         try:
             try:
+                await self.keys.counted(key)
                 outcome = await self._send(batch, pending, claim)
+                if isinstance(outcome, sender.Answered) and outcome.usage is not None:
+                    used = (outcome.usage.prompt_tokens or 0) + (outcome.usage.completion_tokens or 0)
             finally:
                 claim.release()  # abandoned unless an outcome was recorded on it
                 self.gate.give_back(backend)
+                await self.keys.ended(key, used)
             result = self._judge(pending, outcome, backend.name)
             if result is None:
                 await self.store.count_attempt(pending.line, pending.attempts)

@@ -49,7 +49,7 @@ def open_session(timeouts: TimeoutsConfig) -> aiohttp.ClientSession:
 
 async def send(session: aiohttp.ClientSession, backend: Backend, path: str, body: bytes, request_id: str) -> Outcome:
     started = time.monotonic()
-    headers = {"Content-Type": "application/json", "X-Request-ID": request_id}
+    headers = {"Content-Type": "application/json", "X-Request-ID": request_id, **backend.auth_headers}
     try:
         async with session.post(backend.url + path, data=body, headers=headers, allow_redirects=False) as reply:
             ttfb = time.monotonic() - started

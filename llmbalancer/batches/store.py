@@ -69,10 +69,13 @@ class BatchStore:
         return FileRecord.of(rows[0]) if rows else None
 
     async def list_files(
-        self, purpose: str | None, limit: int, after: str | None, newest_first: bool
+        self, purpose: str | None, limit: int, after: str | None, newest_first: bool, owner: str | None = None
     ) -> tuple[list[FileRecord], bool]:
         def work(c: sqlite3.Connection) -> list[sqlite3.Row]:
             where, params = ["1 = 1"], []
+            if owner is not None:
+                where.append("owner = ?")
+                params.append(owner)
             if purpose is not None:
                 where.append("purpose = ?")
                 params.append(purpose)
@@ -108,12 +111,19 @@ class BatchStore:
         rows = await self.db.read(lambda c: _rows(c, "SELECT * FROM batches WHERE id = ?", (batch_id,))) or []
         return BatchRecord.of(rows[0]) if rows else None
 
-    async def list_batches(self, limit: int, after: str | None) -> tuple[list[BatchRecord], bool]:
+    async def list_batches(
+        self, limit: int, after: str | None, owner: str | None = None
+    ) -> tuple[list[BatchRecord], bool]:
         def work(c: sqlite3.Connection) -> list[sqlite3.Row]:
-            if after is None:
-                return _rows(c, "SELECT * FROM batches ORDER BY seq DESC LIMIT ?", (limit + 1,))
-            return _rows(c, "SELECT * FROM batches WHERE seq < (SELECT seq FROM batches WHERE id = ?) "
-                            "ORDER BY seq DESC LIMIT ?", (after, limit + 1))
+            where, params = ["1 = 1"], []
+            if owner is not None:
+                where.append("owner = ?")
+                params.append(owner)
+            if after is not None:
+                where.append("seq < (SELECT seq FROM batches WHERE id = ?)")
+                params.append(after)
+            return _rows(c, f"SELECT * FROM batches WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?",
+                         [*params, limit + 1])
 
         rows = await self.db.read(work) or []
         return [BatchRecord.of(r) for r in rows[:limit]], len(rows) > limit

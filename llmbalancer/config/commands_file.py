@@ -211,3 +211,14 @@ def resolve_instances(instances: Sequence[InstanceConfig]) -> tuple[tuple[Instan
         names[name] = index
         resolved.append(instance.model_copy(update={"name": name}))
     return tuple(resolved), problems
+
+
+def api_key_of(command: tuple[str, ...]) -> str | None:
+    """The key a llama-server command line starts the server with (``--api-key K`` or ``--api-key=K``): the
+    balancer probes and calls it with that key."""
+    for index, word in enumerate(command):
+        if word == "--api-key" and index + 1 < len(command):
+            return command[index + 1]
+        if word.startswith("--api-key="):
+            return word.partition("=")[2] or None
+    return None

@@ -22,6 +22,7 @@ from llmbalancer.config.fleet import resolve_fleet
 from llmbalancer.config.layers import Locations, environment_layer, load_yaml, merge_layers
 from llmbalancer.config.problems import ConfigError, Problem, in_line_order
 from llmbalancer.config.schema import Config
+from llmbalancer.config.secrets import resolve_secrets
 from llmbalancer.config.server_list import normalise_routes
 from llmbalancer.config.validation import validate
 
@@ -67,7 +68,8 @@ def build_config(
         validated.config, environ=environ, where=where, default_commands_file=default_commands_file,
         check_executables=check_executables,
     )
-    later = list(fleet.problems)
+    fleet.config, secret_problems = resolve_secrets(fleet.config, environ)
+    later = [*fleet.problems, *secret_problems]
     for check in checks:
         later.extend(Problem(key, text) for key, text in check(fleet.config))
 

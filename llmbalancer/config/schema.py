@@ -14,16 +14,10 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    SecretStr,
-    field_serializer,
-    field_validator,
-    model_validator,
-)
+from pydantic import BeforeValidator, Field, SecretStr, field_serializer, field_validator, model_validator
+
+from llmbalancer.config.keys import AuthConfig
+from llmbalancer.config.section import Count, Names, Number, Seconds, Section
 
 LogFormat = Literal["auto", "console", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -38,52 +32,12 @@ RESTART_MODES: tuple[str, ...] = typing.get_args(RestartMode)
 DEFAULT_COMMANDS_FILE = "llamafile_commands.txt"
 
 
-def _not_bool(value: Any) -> Any:
-    # pydantic's lax mode reads `true` as 1; a number written as a boolean is a mistake.
-    if isinstance(value, bool):
-        raise ValueError(f"must be a number, got {value!r}")
-    return value
-
-
-def _one_or_many(value: Any) -> Any:
-    return (value,) if isinstance(value, str) else value
-
-
 def _windows(value: Any) -> Any:
     if isinstance(value, Mapping):
         for name, seconds in value.items():
             if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds < float("inf"):
                 raise ValueError(f"{name!r} must name a number of seconds above 0, got {seconds!r}")
     return value
-
-
-Count = Annotated[int, BeforeValidator(_not_bool)]
-Seconds = Annotated[float, BeforeValidator(_not_bool)]
-Number = Annotated[float, BeforeValidator(_not_bool)]
-# A list of names; one name may be written without the list.
-Names = Annotated[tuple[str, ...], BeforeValidator(_one_or_many)]
-
-
-class Section(BaseModel):
-    """Frozen, unknown keys refused; a number is read as a string where a string is expected."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _empty_is_default(cls, data: Any) -> Any:
-        # `server:` or `backends:` with everything under it commented out reads as null: its default.
-        if not isinstance(data, Mapping):
-            return data
-        fields = cls.model_fields
-        return {
-            k: v for k, v in data.items()
-            if v is not None or k not in fields or not _is_container(fields[k].default, fields[k].default_factory)
-        }
-
-
-def _is_container(default: Any, factory: Any) -> bool:
-    return factory is not None or isinstance(default, tuple)
 
 
 class ServerConfig(Section):
@@ -103,6 +57,14 @@ class ServerConfig(Section):
     relay: Literal["lean", "aiohttp"] = Field(
         "lean", description="lean: generation requests relayed socket to socket; aiohttp: every request through aiohttp"
     )
+    tls_cert: str | None = Field(None, description="PEM certificate (chain): serve HTTPS; re-read on reload")
+    tls_key: str | None = Field(None, description="PEM private key of tls_cert")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        return self
 
 
 class PolicyConfig(Section):
@@ -166,6 +128,12 @@ class BackendConfig(Section):
     kind: BackendKind = Field("auto", description="the server's API; auto: found out by probing")
     max_concurrency: Count | None = Field(None, ge=1, description="cap on requests in flight to it")
     models: Names = Field((), description="models it serves (else discovered)")
+    api_key: SecretStr | None = Field(
+        None, min_length=1, description="sent as `Authorization: Bearer` on requests and probes (its --api-key)"
+    )
+    api_key_env: str | None = Field(None, description="an environment variable holding api_key")
+    rpm: Count | None = Field(None, ge=1, description="requests per minute it may be sent (fixed windows)")
+    tpm: Count | None = Field(None, ge=1, description="tokens (prompt + completion) per minute it may be sent")
 
     @model_validator(mode="before")
     @classmethod
@@ -437,6 +405,7 @@ class Config(Section):
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     admin: AdminConfig = Field(default_factory=AdminConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
     agents: AgentsConfig = Field(default_factory=AgentsConfig)
     discovery: DiscoveryConfig = Field(default_factory=DiscoveryConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)

@@ -11,7 +11,9 @@ Meanings kept: each server is a backend named by its key at ``addr:model-port``;
 caps its concurrent requests (``max_concurrency``); ``models`` are ordered full-match regex routes,
 first match wins; ``fallback_server`` takes models no route matches. ``health-port`` pointed
 llama-balancer at a peer's GPU-load ``/llmhealth``; llmbalancer probes the model port's own
-readiness instead, so the value is checked and otherwise unused. Parsing happens here, once, into
+readiness instead, so the value is checked and otherwise unused. A server may also carry its own
+``api-key`` (or ``api-key-env``, a variable holding it: llmbalancer's addition, as ``backends[].api_key``),
+sent on requests and probes to it. Parsing happens here, once, into
 the same raw shape a YAML file gives, so the schema validates both alike (``fleet.py`` merges it).
 """
 
@@ -93,6 +95,14 @@ def parse_server_list(data: Any) -> tuple[list[dict[str, Any]], list[dict[str, A
                 problems.append(Problem(f"{key}.request-max", f"must be a positive integer, got {request_max!r}"))
             else:
                 backend["max_concurrency"] = request_max
+        for field, into in (("api-key", "api_key"), ("api-key-env", "api_key_env")):
+            value = server.get(field)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value:
+                problems.append(Problem(f"{key}.{field}", "must be a non-empty string"))
+            else:
+                backend[into] = value
         backends.append(backend)
     models = data.get("models") or {}
     if not isinstance(models, dict):

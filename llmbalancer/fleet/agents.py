@@ -51,6 +51,9 @@ class Heartbeat(BaseModel):
     deferred: int | None = Field(None, ge=0)
     models: tuple[str, ...] | None = Field(None, max_length=MAX_MODELS, description="served, as probed")
     detected_kind: str | None = Field(None, max_length=32, description="what an auto server was found to be")
+    api_key: str | None = Field(
+        None, min_length=1, max_length=4096, repr=False, description="the server's own key, sent on requests to it"
+    )
 
     @field_validator("url")
     @classmethod
@@ -89,7 +92,7 @@ class Agents:
     def heartbeat(self, name: str, beat: Heartbeat, *, relayed: bool = False) -> Change:
         """Register or refresh agent ``name``'s backend; raises ``membership.Conflict`` when another source
         holds the name. ``relayed``: another replica received it."""
-        spec = BackendSpec(name, beat.url, beat.kind, beat.max_concurrency)
+        spec = BackendSpec(name, beat.url, beat.kind, beat.max_concurrency, api_key=beat.api_key)
         change = register(self._registry, spec, SOURCE)
         if not relayed:
             for observer in self.on_heard:

@@ -117,9 +117,12 @@ class BackendSpec:
     kind: str = "auto"
     max_concurrency: int | None = None
     models: tuple[str, ...] = ()  # declared (configuration, the admin API, an agent's report)
+    api_key: str | None = field(default=None, repr=False)  # sent as its Authorization (never shown or logged)
+    rpm: int | None = None  # requests per minute it may be sent (scheduling/backend_limits.py)
+    tpm: int | None = None  # tokens per minute
 
 
-SPEC_FIELDS = ("url", "kind", "max_concurrency", "models")
+SPEC_FIELDS = ("url", "kind", "max_concurrency", "models", "api_key", "rpm", "tpm")
 
 
 @dataclass(eq=False, slots=True)
@@ -129,6 +132,9 @@ class Backend:
     kind: str = "auto"
     max_concurrency: int | None = None
     models: tuple[str, ...] = ()  # declared in configuration
+    api_key: str | None = field(default=None, repr=False)
+    rpm: int | None = None
+    tpm: int | None = None
     source: str = "config"  # one of SOURCES
     state: BackendState = BackendState.STARTING
     state_reason: str = ""
@@ -143,11 +149,21 @@ class Backend:
 
     @classmethod
     def of(cls, spec: BackendSpec, source: str) -> Backend:
-        return cls(spec.name, spec.url, spec.kind, spec.max_concurrency, spec.models, source=source)
+        return cls(
+            spec.name, spec.url, spec.kind, spec.max_concurrency, spec.models, spec.api_key, spec.rpm, spec.tpm,
+            source=source,
+        )
 
     @property
     def spec(self) -> BackendSpec:
-        return BackendSpec(self.name, self.url, self.kind, self.max_concurrency, self.models)
+        return BackendSpec(
+            self.name, self.url, self.kind, self.max_concurrency, self.models, self.api_key, self.rpm, self.tpm
+        )
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """The headers that carry its own credentials (``api_key``): on probes and on every request sent to it."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     @property
     def routable(self) -> bool:

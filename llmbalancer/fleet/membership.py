@@ -40,7 +40,10 @@ class Conflict(Exception):
 
 
 def spec_of(config: BackendConfig) -> BackendSpec:
-    return BackendSpec(config.name, config.url, config.kind, config.max_concurrency, config.models)
+    api_key = config.api_key.get_secret_value() if config.api_key is not None else None
+    return BackendSpec(
+        config.name, config.url, config.kind, config.max_concurrency, config.models, api_key, config.rpm, config.tpm
+    )
 
 
 def register(registry: Registry, spec: BackendSpec, source: str, *, same_url: bool = False) -> Change:

@@ -73,8 +73,10 @@ class _UnreadableAnswer(Exception):
     """The backend answered something a probe cannot use (too large, malformed): a failed probe."""
 
 
-async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
-    async with session.get(url) as response:
+async def _get(session: aiohttp.ClientSession, backend: Backend, path: str) -> tuple[int, bytes]:
+    """GET ``path`` of ``backend``, with its own credentials when it has some (``--api-key`` servers)."""
+    url = backend.url + path
+    async with session.get(url, headers=backend.auth_headers) as response:
         if (response.content_length or 0) > MAX_ANSWER_BYTES:
             raise _UnreadableAnswer(f"{url.rsplit('/', 1)[-1]} answer of {response.content_length} bytes")
         body = await response.content.read(MAX_ANSWER_BYTES + 1)
@@ -152,7 +154,7 @@ async def probe(session: aiohttp.ClientSession, backend: Backend, memory: ProbeM
 
 
 async def _probe_models(session: aiohttp.ClientSession, backend: Backend, path: str) -> Observation:
-    status, body = await _get(session, backend.url + path)
+    status, body = await _get(session, backend, path)
     if status != 200:
         return Observation(False, f"{path} answered HTTP {status}")
     return Observation(True, models=models_of(_json(body)))
@@ -164,7 +166,7 @@ def _detected(seen: Observation, kind: str | None) -> Observation:
 
 
 async def _answers_ollama_version(session: aiohttp.ClientSession, backend: Backend) -> bool:
-    status, body = await _get(session, backend.url + "/api/version")
+    status, body = await _get(session, backend, "/api/version")
     answer = _json(body) if status == 200 else None
     return isinstance(answer, dict) and isinstance(answer.get("version"), str)
 
@@ -175,7 +177,7 @@ def _plain_openai(seen: Observation) -> Observation:
 
 
 async def _probe_llamacpp(session: aiohttp.ClientSession, backend: Backend, memory: ProbeMemory) -> Observation:
-    status, body = await _get(session, backend.url + "/health")
+    status, body = await _get(session, backend, "/health")
     if status == 503 and b"loading" in body.lower():
         return Observation(None, "loading model")
     if status == 404 and backend.kind == "auto":
@@ -205,10 +207,10 @@ async def _probe_llamacpp(session: aiohttp.ClientSession, backend: Backend, memo
 
 async def _probe_balancer(session: aiohttp.ClientSession, backend: Backend, memory: ProbeMemory) -> Observation:
     """Another llmbalancer (or llama-balancer, which may have no ``/health``): ready, and idle or busy."""
-    status, _ = await _get(session, backend.url + "/health")
+    status, _ = await _get(session, backend, "/health")
     if status not in (200, 404):
         return Observation(False, f"/health answered HTTP {status}")
-    status, body = await _get(session, backend.url + "/llmhealth")
+    status, body = await _get(session, backend, "/llmhealth")
     report = _json(body) if status == 200 else None
     if not isinstance(report, dict) or report.get("status") not in ("idle", "busy"):
         return Observation(False, f"/llmhealth answered HTTP {status} without an idle/busy status")
@@ -223,7 +225,7 @@ async def _read_models(
     if backend.health.served_models and memory.probes % _MODELS_EVERY != 0:
         return
     try:
-        status, body = await _get(session, backend.url + "/v1/models")
+        status, body = await _get(session, backend, "/v1/models")
         if status == 200:
             seen.models = models_of(_json(body))
     except (aiohttp.ClientError, TimeoutError, _UnreadableAnswer):
@@ -235,7 +237,7 @@ async def _read_slots(
 ) -> None:
     try:
         if memory.slots_endpoint:
-            status, body = await _get(session, backend.url + "/slots")
+            status, body = await _get(session, backend, "/slots")
             slots = _json(body) if status == 200 else None
             if isinstance(slots, list) and count(len(slots)):
                 seen.slots_total = len(slots)
@@ -244,7 +246,7 @@ async def _read_slots(
             if status in (404, 501):
                 memory.slots_endpoint = False  # started without --slots; do not ask every second
         if memory.metrics_endpoint:
-            status, body = await _get(session, backend.url + "/metrics")
+            status, body = await _get(session, backend, "/metrics")
             if status != 200:
                 memory.metrics_endpoint = status not in (404, 501)
                 return
@@ -252,7 +254,7 @@ async def _read_slots(
             seen.slots_busy = count(values.get(b"requests_processing"))
             seen.deferred = count(values.get(b"requests_deferred"), limit=1 << 31)
             if memory.props_slots is None:
-                status, body = await _get(session, backend.url + "/props")
+                status, body = await _get(session, backend, "/props")
                 props = _json(body) if status == 200 else None
                 if isinstance(props, dict):
                     memory.props_slots = count(props.get("total_slots")) or None

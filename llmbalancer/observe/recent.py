@@ -25,6 +25,7 @@ class RecentRequest:
     prompt_tokens: int | None
     completion_tokens: int | None
     error: str | None
+    key: str | None = None  # the client key's name
 
     def describe(self) -> dict[str, object]:
         return {
@@ -41,6 +42,7 @@ class RecentRequest:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "error": self.error,
+            "key": self.key,
         }
 
 
@@ -64,6 +66,7 @@ def from_access(access: Access, wall_offset: float | None = None) -> RecentReque
         prompt_tokens=access.prompt_tokens,
         completion_tokens=access.completion_tokens,
         error=access.error,
+        key=access.key_name,
     )
 
 

@@ -43,7 +43,7 @@ BACKEND_FIELDS = (
 )
 REQUEST_FIELDS = (
     "time", "request_id", "method", "path", "model", "backend", "status", "attempts",
-    "ttft_s", "duration_s", "prompt_tokens", "completion_tokens", "error",
+    "ttft_s", "duration_s", "prompt_tokens", "completion_tokens", "error", "key",
 )
 TOP_LEVEL_FIELDS = (
     "schema_version", "time", "policy", "backends", "instances", "sticky_entries", "queue", "requests", "gpu",

@@ -11,6 +11,7 @@ import structlog
 from aiohttp import web
 
 from llmbalancer import errors
+from llmbalancer.auth.limits import LimitHeaders
 from llmbalancer.fleet.usage import Tail, Usage, read_usage
 
 log = structlog.get_logger("llmbalancer.access")
@@ -56,6 +57,8 @@ class Access:
     usage_head: Tail = b""  # a stream's first chunk (where Anthropic's Messages API puts the prompt's counts)
     # Why each failed attempt before the last failed ("backend: reason"), when any did.
     attempt_errors: list[str] | None = None  # the response's last chunks, for the usage reader (dispatcher.completed)
+    key_name: str | None = None  # the client key's name (auth/), never the key itself
+    limit_headers: LimitHeaders | None = None  # the key's x-ratelimit-* headers, on whatever answer it gets
 
     def emit(self) -> None:
         now = self.finished = time.monotonic()
@@ -78,12 +81,20 @@ class Access:
             cached_tokens=self.cached_tokens,
             error=clip(self.error),
             attempt_errors=self.attempt_errors,
+            key=self.key_name,
         )
 
     def attempt_failed(self, reason: str) -> None:
         if self.attempt_errors is None:
             self.attempt_errors = []
         self.attempt_errors.append(reason)
+
+    def tokens_used(self) -> int | None:
+        """For the key's ``tpm``: the tokens the response reported (prompt + completion); 0 when nothing was
+        served (no answer, or an error status); None when an answer came without counts."""
+        if self.prompt_tokens is not None or self.completion_tokens is not None:
+            return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+        return None if 200 <= self.status < 400 else 0
 
     def read_usage(self) -> Usage | None:
         """The token counts at the response's tail, copied into this record (the tail is then dropped)."""
@@ -94,6 +105,21 @@ class Access:
             self.completion_tokens = usage.completion_tokens
             self.cached_tokens = usage.cached_tokens
         return usage
+
+
+# A proxied request's record, on aiohttp's request: every answer it gets carries its key's rate-limit headers.
+ACCESS = web.RequestKey("access", Access)
+
+
+async def add_limit_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """aiohttp's ``on_response_prepare``: a keyed request's answer, whichever part of the balancer wrote it (the
+    relay, the Ollama translation, an error), carries its key's ``x-ratelimit-*`` headers, in place of any
+    the backend sent."""
+    access = request.get(ACCESS)
+    if access is not None and access.limit_headers:
+        headers = response.headers
+        for name, value in access.limit_headers.pairs():
+            headers[name] = value
 
 
 def answer_unexpected(request: web.BaseRequest, access: Access) -> web.Response:

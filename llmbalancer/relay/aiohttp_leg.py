@@ -42,6 +42,8 @@ class Settings(Protocol):
     def idle_timeout(self) -> float: ...
     @property
     def client_timeout(self) -> aiohttp.ClientTimeout: ...
+    @property
+    def strips_credentials(self) -> bool: ...
 
 
 class _ClientStopped(Exception):
@@ -105,6 +107,8 @@ class AiohttpLeg:
             host=request.host,
             request_id=request_id,
             keep_content_length=not body.replayable,
+            strip_credentials=self._proxy.strips_credentials,
+            api_key=backend.api_key,
         )
         if close:
             headers.append(("Connection", "close"))

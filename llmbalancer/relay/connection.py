@@ -299,6 +299,7 @@ def _lean_for(app: web.Application, config: ServerConfig) -> Lean | None:
     return Lean(
         proxy, LEAN_PATHS - claimed, header_timeout=config.header_timeout, body_timeout=config.body_timeout,
         keepalive_timeout=config.keepalive_timeout, max_body=config.max_body_bytes,
+        scheme="https" if config.tls_cert is not None else "http",
     )
 
 

@@ -45,11 +45,11 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"host", b"content-length", b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"
 }
 # Header names the front looks at; anything in _REFUSED sends the request to aiohttp.
-_LENGTH, _HOST, _TYPE, _CONNECTION, _ID, _FORWARDED, _REFUSED = range(7)
+_LENGTH, _HOST, _TYPE, _CONNECTION, _ID, _FORWARDED, _AUTHORIZATION, _API_KEY, _REFUSED = range(9)
 _INTEREST = {
     b"content-length": _LENGTH, b"host": _HOST, b"content-type": _TYPE, b"connection": _CONNECTION,
-    b"x-request-id": _ID, b"x-forwarded-for": _FORWARDED, b"transfer-encoding": _REFUSED, b"expect": _REFUSED,
-    b"content-encoding": _REFUSED, b"upgrade": _REFUSED,
+    b"x-request-id": _ID, b"x-forwarded-for": _FORWARDED, b"authorization": _AUTHORIZATION, b"x-api-key": _API_KEY,
+    b"transfer-encoding": _REFUSED, b"expect": _REFUSED, b"content-encoding": _REFUSED, b"upgrade": _REFUSED,
 }
 _HEAD_408, _CLOSE, _BODY_408 = range(3)
 
@@ -59,9 +59,10 @@ class Lean:
 
     def __init__(
         self, proxy: Proxy, paths: frozenset[str], *, header_timeout: float, body_timeout: float,
-        keepalive_timeout: float, max_body: int,
+        keepalive_timeout: float, max_body: int, scheme: str = "http",
     ) -> None:
         self.proxy = proxy
+        self.scheme = scheme.encode()  # X-Forwarded-Proto: https when the socket serves TLS
         self.paths = paths
         self.header_timeout = header_timeout
         self.body_timeout = body_timeout
@@ -224,7 +225,7 @@ class FrontConnection(asyncio.Protocol):
         lean = self._lean
         if path not in lean.paths:
             return None
-        length = host = forwarded = given = None
+        length = host = forwarded = given = authorization = api_key = None
         content_type = b""
         drop = _REQUEST_DROP
         close = False
@@ -247,6 +248,10 @@ class FrontConnection(asyncio.Protocol):
                 given = given if given is not None else value
             elif kind == _FORWARDED:
                 forwarded = forwarded if forwarded is not None else value
+            elif kind == _AUTHORIZATION:
+                authorization = authorization if authorization is not None else value
+            elif kind == _API_KEY:
+                api_key = api_key if api_key is not None else value
             else:
                 return None
         if length is None or host is None or length > lean.max_body:
@@ -256,7 +261,8 @@ class FrontConnection(asyncio.Protocol):
         return LeanRequest(
             target=url, path=path, headers=headers, length=length, host=host, client=self._peer,
             request_id=choose_request_id(given.decode("latin-1") if given is not None else ""), close=close,
-            drop=frozenset(drop), forwarded_for=forwarded, started=time.monotonic(),
+            drop=frozenset(drop), forwarded_for=forwarded, started=time.monotonic(), scheme=lean.scheme,
+            credentials=(authorization, api_key),
         )
 
     def _feed_body(self, body: bytes) -> None:

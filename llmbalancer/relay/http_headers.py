@@ -24,6 +24,8 @@ _REQUEST_DROP = HOP_BY_HOP | {
     "host", "content-length", "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"
 }
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "x-request-id"}
+# A client's credentials: the balancer's own when keys are configured, and replaced by a backend's own api_key.
+CREDENTIALS = frozenset({"authorization", "x-api-key"})
 
 
 def _drop_set(headers: Mapping[str, str], base: frozenset[str]) -> frozenset[str]:
@@ -37,9 +39,14 @@ def _drop_set(headers: Mapping[str, str], base: frozenset[str]) -> frozenset[str
 
 def upstream_request_headers(
     headers: Mapping[str, str], items: Iterable[tuple[str, str]], client: str, scheme: str, host: str | None,
-    request_id: str, keep_content_length: bool,
+    request_id: str, keep_content_length: bool, strip_credentials: bool = False, api_key: str | None = None,
 ) -> list[tuple[str, str]]:
+    """The headers to send a backend: the client's end-to-end ones and ours. ``strip_credentials``: the client's
+    ``Authorization`` and ``x-api-key`` stay here (they are keys of the balancer's); ``api_key``: the backend's
+    own, sent in their place."""
     drop = _drop_set(headers, _REQUEST_DROP)
+    if strip_credentials or api_key:
+        drop = drop | CREDENTIALS
     if "Content-Encoding" in headers and decoded_on_arrival(headers):
         # aiohttp decoded the body on its way in: what goes on is the decoded body, of another length.
         drop = drop | {"content-encoding"}
@@ -53,6 +60,8 @@ def upstream_request_headers(
     if host:
         out.append(("X-Forwarded-Host", host))
     out.append(("X-Request-ID", request_id))
+    if api_key:
+        out.append(("Authorization", f"Bearer {api_key}"))
     return out
 
 

@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
@@ -39,6 +39,7 @@ _REQUEST_DROP = HOP_BY_HOP | {
     b"host", b"content-length", b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"
 }
 _CHUNKED = b"Transfer-Encoding: chunked\r\n"
+_CREDENTIALS = frozenset({b"authorization", b"x-api-key"})  # http_headers.CREDENTIALS
 
 
 class Front(Protocol):
@@ -54,12 +55,29 @@ class Front(Protocol):
 
 
 class RawHeaders(Mapping[str, str]):
-    """The client's header lines as a case-insensitive mapping (the policies read one or two by name)."""
+    """The client's header lines as a case-insensitive mapping (the policies read one or two by name).
+    ``credentials``: the ``Authorization`` and ``x-api-key`` values the front already found (the key check asks
+    for both on every request when keys are configured), answered without a pass over the lines."""
 
-    __slots__ = ("_pairs",)
+    __slots__ = ("_credentials", "_pairs")
 
-    def __init__(self, pairs: list[tuple[bytes, bytes]]) -> None:
+    def __init__(
+        self, pairs: list[tuple[bytes, bytes]], credentials: tuple[bytes | None, bytes | None] | None = None
+    ) -> None:
         self._pairs = pairs
+        self._credentials = credentials
+
+    def get(self, key: str, default: Any = None) -> Any:
+        credentials = self._credentials
+        if credentials is not None:
+            if key == "Authorization":
+                return default if credentials[0] is None else credentials[0].decode("latin-1")
+            if key == "x-api-key":
+                return default if credentials[1] is None else credentials[1].decode("latin-1")
+        try:
+            return self[key]
+        except KeyError:
+            return default
 
     def __getitem__(self, key: str) -> str:
         wanted = key.lower().encode("latin-1")
@@ -90,6 +108,8 @@ class LeanRequest:
     drop: frozenset[bytes]  # header names not to forward (hop-by-hop, and those its Connection names)
     forwarded_for: bytes | None
     started: float
+    scheme: bytes = b"http"  # the client's: https on a TLS socket
+    credentials: tuple[bytes | None, bytes | None] = (None, None)  # its Authorization and x-api-key, if sent
 
 
 async def serve(
@@ -101,13 +121,14 @@ async def serve(
     try:
         data = body if isinstance(body, bytes) else await body
         parsed = parse_json_object(data)
-        facts = facts_of("POST", request.path, request.client, RawHeaders(request.headers), parsed)
+        headers = RawHeaders(request.headers, request.credentials)
+        facts = facts_of("POST", request.path, request.client, headers, parsed)
         access.model = facts.model
         await proxy.forward(leg, InboundBody(data, None, parsed), facts, access)
     except ProxyError as error:
         access.status = error.status
         access.error = error.code
-        leg.refuse(error)
+        leg.refuse(error, access)
     except asyncio.CancelledError:
         access.status = access.status or CLIENT_CLOSED
         access.error = access.error or "client_closed"
@@ -127,7 +148,7 @@ class LeanLeg:
         self._proxy = proxy
         self._front = front
         self._request = request
-        self._forwarded: bytes | None = None
+        self._forwarded: tuple[bytes, bytes] | None = None
         self.keep_alive = not request.close
         self.started = False  # the response's head went to the client
 
@@ -135,8 +156,13 @@ class LeanLeg:
         address = address_of(backend.url)
         data = body.data
         assert data is not None
-        head = b"POST %s%s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n%s\r\n" % (
-            address.prefix, self._request.target, address.netloc, self._end_to_end(), len(data),
+        end_to_end, credentials = self._end_to_end()
+        if backend.api_key:
+            credentials = b"Authorization: Bearer %s\r\n" % backend.api_key.encode()  # its own, in the client's place
+        elif self._proxy.strips_credentials:
+            credentials = b""  # the client's key is the balancer's: never forwarded
+        head = b"POST %s%s HTTP/1.1\r\nHost: %s\r\n%s%sContent-Length: %d\r\n%s\r\n" % (
+            address.prefix, self._request.target, address.netloc, end_to_end, credentials, len(data),
             b"Connection: close\r\n" if close else b"",
         )
         pool = self._proxy.pool
@@ -163,20 +189,29 @@ class LeanLeg:
                 f"{backend.state.value} before it answered (health checks failing)", unreachable=True, body_sent=True
             ) from None
 
-    def _end_to_end(self) -> bytes:
-        """The client's end-to-end header lines and ours, the same for every attempt."""
+    def _end_to_end(self) -> tuple[bytes, bytes]:
+        """The client's end-to-end header lines and ours, the same for every attempt; and apart, the client's
+        credentials (``Authorization``, ``x-api-key``), which depend on the backend and on keys."""
         forwarded = self._forwarded
         if forwarded is None:
             request = self._request
             drop = request.drop
-            lines = [b"%s: %s\r\n" % (name, value) for name, value in request.headers if name.lower() not in drop]
+            credentials: list[bytes] = []
+            if request.credentials == (None, None):  # the front saw none: the one pass of old
+                lines = [b"%s: %s\r\n" % (name, value) for name, value in request.headers if name.lower() not in drop]
+            else:
+                lines = []
+                for name, value in request.headers:
+                    lower = name.lower()
+                    if lower not in drop:
+                        (credentials if lower in _CREDENTIALS else lines).append(b"%s: %s\r\n" % (name, value))
             client = request.client.encode()
             chain = request.forwarded_for + b", " + client if request.forwarded_for else client
             lines.append(
-                b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\nX-Request-ID: %s\r\n"
-                % (chain, request.host, request.request_id.encode())
+                b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\nX-Request-ID: %s\r\n"
+                % (chain, request.scheme, request.host, request.request_id.encode())
             )
-            forwarded = self._forwarded = b"".join(lines)
+            forwarded = self._forwarded = (b"".join(lines), b"".join(credentials))
         return forwarded
 
     async def relay(self, upstream: Answer, access: Access, cut_usage: bool, backend: Backend) -> Relayed[None]:
@@ -186,12 +221,13 @@ class LeanLeg:
         front = self._front
         close = not self.keep_alive or front.closing
         request_id = self._request.request_id
+        limits = access.limit_headers.lines() if access.limit_headers else b""  # a keyed request's x-ratelimit-*
         whole = upstream.whole()
         if whole is not None:
             body = cut_whole(whole) if cut and whole else whole
             framing = b"" if head.bodiless else b"Content-Length: %d\r\n" % len(body)
             self.started = True
-            front.write(downstream_head(head, request_id, framing, close) + body)
+            front.write(downstream_head(head, request_id, framing + limits, close, bool(limits)) + body)
             if whole:
                 access.ttfb = time.monotonic()
             access.bytes = len(body)
@@ -213,7 +249,9 @@ class LeanLeg:
         self.started = True
         front.attach(stream)
         try:
-            ending = await stream.start(downstream_head(head, request_id, framing, close), upstream.early)
+            ending = await stream.start(
+                downstream_head(head, request_id, framing + limits, close, bool(limits)), upstream.early
+            )
         except asyncio.CancelledError:
             stream.client_lost()
             raise
@@ -234,14 +272,16 @@ class LeanLeg:
             self.keep_alive = False  # closing without the body's end is the only way to say it is incomplete
         return Relayed(None, broken=ending.broken)
 
-    def refuse(self, error: ProxyError) -> None:
+    def refuse(self, error: ProxyError, access: Access) -> None:
         """Answer ``error`` in place of a backend's response (or cut the connection if one had started)."""
         if self.started:
             self.keep_alive = False
             return
         if error.status == 408:
             self.keep_alive = False  # the body never came whole: what follows on this connection is not a head
-        self._front.write(error_response(error, self._request.request_id, not self.keep_alive or self._front.closing))
+        close = not self.keep_alive or self._front.closing
+        limits = access.limit_headers.lines() if access.limit_headers else b""
+        self._front.write(error_response(error, self._request.request_id, close, limits))
 
     def unexpected(self, access: Access) -> None:
         """The last line against a bug, as ``access.answer_unexpected``: logged once, a 500 or a cut connection."""
@@ -250,4 +290,4 @@ class LeanLeg:
         access.error = error.code
         if not self.started:
             access.status = error.status
-        self.refuse(error)
+        self.refuse(error, access)

@@ -6,6 +6,10 @@ answer) is retried on another backend, up to ``retries.attempts``. Once bytes
 have gone to the client the request is never replayed: a backend failing mid-stream ends an SSE
 stream with an ``error`` event (the OpenAI SDK raises it) and any other body by closing the
 connection without its terminator, so the client cannot mistake it for a complete answer.
+
+Client keys (``auth/``): ``forward`` is where both legs meet, so the key check is made there, once per request
+(401, 404, 429), the key's rate-limit headers ride on whatever answer the request gets, and its in-flight
+place and token count are settled when it ends.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ import aiohttp
 from aiohttp import web
 
 from llmbalancer import errors
+from llmbalancer.auth.gate import KeyGate, RateLimited
 from llmbalancer.config import Config
 from llmbalancer.errors import ProxyError
 from llmbalancer.fleet.backend import Backend
 from llmbalancer.fleet.registry import Registry
-from llmbalancer.relay.access import Access, answer_unexpected
+from llmbalancer.relay.access import ACCESS, Access, answer_unexpected
 from llmbalancer.relay.aiohttp_leg import AiohttpLeg
 from llmbalancer.relay.deadlines import Deadlines
 from llmbalancer.relay.exchange import Adapter
@@ -36,6 +41,7 @@ from llmbalancer.relay.upstream import UpstreamPool
 from llmbalancer.relay.usage_chunk import asks_usage_of, wants_usage, with_usage
 from llmbalancer.scheduling.claims import Claim
 from llmbalancer.scheduling.dispatch import Dispatcher
+from llmbalancer.scheduling.fairness import keyed
 from llmbalancer.scheduling.racing import Racing
 from llmbalancer.scheduling.selectors import RequestFacts
 
@@ -51,6 +57,7 @@ class Proxy:
     def __init__(self, config: Config, registry: Registry, dispatcher: Dispatcher) -> None:
         self._dispatcher = dispatcher
         self._racing = Racing(dispatcher)
+        self.keys = KeyGate(config.auth)
         self.configure(config)
         # One sweep for every request's first-byte deadline instead of a timer each; 1 % late at most.
         self._first_byte = Deadlines(resolution=min(1.0, self._first_byte_timeout / 100))
@@ -74,6 +81,9 @@ class Proxy:
         self._idle_timeout = config.timeouts.idle
         self._connect_timeout = config.timeouts.connect
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout)
+        self.keys.configure(config.auth)
+        # Keys are configured: a client's Authorization / x-api-key is the balancer's, never forwarded.
+        self.strips_credentials = self.keys.active
 
     @property
     def first_byte(self) -> tuple[Deadlines, float]:
@@ -113,7 +123,7 @@ class Proxy:
     async def handle(self, request: web.Request, adapter: Adapter | None = None) -> web.StreamResponse:
         """Proxy one request aiohttp parsed; ``adapter``: the hook of routes that may not be forwarded as they
         are (relay/exchange.py; Ollama's API, from web/ollama.py). Without one, requests go as they came."""
-        access = Access(_request_id(request), request.method, request.path, time.monotonic())
+        access = request[ACCESS] = Access(_request_id(request), request.method, request.path, time.monotonic())
         try:
             body = await read_body(request, self._max_body)
             facts = request_facts(request, body)
@@ -141,7 +151,35 @@ class Proxy:
         for observer in self.on_complete:
             observer(access)
 
-    async def forward(self, leg: Leg[Any, R], body: InboundBody, facts: RequestFacts, access: Access) -> R:
+    def forward(self, leg: Leg[Any, R], body: InboundBody, facts: RequestFacts, access: Access) -> Awaitable[R]:
+        """Check the request's key (when keys are configured), then ``relay`` it; the leg's response. Without
+        keys the relay's own coroutine is handed back: not a frame more per request."""
+        if not self.keys.active:
+            return self.relay(leg, body, facts, access)
+        return self._keyed(leg, body, facts, access)
+
+    async def _keyed(self, leg: Leg[Any, R], body: InboundBody, facts: RequestFacts, access: Access) -> R:
+        gate = self.keys
+        key = gate.authenticate(facts.headers)  # 401
+        access.key_name = key.name
+        try:
+            # Counted in memory without awaiting anything (a coroutine less per request).
+            grant = (
+                gate.admit_now(key, facts.model, body.parsed) if gate.limits.local
+                else await gate.admit(key, facts.model, body.parsed)
+            )
+        except RateLimited as limited:
+            access.limit_headers = limited.headers
+            raise limited.error from None
+        access.limit_headers = grant.headers
+        try:
+            return await self.relay(leg, body, keyed(facts, key.name, key.priority), access)
+        finally:
+            correction = grant.release(access.tokens_used())
+            if correction:
+                await grant.settle(correction)
+
+    async def relay(self, leg: Leg[Any, R], body: InboundBody, facts: RequestFacts, access: Access) -> R:
         """Claim a backend, open the request on it through ``leg``, retry what may be retried, relay the
         answer and record the outcome on the claim; the leg's response."""
         excluded: list[Backend] = []

@@ -109,21 +109,27 @@ def parse_response_head(head: bytes) -> ResponseHead:
     return result
 
 
-def downstream_head(head: ResponseHead, request_id: str, framing: bytes, close: bool) -> bytes:
+def downstream_head(head: ResponseHead, request_id: str, framing: bytes, close: bool, limits: bool = False) -> bytes:
     """The head for the client: the backend's status and end-to-end header lines as they came, our request id
-    and ``framing`` (a ``Content-Length`` or ``Transfer-Encoding`` line, or nothing)."""
+    and ``framing`` (a ``Content-Length`` or ``Transfer-Encoding`` line, or nothing, and for a keyed request
+    its rate-limit headers). ``limits``: those replace any the backend sent."""
     drop = RESPONSE_DROP | head.named if head.named else RESPONSE_DROP
     lines = [b"HTTP/1.1" + head.status_line[8:]]
-    lines += [line for lower, line in head.headers if lower not in drop]
+    if limits:
+        lines += [line for lower, line in head.headers if lower not in drop and not lower.startswith(b"x-ratelimit-")]
+    else:
+        lines += [line for lower, line in head.headers if lower not in drop]
     connection = b"Connection: close\r\n" if close else b""
     lines.append(b"X-Request-ID: %s\r\n%s%s" % (request_id.encode(), framing, connection))
     return b"\r\n".join(lines) + b"\r\n"
 
 
-def error_response(error: ProxyError, request_id: str | None, close: bool) -> bytes:
-    """``error`` as a whole HTTP/1.1 response, as ``ProxyError.response`` is through aiohttp."""
+def error_response(error: ProxyError, request_id: str | None, close: bool, lines: bytes = b"") -> bytes:
+    """``error`` as a whole HTTP/1.1 response, as ``ProxyError.response`` is through aiohttp; ``lines``: more
+    header lines (a keyed request's rate-limit headers)."""
     body = error.body()
     extra = b"X-Request-ID: %s\r\n" % request_id.encode() if request_id else b""
+    extra += lines
     if error.retry_after is not None:
         extra += b"Retry-After: %d\r\n" % error.retry_after
     if close:

@@ -1,4 +1,5 @@
-"""The admission queue: bounded, per model, served by priority then arrival order.
+"""The admission queue: bounded, per model, served by priority, then fair share among keys (or clients), then
+arrival order (``fairness.py``).
 
 The queue only orders waiters; it does not pick backends. A waiter at the head of its model's
 queue binds to a backend when a slot frees (the dispatcher checks on every registry change), so a
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from llmbalancer import errors
+from llmbalancer.scheduling.fairness import FairShare, asked_priority, fair_sort_key
 
 if TYPE_CHECKING:
     from llmbalancer.fleet.backend import Backend
@@ -34,13 +36,15 @@ class Waiter:
     model: str
     priority: int
     seq: int
-    sort_key: tuple[int, int] = field(init=False)
+    sort_key: tuple[int, float, int] = field(init=False)
     held_for: Backend | None = None  # waiting for this backend only (until the dispatcher clears it)
     retry: bool = False
     since: float = field(default_factory=time.time)  # when it began waiting (Unix seconds)
+    start: float = 0.0  # its fair-share start tag (fairness.py)
+    tenant: str = ""  # whose share it takes: its key's name, else its client's address
 
     def __post_init__(self) -> None:
-        self.sort_key = (-self.priority, self.seq)  # higher priority first, then arrival
+        self.sort_key = fair_sort_key(self.priority, self.start, self.seq)
 
 
 class AdmissionQueue:
@@ -49,6 +53,7 @@ class AdmissionQueue:
         self.timeout = timeout
         self._queues: dict[str, list[Waiter]] = {}
         self._seq = itertools.count()
+        self.fair = FairShare()
 
     def depth(self, model: str | None = None) -> int:
         if model is None:
@@ -76,12 +81,14 @@ class AdmissionQueue:
                 return False
         return False
 
-    def waiting(self, model: str, priority: int, retry: bool = False) -> _Place:
-        """Hold a place in ``model``'s queue for a ``with`` block; raises 503 ``queue_full`` when there is none."""
+    def waiting(self, model: str, priority: int, retry: bool = False, tenant: str = "") -> _Place:
+        """Hold a place in ``model``'s queue for a ``with`` block (``tenant``: whose share it takes); raises 503
+        ``queue_full`` when there is none."""
         queue = self._queues.setdefault(model, [])
         if len(queue) >= self.max_size:
             raise errors.queue_full(len(queue))
-        waiter = Waiter(model, priority, next(self._seq), retry=retry)
+        start = self.fair.start_tag(model, tenant, priority, queue)
+        waiter = Waiter(model, priority, next(self._seq), retry=retry, start=start, tenant=tenant)
         bisect.insort(queue, waiter, key=lambda w: w.sort_key)
         return _Place(self, waiter)
 
@@ -91,6 +98,7 @@ class AdmissionQueue:
             queue.remove(waiter)
             if not queue:
                 del self._queues[waiter.model]
+                self.fair.forget(waiter.model)
 
 
 class _Place:
@@ -111,11 +119,6 @@ class _Place:
 
 
 def priority_of(headers: Mapping[str, str]) -> int:
-    """``X-Priority: N`` (higher is served first); absent or unreadable means 0."""
-    value = headers.get("X-Priority")
-    if not value:
-        return 0
-    try:
-        return max(-1000, min(1000, int(value.strip())))
-    except ValueError:
-        return 0
+    """``X-Priority: N`` (higher is served first); absent or unreadable means 0. A keyed request's priority is
+    ``fairness.priority_for``'s."""
+    return asked_priority(headers) or 0

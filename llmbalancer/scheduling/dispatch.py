@@ -31,8 +31,10 @@ from llmbalancer.config import QueueConfig
 from llmbalancer.fleet.backend import Backend, BackendState
 from llmbalancer.fleet.capacity import has_room
 from llmbalancer.fleet.registry import Registry
-from llmbalancer.scheduling.admission import AdmissionQueue, Waiter, priority_of
+from llmbalancer.scheduling.admission import AdmissionQueue, Waiter
+from llmbalancer.scheduling.backend_limits import BackendLimits
 from llmbalancer.scheduling.claims import Claim, SlotLedger, claim_one
+from llmbalancer.scheduling.fairness import priority_for, tenant_of
 from llmbalancer.scheduling.model_routing import ModelRouter
 from llmbalancer.scheduling.selectors import Hold, RequestFacts, Selector
 
@@ -56,6 +58,7 @@ class Dispatcher:
         self.admission = AdmissionQueue(queue.max_size, queue.timeout)
         # Scale from zero: a request finding no backend at all waits for one to register (up to the timeout).
         self.wait_for_backends = bool(queue.wait_for_backends)
+        self.backend_limits = BackendLimits(registry.notify_change)  # backends[].rpm / tpm
         registry.on_removed.append(lambda backend: self.selector.forget(backend.name))
         self.ledger: SlotLedger | None = None  # set when replicas share state (app.py)
 
@@ -70,7 +73,11 @@ class Dispatcher:
     def eligible(self, excluded: Collection[Backend] = ()) -> list[Backend]:
         """Routable backends with a free slot and a closed (or probing) circuit: all a policy is shown."""
         allows = self.registry.circuit.allows
-        eligible = [b for b in self.registry if b.routable and b not in excluded and has_room(b) and allows(b)]
+        within = self.backend_limits.allows  # a backend at its rpm/tpm for this minute is not offered requests
+        eligible = [
+            b for b in self.registry if b.routable and b not in excluded and has_room(b) and allows(b)
+            and ((b.rpm is None and b.tpm is None) or within(b))
+        ]
         if any(b.health.gpu_busy for b in eligible):
             # Balancers behind us that report busy GPUs (/llmhealth) take work only when no idle one can.
             return [b for b in eligible if not b.health.gpu_busy] or eligible
@@ -94,7 +101,8 @@ class Dispatcher:
         excluded = self.routing.exclusion(facts, self.registry, given, waiting=True)
         self._fail_if_hopeless(excluded)
         loop = asyncio.get_running_loop()
-        with self.admission.waiting(model, priority_of(facts.headers), retry) as waiter:
+        # Priority (a key's caps the client's X-Priority), then fair share among keys, then arrival.
+        with self.admission.waiting(model, priority_for(facts), retry, tenant_of(facts)) as waiter:
             hold_until = loop.time() + hold.wait if hold is not None else 0.0
             waiter.held_for = hold.backend if hold is not None else None
             refusals = 0
@@ -141,7 +149,7 @@ class Dispatcher:
     def _behind_elsewhere(self, facts: RequestFacts) -> bool:
         """Replicas: another replica has a request for this model queued before this one (just arrived)."""
         ledger = self.ledger
-        return ledger is not None and ledger.goes_first_elsewhere(facts.model or "", priority_of(facts.headers),
+        return ledger is not None and ledger.goes_first_elsewhere(facts.model or "", priority_for(facts),
                                                                   time.time())
 
     def _yields(self, waiter: Waiter, excluded: Collection[Backend]) -> bool:

@@ -27,7 +27,7 @@ import structlog
 from yarl import URL
 
 from llmbalancer.config import InstanceConfig, SupervisorConfig
-from llmbalancer.config.commands_file import safe_name
+from llmbalancer.config.commands_file import api_key_of, safe_name
 from llmbalancer.fleet.backend import Backend, BackendSpec, BackendState
 from llmbalancer.fleet.registry import Registry
 from llmbalancer.supervisor import child_process
@@ -126,7 +126,8 @@ class Supervisor:
         config = self._config
         path = Path(config.output_dir) / f"{safe_name(ic.name)}.log"
         output = OutputLog(path, config.log_max_bytes, config.log_backups)
-        instance = Instance(ic, Backend(name=ic.name, url=ic.url, kind="llamacpp", source="instance"), output)
+        backend = Backend(name=ic.name, url=ic.url, kind="llamacpp", api_key=api_key_of(ic.command), source="instance")
+        instance = Instance(ic, backend, output)
         instance.backend.instance = instance
         return instance
 
@@ -208,7 +209,8 @@ class Supervisor:
                 instance.config = config
                 backend = instance.backend
                 if self._registry.get(name) is backend:
-                    self._registry.update(name, BackendSpec(name, config.url, backend.kind))
+                    spec = BackendSpec(name, config.url, backend.kind, api_key=api_key_of(config.command))
+                    self._registry.update(name, spec)
                 else:
                     backend.url = config.url  # not registered: nobody routes to it meanwhile
             self._launch(instance)

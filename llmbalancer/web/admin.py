@@ -3,7 +3,9 @@
 Who: with ``admin.token`` set, every admin route requires ``Authorization: Bearer <token>``, from any
 address, loopback included (compared in constant time; the token is never logged): 401 otherwise. Without
 a token, only loopback peers are answered (the connection's peer address; forwarded headers do not
-count): 403 otherwise. The token is read per request, so a reload that sets or changes it applies at once.
+count), and not a request that came through a proxy (``Forwarded``, ``X-Forwarded-For``, ``X-Real-IP``):
+403 otherwise (``auth/rules.py``). The token is read per request, so a reload that sets or changes it
+applies at once.
 
 Supervised instances: ``GET /admin/instances`` and ``POST /admin/instances/{name}/{restart|stop|start}``.
 The fleet's routes (backends, agents, reload) are in ``web/admin_fleet.py``.
@@ -11,47 +13,27 @@ The fleet's routes (backends, agents, reload) are in ``web/admin_fleet.py``.
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from llmbalancer import errors
+from llmbalancer.auth.rules import admin_refusal, is_loopback
 
 if TYPE_CHECKING:
     from llmbalancer.components import Components
 
 ACTIONS = ("restart", "stop", "start")
-
-
-def is_loopback(address: str | None) -> bool:
-    if not address:
-        return False
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
+__all__ = ["add_admin_routes", "guarded", "is_loopback", "refusal"]
 
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 def refusal(request: web.Request, token: str | None) -> errors.ProxyError | None:
-    """Why ``request`` may not call an admin route, or None when it may."""
-    if token is None:
-        if is_loopback(request.remote):
-            return None
-        return errors.forbidden("Admin routes answer loopback clients only (set admin.token to admit others)")
-    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-    # Bytes: compare_digest takes str only when ASCII, and a client may send anything.
-    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
-        return None
-    return errors.unauthorized("Admin routes require 'Authorization: Bearer <admin.token>'")
+    """Why ``request`` may not call an admin route, or None when it may (``auth/rules.py``)."""
+    return admin_refusal(request.remote, request.headers, token)
 
 
 def guarded(components: Components) -> Callable[[Handler], Handler]:

@@ -77,6 +77,8 @@ def _backend_config(data: Any, at: str = "") -> BackendConfig:
     problem = name_problem(config.name)
     if problem:
         raise _BadBody([f"{dotted((*([at] if at else []), 'name'))}: {problem}"])
+    if config.api_key_env is not None:  # the balancer's environment is read at load only, never per request
+        raise _BadBody([f"{dotted((*([at] if at else []), 'api_key_env'))}: send the key itself as api_key"])
     return config
 
 

@@ -2,7 +2,8 @@
 
 Each routable backend is asked for its own ``/v1/models`` at the time of the request (a backend's
 list is what it says now); the models declared for it in config are added. Names appear once, and
-``-2``/``-3`` instance aliases are hidden where their base is served: to clients they are one model.
+``-2``/``-3`` instance aliases are hidden where their base is served: to clients they are one model. With
+client keys configured, a key sees only the models its ``models`` patterns admit.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from aiohttp import web
 
 from llmbalancer.fleet.backend import Backend
 from llmbalancer.scheduling.model_routing import client_names
+from llmbalancer.web.keyed import requester
 
 if TYPE_CHECKING:
     from llmbalancer.components import Components
@@ -30,7 +32,7 @@ async def fetch_json(components: Components, backend: Backend, path: str) -> Any
         return None
     timeout = aiohttp.ClientTimeout(total=components.config.timeouts.health)
     try:
-        async with session.get(backend.url + path, timeout=timeout) as reply:
+        async with session.get(backend.url + path, timeout=timeout, headers=backend.auth_headers) as reply:
             if reply.status != 200:
                 return None
             return await reply.json(content_type=None)
@@ -64,7 +66,11 @@ async def merged_models(components: Components) -> list[dict[str, Any]]:
 
 def models_handler(components: Components) -> Handler:
     async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": await merged_models(components)})
+        key = requester(components, request)
+        listed = await merged_models(components)
+        if key is not None:
+            listed = [entry for entry in listed if key.allows_listed(str(entry["id"]))]
+        return web.json_response({"object": "list", "data": listed})
 
     return models
 

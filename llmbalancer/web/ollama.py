@@ -26,6 +26,7 @@ from llmbalancer.scheduling.model_routing import client_names
 from llmbalancer.translate.adapter import ROUTES, OllamaAdapter, Route
 from llmbalancer.translate.catalog import model_facts, ps_entry, tag_entry
 from llmbalancer.translate.kinds import speaks_ollama
+from llmbalancer.web.keyed import requester
 from llmbalancer.web.models import Handler, fetch_json
 
 if TYPE_CHECKING:
@@ -60,9 +61,13 @@ async def _listed(components: Components, backend: Backend, path: str) -> Any:
 
 def merged_list_handler(components: Components, path: str) -> Handler:
     async def merged(request: web.Request) -> web.Response:
+        key = requester(components, request)
         backends = components.registry.routable()
         answers = await asyncio.gather(*(_listed(components, backend, path) for backend in backends))
-        return web.json_response({"models": merge_ollama_lists(answers)})
+        listed = merge_ollama_lists(answers)
+        if key is not None:  # a client key sees its own models only
+            listed = [entry for entry in listed if key.allows_listed(_model_name(entry) or "")]
+        return web.json_response({"models": listed})
 
     return merged
 

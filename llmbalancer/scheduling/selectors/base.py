@@ -38,6 +38,9 @@ class RequestFacts:
     model: str | None = None
     # The parsed JSON body on model-carrying routes (read-only; policies must not edit it).
     body: Mapping[str, Any] | None = None
+    # The client key's name (auth/), when keys are configured: whose share of the queue it is (fairness.py).
+    tenant: str | None = None
+    priority_cap: int | None = None  # the key's priority: X-Priority may lower it, never raise it
 
 
 class Hold(NamedTuple):
