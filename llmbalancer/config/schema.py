@@ -230,8 +230,14 @@ class CircuitConfig(Section):
 class QueueConfig(Section):
     """The admission queue: requests wait here, per model, while every eligible backend is full."""
 
-    max_size: Count = Field(100, ge=0, description="beyond this: 503 with Retry-After")
-    timeout: Seconds = Field(30.0, ge=0, description="seconds a request may wait for a slot: then 504")
+    max_size: Count = Field(
+        10_000, ge=0,
+        description="a cap on waiters per model (503 with Retry-After beyond it); a memory bound by default, "
+        "set it lower to shed load early. Whatever it is, a request whose expected wait exceeds timeout is refused",
+    )
+    timeout: Seconds = Field(
+        30.0, ge=0, description="seconds a request may wait for a slot: then 504; one expected to wait longer: 503"
+    )
 
 
 class LoggingConfig(Section):

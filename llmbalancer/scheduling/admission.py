@@ -1,4 +1,9 @@
-"""The admission queue: bounded, per model, served by priority then arrival order.
+"""The admission queue: per model, served by priority then arrival order, admitting by expected wait.
+
+A request is refused (503 ``queue_full``, ``Retry-After`` the expected wait) only when it could not be
+served in time: when the wait the dispatcher expects for it (``service_rate.py``: the waiters ahead of
+it times the fleet's measured holding time, over its slots) exceeds ``timeout``, or when the model's
+queue holds ``max_size`` waiters already (an explicit cap, a memory bound by default).
 
 The queue only orders waiters; it does not pick backends. A waiter at the head of its model's
 queue binds to a backend when a slot frees (the dispatcher checks on every registry change), so a
@@ -68,11 +73,25 @@ class AdmissionQueue:
                 return False
         return False
 
-    def waiting(self, model: str, priority: int, retry: bool = False) -> _Place:
-        """Hold a place in ``model``'s queue for a ``with`` block; raises 503 ``queue_full`` when there is none."""
-        queue = self._queues.setdefault(model, [])
+    def ahead(self, model: str, priority: int) -> int:
+        """Waiters a new request of ``priority`` would have before it in ``model``'s queue."""
+        queue = self._queues.get(model)
+        if not queue:
+            return 0
+        return bisect.bisect_right(queue, (-priority, 1 << 62), key=lambda w: w.sort_key)
+
+    def waiting(
+        self, model: str, priority: int, retry: bool = False, expected_wait: float | None = None
+    ) -> _Place:
+        """Hold a place in ``model``'s queue for a ``with`` block; raises 503 ``queue_full`` when there is none:
+        the queue is at ``max_size``, or (not for a retry, which was admitted once) ``expected_wait`` seconds,
+        the dispatcher's estimate for this request, exceed ``timeout``."""
+        queue = self._queues.get(model, ())
         if len(queue) >= self.max_size:
-            raise errors.queue_full(len(queue))
+            raise errors.queue_full(len(queue), expected_wait)
+        if not retry and expected_wait is not None and expected_wait > self.timeout:
+            raise errors.queue_full(len(queue), expected_wait, self.timeout)
+        queue = self._queues.setdefault(model, [])
         waiter = Waiter(model, priority, next(self._seq), retry=retry)
         bisect.insort(queue, waiter, key=lambda w: w.sort_key)
         return _Place(self, waiter)

@@ -10,12 +10,14 @@ a ``with`` block) on a claim that has none is ``abandoned``. Only this module wr
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from llmbalancer.fleet.backend import Backend, BackendState
 from llmbalancer.fleet.registry import Registry
 from llmbalancer.fleet.usage import Usage
 from llmbalancer.scheduling.selectors import RequestFacts, Selector
+from llmbalancer.scheduling.service_rate import ServiceRate
 
 _EWMA_WEIGHT = 0.2
 
@@ -23,14 +25,19 @@ _EWMA_WEIGHT = 0.2
 class Claim:
     """One request's hold on one backend."""
 
-    __slots__ = ("_facts", "_registry", "_selector", "backend", "released")
+    __slots__ = ("_facts", "_rate", "_registry", "_selector", "backend", "released", "since")
 
-    def __init__(self, registry: Registry, selector: Selector, backend: Backend, facts: RequestFacts) -> None:
+    def __init__(
+        self, registry: Registry, selector: Selector, backend: Backend, facts: RequestFacts,
+        rate: ServiceRate | None = None,
+    ) -> None:
         self._registry = registry
         self._selector = selector
         self._facts = facts
+        self._rate = rate
         self.backend = backend
         self.released = False
+        self.since = time.monotonic()
         traffic = backend.traffic
         traffic.in_flight += 1
         traffic.requests_total += 1
@@ -51,6 +58,8 @@ class Claim:
             traffic.cached_tokens_total += usage.cached_tokens or 0
         self._registry.circuit.success(backend, self._registry)
         self._selector.completed(backend, self._facts, usage)
+        if self._rate is not None:
+            self._rate.completed(self._facts.model or "", time.monotonic() - self.since)
         self._registry.notify_change()
 
     def failed(self, reason: str, *, unreachable: bool = False) -> None:
@@ -95,12 +104,14 @@ def claim_one(
     selector: Selector,
     eligible: Sequence[Backend],
     facts: RequestFacts,
+    rate: ServiceRate | None = None,
 ) -> Claim | None:
-    """Let the policy pick one of ``eligible`` (routable, room, circuit allowing) and claim it, or None."""
+    """Let the policy pick one of ``eligible`` (routable, room, circuit allowing) and claim it, or None;
+    ``rate`` learns how long the claim held its slot."""
     backend = selector.select(eligible, facts) if eligible else None
     if backend is None:
         return None
-    claim = Claim(registry, selector, backend, facts)
+    claim = Claim(registry, selector, backend, facts, rate)
     registry.circuit.claimed(backend)
     selector.claimed(backend, facts)
     return claim

@@ -19,12 +19,13 @@ from collections.abc import Collection
 from llmbalancer import errors
 from llmbalancer.config import QueueConfig
 from llmbalancer.fleet.backend import Backend, BackendState
-from llmbalancer.fleet.capacity import has_room
+from llmbalancer.fleet.capacity import capacity, has_room
 from llmbalancer.fleet.registry import Registry
 from llmbalancer.scheduling.admission import AdmissionQueue, priority_of
 from llmbalancer.scheduling.claims import Claim, claim_one
 from llmbalancer.scheduling.model_routing import ModelRouter
 from llmbalancer.scheduling.selectors import Hold, RequestFacts, Selector
+from llmbalancer.scheduling.service_rate import ServiceRate
 
 
 class Dispatcher:
@@ -37,6 +38,7 @@ class Dispatcher:
         self.routing = routing or ModelRouter()
         queue = queue or QueueConfig()
         self.admission = AdmissionQueue(queue.max_size, queue.timeout)
+        self.rate = ServiceRate()
         registry.on_removed.append(lambda backend: self.selector.forget(backend.name))
 
     @property
@@ -73,7 +75,9 @@ class Dispatcher:
         excluded = self.routing.exclusion(facts, self.registry, given, waiting=True)
         self._fail_if_hopeless(excluded)
         loop = asyncio.get_running_loop()
-        with self.admission.waiting(model, priority_of(facts.headers), retry) as waiter:
+        priority = priority_of(facts.headers)
+        expected = None if retry else self.expected_wait(model, self.admission.ahead(model, priority), excluded)
+        with self.admission.waiting(model, priority, retry, expected) as waiter:
             hold_until = loop.time() + hold.wait if hold is not None else 0.0
             waiter.held_for = hold.backend if hold is not None else None
             try:
@@ -99,6 +103,17 @@ class Dispatcher:
                 # The next in line re-checks now: it may be served by the slot this one did not take.
                 self.registry.notify_change()
 
+    def expected_wait(self, model: str, ahead: int, excluded: Collection[Backend] = ()) -> float | None:
+        """Seconds a request of ``model`` with ``ahead`` waiters before it may expect to wait for a slot, from
+        the fleet's measured holding time and the slots of the backends that may take it (None: not known)."""
+        slots = 0
+        for backend in self.candidates(excluded):
+            total = capacity(backend)
+            if total is None:
+                return None  # a backend with no known slot count takes any number: no estimate
+            slots += max(0, total - backend.health.slots_external)
+        return self.rate.expected_wait(model, ahead, slots)
+
     def _hold(self, facts: RequestFacts, excluded: Collection[Backend]) -> Hold | None:
         """The policy's choice of a full backend to wait for, if it wants one."""
         allows = self.registry.circuit.allows
@@ -111,7 +126,7 @@ class Dispatcher:
         eligible = self.eligible(excluded)
         if only is not None:
             eligible = [b for b in eligible if b is only]
-        return claim_one(self.registry, self.selector, eligible, facts)
+        return claim_one(self.registry, self.selector, eligible, facts, self.rate)
 
     def _fail_if_hopeless(self, excluded: Collection[Backend]) -> None:
         """No backend healthy and none starting: 503 at once; a dead fleet does not hold requests."""
