@@ -37,6 +37,8 @@ import fleet
 import peers
 import results
 import scheduling
+from sched_figures import busy_share, pct
+from sched_report import _f
 
 SECTION = "overload"
 DRAIN_CAP_S = 60.0
@@ -144,10 +146,10 @@ def run_target(workdir: Path, target: str, policy: str | None, specs: list[fleet
         if target == "llmbalancer" or target in trees:
             fleet.start_llmbalancer(procs, port, backends, policy, trees.get(target, peers.ROOT))
         else:
-            scheduling._start_target(procs, target, port, backends)
+            scheduling._start_target(procs, target, port, backends, {})
         row.tally, row.wall, t0 = asyncio.run(drive(f"http://127.0.0.1:{port}", clients, duration))
         timelines: list[list[list[float]]] = [fleet.fake_stats(b)["timeline"] for b in backends]  # type: ignore[misc]
-        row.busy = scheduling.busy_share(timelines, [s.slots for s in specs], t0 + duration / 4, t0 + duration * 3 / 4)
+        row.busy = busy_share(timelines, [s.slots for s in specs], t0 + duration / 4, t0 + duration * 3 / 4)
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         row.note = f"not run: {exc}".splitlines()[0][:200]
     finally:
@@ -156,7 +158,7 @@ def run_target(workdir: Path, target: str, policy: str | None, specs: list[fleet
 
 
 def table(rows: list[Row]) -> str:
-    f = scheduling._f
+    f = _f
     lines = [
         "| target | requests | served | refused (503) | other errors | TTFT p50 s | TTFT p99 s | e2e p99 s "
         "| served/s | slots busy |",
@@ -171,8 +173,8 @@ def table(rows: list[Row]) -> str:
         kinds = f" ({', '.join(f'{k}: {v}' for k, v in t.errors.items())})" if errors else ""
         lines.append(
             f"| {r.target} | {t.sent} | {t.served} | {t.refused} | {errors}{kinds} | "
-            f"{f(scheduling.pct(t.ttft, 0.5))} | {f(scheduling.pct(t.ttft, 0.99))} | "
-            f"{f(scheduling.pct(t.e2e, 0.99))} | "
+            f"{f(pct(t.ttft, 0.5))} | {f(pct(t.ttft, 0.99))} | "
+            f"{f(pct(t.e2e, 0.99))} | "
             f"{t.served / r.wall if r.wall else 0:.1f} | {f(r.busy, 100, 0)} % |"
         )
     return "\n".join(lines)

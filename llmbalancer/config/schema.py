@@ -96,6 +96,10 @@ class PolicyConfig(Section):
     prefix_protect_histories: bool = Field(
         True, description="prefix: a new chat avoids servers whose chats share its system prompt"
     )
+    prefix_decode_weight: Number = Field(
+        1.0, ge=0, description="prefix: weight of the expected answer's decode time (learned per server) in the "
+        "cost; 0 = place by prompt alone",
+    )
 
     @field_validator("hash_key")
     @classmethod
@@ -237,6 +241,18 @@ class QueueConfig(Section):
     )
     timeout: Seconds = Field(
         30.0, ge=0, description="seconds a request may wait for a slot: then 504; one expected to wait longer: 503"
+    )
+    bind_window: Count = Field(
+        16, ge=1, description="when a slot frees, the policy chooses among this many waiting requests from the "
+        "head (prefix: the one whose prompt that server holds best); 1 = strictly first come, first served",
+    )
+    server_backlog: Count = Field(
+        0, ge=0, description="while requests wait here, let each server also hold one request in its own queue "
+        "per this many slots (started the moment a slot frees there, bound early); 0 = never (bind late)",
+    )
+    max_pass_over: Seconds = Field(
+        2.0, ge=0, description="ageing: a request waiting this long beyond the wait expected for it in "
+        "first-come-first-served order is served first",
     )
 
 

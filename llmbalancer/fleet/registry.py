@@ -36,6 +36,9 @@ class Registry:
         self.on_state: list[Callable[[Backend, BackendState], object]] = []
         # Called with a backend once it has left the registry: whoever keeps memories of it drops them.
         self.on_removed: list[Callable[[Backend], object]] = []
+        # Called on every change, synchronously, after the waiters' future is set (the dispatcher binds queued
+        # requests to freed slots on the change itself); must be cheap and must not raise.
+        self.on_change: list[Callable[[], object]] = []
 
     @classmethod
     def from_configs(cls, configs: tuple[BackendConfig, ...]) -> Registry:
@@ -122,6 +125,8 @@ class Registry:
             self._change = None
             if not change.done():
                 change.set_result(None)
+        for listener in self.on_change:
+            listener()
 
     def next_change(self) -> asyncio.Future[None]:
         """Done at the next change of any backend (state, claim released, membership).

@@ -1,29 +1,25 @@
-"""The admission queue: per model, served by priority then arrival order, admitting by expected wait.
+"""The admission queue: per model, ordered by priority then arrival, admitting by expected wait.
 
 A request is refused (503 ``queue_full``, ``Retry-After`` the expected wait) only when it could not be
 served in time: when the wait the dispatcher expects for it (``service_rate.py``: the waiters ahead of
 it times the fleet's measured holding time, over its slots) exceeds ``timeout``, or when the model's
 queue holds ``max_size`` waiters already (an explicit cap, a memory bound by default).
 
-The queue only orders waiters; it does not pick backends. A waiter at the head of its model's
-queue binds to a backend when a slot frees (the dispatcher checks on every registry change), so a
-request queued while every server was full goes to whichever frees first, not to the one that
-looked best when it arrived.
+The queue only holds and orders waiters; binding them to freed slots is ``binding.py``'s, which takes a
+bound waiter out of the queue at once (``take``) and hands it its claim through ``Waiter.bound``.
 
-A waiter may be *held* for one backend (a cache-aware policy's ``hold_for``): it waits for that backend
-alone, so it does not stand in the way of the waiters behind it, which may take any other server; only
-waiters held for the same backend queue behind it. Held waiters still count in the depth.
-
-A *retry* (a request whose first backend failed before any byte reached the client) has had its turn:
-it takes any free slot it may use as soon as one frees, and never stands in the way of the waiters
-behind it (it may not use the backend it failed on, which they may).
+A waiter may be *held* for one backend (a cache-aware policy's ``hold_for``) until ``hold_until``: it
+takes that backend only, and does not stand in the way of the waiters behind it. A *retry* (a request
+whose first backend failed before any byte reached the client) has had its turn: it takes any free slot
+it may use as soon as one frees.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import itertools
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -31,6 +27,8 @@ from llmbalancer import errors
 
 if TYPE_CHECKING:
     from llmbalancer.fleet.backend import Backend
+    from llmbalancer.scheduling.claims import Claim
+    from llmbalancer.scheduling.selectors import RequestFacts
 
 
 @dataclass(eq=False, slots=True)
@@ -39,11 +37,25 @@ class Waiter:
     priority: int
     seq: int
     sort_key: tuple[int, int] = field(init=False)
-    held_for: Backend | None = None  # waiting for this backend only (until the dispatcher clears it)
     retry: bool = False
+    # Set by the dispatcher once the waiter has its place:
+    facts: RequestFacts | None = None
+    excluded: Collection[Backend] = ()  # backends it may not take (other models', a retry's failed ones)
+    route: str | None = None  # the model routing judges by: waiters with the same one may take the same backends
+    bound: asyncio.Future[Claim] | None = None  # its claim, once bound (or why it never will be)
+    held_for: Backend | None = None  # waiting for this backend only, until hold_until (loop time)
+    hold_until: float = 0.0
+    # Ageing: from this time on (loop time) it is bound first, to any free backend it may take.
+    deadline: float = float("inf")
+    offered_at: float | None = None  # when the binder first offered it a free slot
 
     def __post_init__(self) -> None:
         self.sort_key = (-self.priority, self.seq)  # higher priority first, then arrival
+
+    @property
+    def open(self) -> bool:
+        """Still waiting to be bound (not bound, failed or abandoned)."""
+        return self.bound is not None and not self.bound.done()
 
 
 class AdmissionQueue:
@@ -61,17 +73,12 @@ class AdmissionQueue:
     def depths(self) -> dict[str, int]:
         return {model: len(queue) for model, queue in self._queues.items() if queue}
 
-    def may_claim(self, waiter: Waiter) -> bool:
-        """A retry, or first in line for what it waits for: no waiter ahead of it (retries aside) waits for
-        the same (held: any backend, unheld: the one it is held for)."""
-        if waiter.retry:
-            return True
-        for ahead in self._queues.get(waiter.model, ()):
-            if ahead is waiter:
-                return True
-            if not ahead.retry and (ahead.held_for is None or ahead.held_for is waiter.held_for):
-                return False
-        return False
+    def queues(self) -> Iterator[list[Waiter]]:
+        """Each model's queue, in order (a snapshot of the models: binding may empty and drop one)."""
+        return iter(list(self._queues.values()))
+
+    def waiters(self) -> Iterator[Waiter]:
+        return (waiter for queue in list(self._queues.values()) for waiter in list(queue))
 
     def ahead(self, model: str, priority: int) -> int:
         """Waiters a new request of ``priority`` would have before it in ``model``'s queue."""
@@ -96,10 +103,14 @@ class AdmissionQueue:
         bisect.insort(queue, waiter, key=lambda w: w.sort_key)
         return _Place(self, waiter)
 
-    def _leave(self, waiter: Waiter) -> None:
+    def take(self, waiter: Waiter) -> None:
+        """``waiter`` leaves the queue (bound to a slot, or leaving)."""
         queue = self._queues.get(waiter.model)
-        if queue is not None:
-            queue.remove(waiter)
+        if queue is None:
+            return
+        index = bisect.bisect_left(queue, waiter.sort_key, key=lambda w: w.sort_key)
+        if index < len(queue) and queue[index] is waiter:
+            del queue[index]
             if not queue:
                 del self._queues[waiter.model]
 
@@ -118,7 +129,7 @@ class _Place:
         return self.waiter
 
     def __exit__(self, *exc_info: object) -> None:
-        self._queue._leave(self.waiter)
+        self._queue.take(self.waiter)
 
 
 def priority_of(headers: Mapping[str, str]) -> int:

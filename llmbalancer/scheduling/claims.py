@@ -1,7 +1,8 @@
 """The claim protocol: take a slot on a backend, send, record how it went, give the slot back.
 
 ``claim_one`` selects and claims in one step (the dispatcher and racing both use it, so a racer gets the
-same half-open probe bookkeeping as anyone). It returns a ``Claim``, a guard whose outcome methods —
+same half-open probe bookkeeping as anyone); ``claim_on`` claims a backend the policy chose otherwise
+(binding a queued request). Both return a ``Claim``, a guard whose outcome methods —
 ``succeeded``, ``failed``, ``abandoned`` — record what happened in one place (traffic counters, the
 circuit breaker, the registry's state, the policy's memory, token totals) and release the slot.
 Release happens exactly once whatever the path: the first outcome wins, and ``release()`` (or leaving
@@ -111,6 +112,13 @@ def claim_one(
     backend = selector.select(eligible, facts) if eligible else None
     if backend is None:
         return None
+    return claim_on(registry, selector, backend, facts, rate)
+
+
+def claim_on(
+    registry: Registry, selector: Selector, backend: Backend, facts: RequestFacts, rate: ServiceRate | None = None
+) -> Claim:
+    """Claim a slot on ``backend``, already chosen (by ``select``, or by ``bind`` for a queued request)."""
     claim = Claim(registry, selector, backend, facts, rate)
     registry.circuit.claimed(backend)
     selector.claimed(backend, facts)

@@ -9,6 +9,10 @@ learn (``sticky``, ``prefix``) do so in the ``claimed`` / ``completed`` hooks, n
 A cache-aware policy may also ask, through ``hold_for``, to wait briefly for a *full* backend that holds
 the request's prompt cache instead of being shown only the free ones: the dispatcher then waits for that
 backend alone (bounded by ``Hold.wait``) before falling back to ``select`` over any free backend.
+
+While requests wait in the admission queue, the dispatcher binds from the slot's side: when slots free, it
+shows the policy a window of waiting requests with the free backends each may take (``bind``), and the
+policy picks the pair; the default is the first in line, on the backend ``select`` picks for it.
 """
 
 from __future__ import annotations
@@ -35,6 +39,22 @@ class RequestFacts:
     body: Mapping[str, Any] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """A request waiting in the admission queue, as a policy sees it when slots free."""
+
+    facts: RequestFacts
+    free: Sequence[Backend]  # backends with a free slot it may take now (never empty)
+    allowed: Sequence[Backend]  # every routable backend it may take, free or full (``free`` among them)
+    offered_s: float = 0.0  # seconds since it was first offered a free slot (how long it has held out)
+
+
+class Later(NamedTuple):
+    """``bind``'s answer: none of them now; ask again in ``seconds`` (or at the next change, if sooner)."""
+
+    seconds: float
+
+
 class Hold(NamedTuple):
     """Wait up to ``wait`` seconds for a slot on ``backend`` (full now) rather than go elsewhere."""
 
@@ -53,6 +73,15 @@ class Selector(ABC):
         """Asked once per request, before it is placed: name one of ``full`` (routable, no free slot) worth
         waiting for over every one of ``free`` (what ``select`` would be shown; may be empty), or None."""
         return None  # most policies never wait for a particular backend
+
+    def bind(self, waiting: Sequence[Waiting]) -> tuple[int, Backend] | Later | None:
+        """Slots freed while requests wait: pick one of ``waiting`` (never empty; a window from the queue's head,
+        in queue order) and one of its ``free`` backends, as (index, backend); ``Later`` or None to bind none
+        now (leaving the slots free a while for a request that would rather wait for another server). The
+        default serves the first in line, on the backend ``select`` picks for it."""
+        first = waiting[0]
+        backend = self.select(first.free, first.facts)
+        return None if backend is None else (0, backend)
 
     def claimed(self, backend: Backend, facts: RequestFacts) -> None:
         """The dispatcher claimed ``backend`` for this request (policies that learn record it here)."""

@@ -34,18 +34,29 @@ Algorithm
    there is charged half (the chance it takes that chat's slot) of their blocks beyond what it shares
    with them. New chats of one system prompt spread over the servers that hold it; a follow-up still
    goes to the server holding its history.
-6. Waiting for the holder (``hold_for``, asked before step 4): when a *full* server holding at least
-   ``min_match_blocks`` of the prompt costs less than every free server by at least that many blocks'
-   reading (step 5), the request may wait for a slot there (in the admission queue, letting others
-   pass) rather than re-read that part of its history elsewhere; after the wait, steps 4-5 over
-   whatever is free. The wait is at most the seconds it would save (the cost difference; no prompt
-   rate learned yet, no wait), and at most ``max_wait``. So a wait that does not pay off costs no more
-   than the miss it tried to avoid.
+5c. Speed: the cost also counts the request's expected answer (its ``max_tokens``, at most four times the
+   mean answer learned; the mean when it sets none) at that backend's decode speed, learned from llama.cpp
+   ``timings.predicted_ms`` (``speeds.py``), times ``decode_weight``: a long answer goes to a fast server
+   when both can take it, and a half-speed server, when it frees, takes the short ones.
+6. Waiting for the holder (``hold_for``, asked before step 4 while nobody waits in the queue): when a
+   *full* server holding at least ``min_match_blocks`` of the prompt costs less than every free server
+   by at least that many blocks' reading (step 5), the request may wait for a slot there (in the
+   admission queue, letting others pass) rather than re-read that part of its history elsewhere; after
+   the wait, steps 4-5 over whatever is free. The wait is at most the seconds it would save (the cost
+   difference; no prompt rate learned yet, no wait), and at most ``max_wait``. So a wait that does not
+   pay off costs no more than the miss it tried to avoid.
 7. On claim, the request's blocks are recorded (as most recent) in the chosen backend's index.
 8. Closing the loop: llama.cpp reports the tokens it actually reused (``timings.cache_n``). When the
    index predicted at least half the prompt cached but the server reused under a quarter of what was
    predicted, the server lost its cache (restart, eviction): its index is reset to just this prompt,
    which it now does hold. A real hit re-marks the prompt's blocks as most recent.
+9. From the slot's side (``bind``): while requests wait in the admission queue, a slot that frees is
+   offered to a window of them (``queue.bind_window``, with ageing: ``binding.py``); it goes to the request
+   whose prompt cost there (step 5 without 5c) is lowest against its cost on the best other server that
+   may take it, i.e. the one that saves most reading by taking it now: a follow-up whose history that
+   server holds. Savings within the good-enough match count as equal; then a longer answer takes a faster
+   server and a shorter one a slower (5c against the mean of its servers), then the queue's order. One
+   that would lose holds out a while for its own server (``max_wait``, counting any earlier hold).
 
 Parameters (``policy.prefix_*`` in the configuration)
 - ``block_chars`` (64): block size. Smaller finds shorter shared prefixes and costs more hashing;
@@ -56,6 +67,7 @@ Parameters (``policy.prefix_*`` in the configuration)
   carry and still win on affinity. 0 = only among the least busy; large = affinity at any load.
 - ``max_blocks`` (65536): per-backend index size (~4 MiB of prompts at 64 characters a block).
 - ``max_wait`` (1.0 s): a cap on that wait, whatever the estimate; 0 never waits.
+- ``decode_weight`` (1.0): step 5c; 0 places by the prompt alone.
 - ``protect_histories`` (on): step 5b. Off, new chats follow the longest match alone (as other
   cache-aware routers do) and pile onto the server that first saw their system prompt.
 The capacity gate (no backend is shown to a policy without a free slot) applies before all this.
@@ -71,11 +83,13 @@ from typing import Any
 from llmbalancer.fleet.backend import Backend
 from llmbalancer.fleet.capacity import busy
 from llmbalancer.fleet.usage import Usage
-from llmbalancer.scheduling.selectors.base import Hold, RequestFacts, Selector
+from llmbalancer.scheduling.selectors.base import Hold, Later, RequestFacts, Selector, Waiting
 from llmbalancer.scheduling.selectors.follow_ups import FollowUps, family_of
 from llmbalancer.scheduling.selectors.slot_aware import slot_rank
+from llmbalancer.scheduling.selectors.speeds import Decoding
 
 _MAX_PENDING = 10_000
+_MAX_CHAINS = 1024  # hashed prompts kept for requests asked about and not yet claimed (the queue's window)
 # Prefill rates are learned only from requests that evaluated at least this many prompt tokens: below it,
 # fixed per-request overhead dominates prompt_ms.
 _MIN_EVALUATED = 32
@@ -162,6 +176,7 @@ class Prefix(Selector):
         max_blocks: int = 65536,
         max_wait: float = 0.0,
         protect_histories: bool = True,
+        decode_weight: float = 1.0,
     ) -> None:
         self.block_chars = block_chars
         self.min_match_blocks = min_match_blocks
@@ -177,16 +192,20 @@ class Prefix(Selector):
         self.tokens_per_char: float | None = None
         self.token_seconds: float | None = None  # to evaluate one (uncached) prompt token, fleet-wide
         self._rates: dict[str, float] = {}  # the same, per backend (a slower server reads prompts slower)
-        # The dispatcher asks hold_for, select (again on each wake while queued) and claimed about one request:
-        # its chain is hashed once, for the request last asked about.
-        self._chained: tuple[RequestFacts, list[bytes]] | None = None
+        self.decoding = Decoding()  # how long answers take where (learned from timings.predicted_ms)
+        self.decode_weight = decode_weight
+        # The dispatcher asks hold_for, select and claimed about a request, and bind about each queued one in its
+        # window, pass after pass: a chain is hashed once per request, kept (by the facts' identity) until claimed.
+        self._chains: OrderedDict[int, tuple[RequestFacts, list[bytes]]] = OrderedDict()
 
     def chain(self, facts: RequestFacts) -> list[bytes]:
-        chained = self._chained
+        chained = self._chains.get(id(facts))
         if chained is not None and chained[0] is facts:
             return chained[1]
         chain = block_chain(prompt_text(facts.body), facts.model or "", self.block_chars)
-        self._chained = (facts, chain)
+        self._chains[id(facts)] = (facts, chain)
+        if len(self._chains) > _MAX_CHAINS:
+            self._chains.popitem(last=False)
         return chain
 
     def match(self, backend: Backend, chain: Sequence[bytes]) -> int:
@@ -198,26 +217,70 @@ class Prefix(Selector):
         if chain:
             least_busy = min(busy(b) for b in candidates)
             near = [b for b in candidates if busy(b) <= least_busy + self.max_imbalance]
-            cost = self._cost(chain)
+            cost = self._cost(chain, facts)
             # Costs closer than the good-enough match count as equal: then load decides.
-            quantum = min(self.min_match_blocks, len(chain)) * self._block_seconds(None)
+            quantum = self._quantum(chain)
             return min(near, key=lambda b: (cost(b) // quantum, slot_rank(b)))
         return min(candidates, key=slot_rank)
 
-    def _cost(self, chain: Sequence[bytes]) -> Callable[[Backend], float]:
-        """What placing this prompt on a backend costs: its unmatched blocks at that backend's learned prompt
-        rate, plus (step 5b) half of what it may evict there of chats of its family (not when it is one)."""
+    def bind(self, waiting: Sequence[Waiting]) -> tuple[int, Backend] | Later | None:
+        """From the slot's side (step 9): the pair of a waiting request and a free backend where placing it now
+        saves most prompt reading against the best other server it may take (its history held there, read
+        faster there); savings closer than the good-enough match count as equal, and then the longer answer
+        takes the faster server (its decode time there against the mean of the servers it may take), then the
+        queue's order, then load. A request that would lose by taking a free backend holds out for a better
+        one as ``hold_for`` waits: for at most the seconds it would lose, and ``max_wait``. (The answer's
+        speed only orders: while every slot is busy, who decodes where changes no one's time to first token.)"""
+        best: tuple[tuple[float, float, int, tuple[int, int, float, int]], int, Backend] | None = None
+        later = float("inf")
+        decoding = self.decoding
+        for index, entry in enumerate(waiting):
+            chain = self.chain(entry.facts)
+            cost = self._cost(chain, entry.facts, decode=False)
+            quantum = self._quantum(chain)
+            costs = [(b, cost(b)) for b in entry.allowed]
+            tokens = self.decode_weight * decoding.expected_tokens(entry.facts.body) if self.decode_weight else 0.0
+            mean_decode = sum(decoding.seconds(b, tokens) for b in entry.allowed) / max(1, len(entry.allowed))
+            for backend in entry.free:
+                here = next((c for b, c in costs if b is backend), None)
+                if here is None:
+                    here = cost(backend)
+                elsewhere = min((c for b, c in costs if b is not backend), default=here)
+                saving = round((elsewhere - here) / quantum)
+                if saving < 0 and self.token_seconds is not None:
+                    patience = min(self.max_wait, (here - elsewhere)) - entry.offered_s
+                    if patience > 0:
+                        later = min(later, patience)
+                        continue
+                faster = round((mean_decode - decoding.seconds(backend, tokens)) / quantum)
+                key = (-saving, -faster, index, slot_rank(backend))
+                if best is None or key < best[0]:
+                    best = (key, index, backend)
+        if best is not None:
+            return best[1], best[2]
+        return Later(later) if later < float("inf") else None
+
+    def _quantum(self, chain: Sequence[bytes]) -> float:
+        """Seconds within which two costs count as equal: reading the good-enough match (or the whole prompt)."""
+        return max(1, min(self.min_match_blocks, len(chain))) * self._block_seconds(None)
+
+    def _cost(self, chain: Sequence[bytes], facts: RequestFacts, decode: bool = True) -> Callable[[Backend], float]:
+        """What placing this request on a backend costs, in seconds: its prompt's unmatched blocks at that
+        backend's learned prompt rate, plus (step 5b) half of what it may evict there of chats of its family
+        (not when it is one), plus (step 5c, with ``decode``) its expected answer at that backend's decode speed."""
         follow_ups = self.follow_ups
         home = follow_ups.continues(chain) if follow_ups is not None else None
-        family = family_of(chain, self.min_match_blocks)
+        family = family_of(chain, self.min_match_blocks) if chain else b""
         length = len(chain)
+        weight = self.decode_weight if decode else 0.0
+        tokens = weight * self.decoding.expected_tokens(facts.body) if weight else 0.0
 
         def cost(backend: Backend) -> float:
             matched = self.match(backend, chain)
             blocks = float(length - matched)
-            if follow_ups is not None and backend.name != home:
+            if follow_ups is not None and chain and backend.name != home:
                 blocks += _RISK_WEIGHT * follow_ups.at_risk(backend.name, family, matched)
-            return blocks * self._block_seconds(backend)
+            return blocks * self._block_seconds(backend) + self.decoding.seconds(backend, tokens)
 
         return cost
 
@@ -237,7 +300,7 @@ class Prefix(Selector):
             return None
         if self.tokens_per_char is None or self.token_seconds is None:
             return None  # no prompt rate learned yet: what a wait would save is unknown
-        cost = self._cost(chain)
+        cost = self._cost(chain, facts)
         holder = min(full, key=lambda b: (cost(b), b.traffic.in_flight))
         enough = min(self.min_match_blocks, len(chain))
         if self.match(holder, chain) < enough:
@@ -259,6 +322,7 @@ class Prefix(Selector):
 
     def claimed(self, backend: Backend, facts: RequestFacts) -> None:
         chain = self.chain(facts)
+        self._chains.pop(id(facts), None)
         if not chain:
             return
         if self.follow_ups is not None:
@@ -275,6 +339,8 @@ class Prefix(Selector):
         if pending is None:
             return
         chain, predicted = pending
+        if usage is not None:
+            self.decoding.learn(backend.name, usage)
         if self.follow_ups is not None:
             self.follow_ups.finished(backend.name, chain)
         if usage is not None and usage.prompt_tokens:
@@ -304,5 +370,6 @@ class Prefix(Selector):
     def forget(self, backend_name: str) -> None:
         self._indexes.pop(backend_name, None)
         self._rates.pop(backend_name, None)
+        self.decoding.forget(backend_name)
         if self.follow_ups is not None:
             self.follow_ups.forget(backend_name)

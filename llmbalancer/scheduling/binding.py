@@ -1,0 +1,155 @@
+"""Binding from the slot's side: when slots free while requests wait, which waiting request takes which.
+
+The dispatcher runs a pass on every change of the fleet (``Registry.on_change``: a claim released, a
+backend ready, a slot count polled), in the event-loop turn after the change itself: a queued request is
+bound on the completion that freed its slot, never on a timer. A pass repeats, per model queue, until no
+waiter can take a free slot:
+
+1. The *window*: from the head of the queue, in queue order, the first ``window`` waiters that may take one
+   of the backends with a free slot now (routable, serving their model, circuit allowing, a held waiter
+   only its holder until its hold ends), all of the head's priority (a higher priority is never passed).
+2. A retry (it had its turn) is bound first; then a waiter past its *deadline* (ageing), on the backend
+   ``select`` picks for it. The deadline is set when it joins the queue: the wait expected for it in
+   first-come-first-served order (``ServiceRate``: the waiters ahead of it, the fleet's measured rate), plus
+   ``max_pass_over`` seconds. So nobody waits more than about ``max_pass_over`` longer than first come,
+   first served would have kept it, for the sake of others (and as first come, first served, once late).
+3. Otherwise the policy picks the pair (``Selector.bind``): ``prefix`` the request whose prompt the freed
+   server holds best and reads fastest against what it would cost anywhere else; the others the head. The
+   policy may also leave the slots free a while (``Later``: every waiter would lose by taking one and may
+   hold out for its own server, a bounded time since it was first offered one); a timer asks it again.
+
+The claim is made here (``claim_on``), the waiter leaves the queue at once and gets the claim through its
+future; a waiter that left meanwhile (its client hung up, it timed out) is skipped, and one bound just as it
+left releases the claim itself (the dispatcher), so every claim is released exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Collection, Sequence
+
+from llmbalancer.fleet.backend import Backend
+from llmbalancer.fleet.registry import Registry
+from llmbalancer.scheduling.admission import AdmissionQueue, Waiter
+from llmbalancer.scheduling.claims import claim_on
+from llmbalancer.scheduling.selectors import Later, Selector, Waiting
+from llmbalancer.scheduling.service_rate import ServiceRate
+
+Backends = Callable[[Collection[Backend]], list[Backend]]
+
+
+class Binder:
+    __slots__ = ("_admission", "_candidates", "_eligible", "_rate", "_registry", "_selector", "_timer", "_wake",
+                 "max_pass_over", "window")
+
+    def __init__(
+        self,
+        registry: Registry,
+        selector: Selector,
+        admission: AdmissionQueue,
+        rate: ServiceRate,
+        eligible: Backends,
+        candidates: Backends,
+        wake: Callable[[], object],
+        window: int = 16,
+        max_pass_over: float = 2.0,
+    ) -> None:
+        self._registry = registry
+        self._selector = selector
+        self._admission = admission
+        self._rate = rate
+        self._eligible = eligible  # excluded -> backends with a free slot a waiter may take now
+        self._candidates = candidates  # excluded -> routable backends a waiter may take, free or full
+        self._wake = wake  # runs a pass soon (the dispatcher's): for the policy's ``Later``
+        self._timer: asyncio.TimerHandle | None = None
+        self.window = max(1, window)
+        self.max_pass_over = max_pass_over
+
+    def bind(self, now: float) -> int:
+        """Bind waiters to free slots until none can take one; ``now`` in loop time. Returns how many."""
+        bound = 0
+        if not self._eligible(()):
+            return bound  # no free slot anywhere (the common wake-up while full): nothing to look at
+        for queue in self._admission.queues():
+            while queue:
+                picked = self._pick(queue, now)
+                if picked is None:
+                    break
+                waiter, backend = picked
+                assert waiter.facts is not None and waiter.bound is not None
+                claim = claim_on(self._registry, self._selector, backend, waiter.facts, self._rate)
+                self._admission.take(waiter)
+                waiter.bound.set_result(claim)
+                bound += 1
+        return bound
+
+    def _pick(self, queue: list[Waiter], now: float) -> tuple[Waiter, Backend] | None:
+        free_by_route: dict[str | None, list[Backend]] = {}
+        window: list[tuple[Waiter, Sequence[Backend]]] = []
+        top: int | None = None
+        for waiter in queue:
+            if top is not None and waiter.priority < top:
+                break
+            if not waiter.open:
+                continue  # leaving (hung up, timed out, failed): its ``with`` block takes it out
+            free = self._free(waiter, free_by_route, now)
+            if not free:
+                continue
+            if waiter.retry or now >= waiter.deadline:
+                assert waiter.facts is not None
+                backend = self._selector.select(free, waiter.facts)
+                if backend is not None:
+                    return waiter, backend
+                continue
+            if waiter.offered_at is None:
+                waiter.offered_at = now
+            window.append((waiter, free))
+            top = waiter.priority
+            if len(window) >= self.window:
+                break
+        if not window:
+            return None
+        allowed_by_route: dict[str | None, list[Backend]] = {}
+        shown = []
+        for waiter, free in window:
+            assert waiter.facts is not None
+            if waiter.route not in allowed_by_route:
+                allowed_by_route[waiter.route] = self._candidates(waiter.excluded)
+            offered = now - waiter.offered_at if waiter.offered_at is not None else 0.0
+            shown.append(Waiting(waiter.facts, free, allowed_by_route[waiter.route], offered))
+        choice = self._selector.bind(shown)
+        if isinstance(choice, Later):
+            self._ask_again(now + choice.seconds)
+            return None
+        if choice is None:
+            return None
+        index, backend = choice
+        return window[index][0], backend
+
+    def _ask_again(self, when: float) -> None:
+        """A timer for the policy's ``Later`` (one at a time, the earliest): slots it leaves free are offered
+        again then, even if nothing else changes."""
+        timer = self._timer
+        if timer is not None and not timer.cancelled() and timer.when() <= when:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._timer = asyncio.get_running_loop().call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._wake()
+
+    def _free(self, waiter: Waiter, free_by_route: dict[str | None, list[Backend]], now: float) -> Sequence[Backend]:
+        if waiter.retry:
+            free = self._eligible(waiter.excluded)  # its own exclusions: the backends it failed on
+        elif waiter.route in free_by_route:
+            free = free_by_route[waiter.route]  # one model's waiters may take the same backends
+        else:
+            free = free_by_route[waiter.route] = self._eligible(waiter.excluded)
+        held = waiter.held_for
+        if held is not None:
+            if now < waiter.hold_until and held.routable:
+                return [held] if held in free else []
+            waiter.held_for = None  # the affinity wait is over: any free backend now
+        return free
