@@ -181,7 +181,8 @@ async def drive(
 
 def _start_target(procs: peers.Processes, target: str, port: int, backends: list[int], trees: dict[str, Path]) -> None:
     """``target``: a peer, or an llmbalancer policy, optionally ``POLICY@TREE`` (a checkout named by ``--compare``)
-    and ``POLICY[section.key=value;...]`` (settings given as ``LLMBALANCER_*`` variables)."""
+    and ``POLICY[section.key=value;...]`` (settings given as ``LLMBALANCER_*`` variables; ``env:NAME=value``
+    sets a variable as named)."""
     if target == "nginx":
         fleet.start_nginx(procs, port, backends)
     elif target == "haproxy":
@@ -194,7 +195,9 @@ def _start_target(procs: peers.Processes, target: str, port: int, backends: list
         env = {}
         for setting in filter(None, settings.rstrip("]").split(";")):
             key, _, value = setting.partition("=")
-            env["LLMBALANCER_" + key.strip().upper().replace(".", "__")] = value.strip()
+            key = key.strip()
+            name = key[4:] if key.startswith("env:") else "LLMBALANCER_" + key.upper().replace(".", "__")
+            env[name] = value.strip()
         fleet.start_llmbalancer(procs, port, backends, policy, trees[tree] if tree else peers.ROOT, env)
 
 

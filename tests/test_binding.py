@@ -34,8 +34,9 @@ def chat(system: str, *turns: str, max_tokens: int = 16) -> RequestFacts:
 SHOP = "You are the support assistant of a large shop. " * 12
 TUTOR = "You are a patient tutor who explains things slowly. " * 12
 POET = "You write short poems about the sea, in English only. " * 12
-A1 = chat(SHOP, "My order 1234 has not arrived, where is it? " * 10)
-A2 = chat(SHOP, "My order 1234 has not arrived, where is it? " * 10, "It left on Monday. " * 8, "Thanks, and then?")
+ORDER = "My order 1234 has not arrived, where is it? " * 10
+A1 = chat(SHOP, ORDER)
+A2 = chat(SHOP, ORDER, "It left on Monday. " * 8, "Thanks, and then?")
 B1 = chat(TUTOR, "Explain fractions to me, from the beginning. " * 10)
 B2 = chat(TUTOR, "Explain fractions to me, from the beginning. " * 10, "A fraction is a part. " * 8, "Go on.")
 
@@ -162,3 +163,16 @@ def test_prefix_binds_long_answers_to_fast_servers_and_short_ones_to_slow() -> N
     assert prefix.bind(waiting) == (1, fast)  # the long one saves 160 x 20 ms there
     waiting = [Waiting(long, [slow], [fast, slow]), Waiting(short, [slow], [fast, slow])]
     assert prefix.bind(waiting) == (1, slow)  # the short one loses least there
+
+
+def test_prefix_sends_a_long_answer_to_the_faster_decoder_when_both_are_free() -> None:
+    prefix = learned_prefix()
+    fast, slow = backend("fast"), backend("slow")
+    for name, seconds in (("fast", 0.02), ("slow", 0.04)):
+        prefix.decoding.learn(name, Usage(prompt_tokens=10, completion_tokens=50, decode_token_seconds=seconds))
+    assert prefix.select([slow, fast], chat(POET, "A sea poem. " * 10, max_tokens=160)) is fast
+    prefix.claimed(slow, A1)  # A's history is on the slow server
+    short = chat(SHOP, ORDER, "It left on Monday. " * 8, "Thanks, and then?", max_tokens=8)
+    assert prefix.select([slow, fast], short) is slow  # a short answer goes home: re-reading costs more
+    long = chat(SHOP, ORDER, "It left on Monday. " * 8, "Thanks, and then?", max_tokens=160)
+    assert prefix.select([slow, fast], long) is fast  # 160 tokens at half speed cost more than the re-read

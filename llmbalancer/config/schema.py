@@ -96,9 +96,9 @@ class PolicyConfig(Section):
     prefix_protect_histories: bool = Field(
         True, description="prefix: a new chat avoids servers whose chats share its system prompt"
     )
-    prefix_decode_weight: Number = Field(
-        1.0, ge=0, description="prefix: weight of the expected answer's decode time (learned per server) in the "
-        "cost; 0 = place by prompt alone",
+    prefix_speed_aware: bool = Field(
+        True, description="prefix: where the prompt costs the same, a longer answer goes to the faster decoder "
+        "(decode speed learned per server from timings)",
     )
 
     @field_validator("hash_key")

@@ -47,7 +47,7 @@ class Waiter:
     hold_until: float = 0.0
     # Ageing: from this time on (loop time) it is bound first, to any free backend it may take.
     deadline: float = float("inf")
-    offered_at: float | None = None  # when the binder first offered it a free slot
+    since: float = 0.0  # when it joined the queue (loop time)
 
     def __post_init__(self) -> None:
         self.sort_key = (-self.priority, self.seq)  # higher priority first, then arrival

@@ -14,9 +14,7 @@ waiter can take a free slot:
    ``max_pass_over`` seconds. So nobody waits more than about ``max_pass_over`` longer than first come,
    first served would have kept it, for the sake of others (and as first come, first served, once late).
 3. Otherwise the policy picks the pair (``Selector.bind``): ``prefix`` the request whose prompt the freed
-   server holds best and reads fastest against what it would cost anywhere else; the others the head. The
-   policy may also leave the slots free a while (``Later``: every waiter would lose by taking one and may
-   hold out for its own server, a bounded time since it was first offered one); a timer asks it again.
+   server holds best and reads fastest against what it would cost anywhere else; the others the head.
 
 The claim is made here (``claim_on``), the waiter leaves the queue at once and gets the claim through its
 future; a waiter that left meanwhile (its client hung up, it timed out) is skipped, and one bound just as it
@@ -25,22 +23,21 @@ left releases the claim itself (the dispatcher), so every claim is released exac
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Collection, Sequence
 
 from llmbalancer.fleet.backend import Backend
 from llmbalancer.fleet.registry import Registry
 from llmbalancer.scheduling.admission import AdmissionQueue, Waiter
 from llmbalancer.scheduling.claims import claim_on
-from llmbalancer.scheduling.selectors import Later, Selector, Waiting
+from llmbalancer.scheduling.selectors import Selector, Waiting
 from llmbalancer.scheduling.service_rate import ServiceRate
 
 Backends = Callable[[Collection[Backend]], list[Backend]]
 
 
 class Binder:
-    __slots__ = ("_admission", "_candidates", "_eligible", "_rate", "_registry", "_selector", "_timer", "_wake",
-                 "max_pass_over", "window")
+    __slots__ = ("_admission", "_candidates", "_eligible", "_rate", "_registry", "_selector", "max_pass_over",
+                 "window")
 
     def __init__(
         self,
@@ -50,7 +47,6 @@ class Binder:
         rate: ServiceRate,
         eligible: Backends,
         candidates: Backends,
-        wake: Callable[[], object],
         window: int = 16,
         max_pass_over: float = 2.0,
     ) -> None:
@@ -60,8 +56,6 @@ class Binder:
         self._rate = rate
         self._eligible = eligible  # excluded -> backends with a free slot a waiter may take now
         self._candidates = candidates  # excluded -> routable backends a waiter may take, free or full
-        self._wake = wake  # runs a pass soon (the dispatcher's): for the policy's ``Later``
-        self._timer: asyncio.TimerHandle | None = None
         self.window = max(1, window)
         self.max_pass_over = max_pass_over
 
@@ -101,8 +95,6 @@ class Binder:
                 if backend is not None:
                     return waiter, backend
                 continue
-            if waiter.offered_at is None:
-                waiter.offered_at = now
             window.append((waiter, free))
             top = waiter.priority
             if len(window) >= self.window:
@@ -115,30 +107,12 @@ class Binder:
             assert waiter.facts is not None
             if waiter.route not in allowed_by_route:
                 allowed_by_route[waiter.route] = self._candidates(waiter.excluded)
-            offered = now - waiter.offered_at if waiter.offered_at is not None else 0.0
-            shown.append(Waiting(waiter.facts, free, allowed_by_route[waiter.route], offered))
+            shown.append(Waiting(waiter.facts, free, allowed_by_route[waiter.route], now - waiter.since))
         choice = self._selector.bind(shown)
-        if isinstance(choice, Later):
-            self._ask_again(now + choice.seconds)
-            return None
         if choice is None:
             return None
         index, backend = choice
         return window[index][0], backend
-
-    def _ask_again(self, when: float) -> None:
-        """A timer for the policy's ``Later`` (one at a time, the earliest): slots it leaves free are offered
-        again then, even if nothing else changes."""
-        timer = self._timer
-        if timer is not None and not timer.cancelled() and timer.when() <= when:
-            return
-        if timer is not None:
-            timer.cancel()
-        self._timer = asyncio.get_running_loop().call_at(when, self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        self._wake()
 
     def _free(self, waiter: Waiter, free_by_route: dict[str | None, list[Backend]], now: float) -> Sequence[Backend]:
         if waiter.retry:

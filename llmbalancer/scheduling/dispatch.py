@@ -43,7 +43,7 @@ class Dispatcher:
         self.admission = AdmissionQueue(queue.max_size, queue.timeout)
         self.rate = ServiceRate()
         self.binder = Binder(
-            registry, selector, self.admission, self.rate, self._bindable, self.candidates, self._changed,
+            registry, selector, self.admission, self.rate, self._bindable, self.candidates,
             window=queue.bind_window, max_pass_over=queue.max_pass_over,
         )
         self._backlog_per = queue.server_backlog
@@ -112,12 +112,12 @@ class Dispatcher:
     ) -> Claim:
         loop = asyncio.get_running_loop()
         waiter.facts, waiter.excluded, waiter.route = facts, excluded, self.routing.model_of(facts)
-        waiter.deadline = loop.time() + (expected or 0.0) + self.binder.max_pass_over
+        waiter.since = loop.time()
+        waiter.deadline = waiter.since + (expected or 0.0) + self.binder.max_pass_over
         bound = waiter.bound = loop.create_future()
         timer = None
         if hold is not None:
-            # Held out for its holder from now on: the policy's patience (``bind``) counts this wait in.
-            waiter.held_for, waiter.hold_until, waiter.offered_at = hold.backend, loop.time() + hold.wait, loop.time()
+            waiter.held_for, waiter.hold_until = hold.backend, loop.time() + hold.wait
             timer = loop.call_at(waiter.hold_until, self._changed)  # the hold's end may let it take another
         self._changed()  # a slot may be free for it now (a retry; one freed while it was placed)
         taken = False

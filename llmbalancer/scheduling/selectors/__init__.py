@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from llmbalancer.config import PolicyConfig
-from llmbalancer.scheduling.selectors.base import Hold, Later, RequestFacts, Selector, Waiting
+from llmbalancer.scheduling.selectors.base import Hold, RequestFacts, Selector, Waiting
 from llmbalancer.scheduling.selectors.hash import Hash
 from llmbalancer.scheduling.selectors.least_connections import LeastConnections
 from llmbalancer.scheduling.selectors.power_of_two import PowerOfTwo
@@ -15,9 +15,7 @@ from llmbalancer.scheduling.selectors.round_robin import RoundRobin
 from llmbalancer.scheduling.selectors.slot_aware import SlotAware
 from llmbalancer.scheduling.selectors.sticky import Sticky
 
-__all__ = [
-    "POLICIES", "Hold", "Later", "RequestFacts", "Selector", "Waiting", "make_selector", "policy_problems",
-]
+__all__ = ["POLICIES", "Hold", "RequestFacts", "Selector", "Waiting", "make_selector", "policy_problems"]
 
 STICKY_DEFAULT_INNER = "slot_aware"
 
@@ -30,7 +28,7 @@ def _prefix(config: PolicyConfig) -> Selector:
         max_blocks=config.prefix_max_blocks,
         max_wait=config.prefix_max_wait,
         protect_histories=config.prefix_protect_histories,
-        decode_weight=config.prefix_decode_weight,
+        speed_aware=config.prefix_speed_aware,
     )
 
 

@@ -46,13 +46,7 @@ class Waiting:
     facts: RequestFacts
     free: Sequence[Backend]  # backends with a free slot it may take now (never empty)
     allowed: Sequence[Backend]  # every routable backend it may take, free or full (``free`` among them)
-    offered_s: float = 0.0  # seconds since it was first offered a free slot (how long it has held out)
-
-
-class Later(NamedTuple):
-    """``bind``'s answer: none of them now; ask again in ``seconds`` (or at the next change, if sooner)."""
-
-    seconds: float
+    waited_s: float = 0.0  # seconds since it joined the queue
 
 
 class Hold(NamedTuple):
@@ -74,11 +68,11 @@ class Selector(ABC):
         waiting for over every one of ``free`` (what ``select`` would be shown; may be empty), or None."""
         return None  # most policies never wait for a particular backend
 
-    def bind(self, waiting: Sequence[Waiting]) -> tuple[int, Backend] | Later | None:
+    def bind(self, waiting: Sequence[Waiting]) -> tuple[int, Backend] | None:
         """Slots freed while requests wait: pick one of ``waiting`` (never empty; a window from the queue's head,
-        in queue order) and one of its ``free`` backends, as (index, backend); ``Later`` or None to bind none
-        now (leaving the slots free a while for a request that would rather wait for another server). The
-        default serves the first in line, on the backend ``select`` picks for it."""
+        in queue order) and one of its ``free`` backends, as (index, backend); None binds none now (a slot
+        left idle while a request waits for it: only for a good reason). The default serves the first in
+        line, on the backend ``select`` picks for it."""
         first = waiting[0]
         backend = self.select(first.free, first.facts)
         return None if backend is None else (0, backend)

@@ -34,10 +34,12 @@ Algorithm
    there is charged half (the chance it takes that chat's slot) of their blocks beyond what it shares
    with them. New chats of one system prompt spread over the servers that hold it; a follow-up still
    goes to the server holding its history.
-5c. Speed: the cost also counts the request's expected answer (its ``max_tokens``, at most four times the
-   mean answer learned; the mean when it sets none) at that backend's decode speed, learned from llama.cpp
-   ``timings.predicted_ms`` (``speeds.py``), times ``decode_weight``: a long answer goes to a fast server
-   when both can take it, and a half-speed server, when it frees, takes the short ones.
+5c. Speed: the cost of placing a request (when slots are free, step 5) also counts its expected answer (its
+   ``max_tokens``, at most four times the mean answer learned; the mean when it sets none) at each
+   backend's decode speed, learned from llama.cpp ``timings.predicted_ms`` (``speeds.py``), as prompt
+   speed is: a long answer goes to a fast server when both can take it. When a slot frees under load
+   (step 9) it only breaks ties (a half-speed server takes the shorter answers): while every slot is busy,
+   who decodes where changes nobody's time to first token, and a history re-read does.
 6. Waiting for the holder (``hold_for``, asked before step 4 while nobody waits in the queue): when a
    *full* server holding at least ``min_match_blocks`` of the prompt costs less than every free server
    by at least that many blocks' reading (step 5), the request may wait for a slot there (in the
@@ -51,12 +53,11 @@ Algorithm
    predicted, the server lost its cache (restart, eviction): its index is reset to just this prompt,
    which it now does hold. A real hit re-marks the prompt's blocks as most recent.
 9. From the slot's side (``bind``): while requests wait in the admission queue, a slot that frees is
-   offered to a window of them (``queue.bind_window``, with ageing: ``binding.py``); it goes to the request
-   whose prompt cost there (step 5 without 5c) is lowest against its cost on the best other server that
-   may take it, i.e. the one that saves most reading by taking it now: a follow-up whose history that
-   server holds. Savings within the good-enough match count as equal; then a longer answer takes a faster
-   server and a shorter one a slower (5c against the mean of its servers), then the queue's order. One
-   that would lose holds out a while for its own server (``max_wait``, counting any earlier hold).
+   offered to a window of them (``queue.bind_window``, with ageing: ``binding.py``) and taken by one of
+   them, first come, first served, but counting a request as having come six seconds earlier per second of
+   prompt reading it saves there against the best other server it may take (step 5, without 5c): a
+   follow-up whose history that server holds goes first, a new chat soon after, a follow-up whose history
+   is elsewhere late. Then 5c (a longer answer to a faster server), then the queue's order.
 
 Parameters (``policy.prefix_*`` in the configuration)
 - ``block_chars`` (64): block size. Smaller finds shorter shared prefixes and costs more hashing;
@@ -67,7 +68,7 @@ Parameters (``policy.prefix_*`` in the configuration)
   carry and still win on affinity. 0 = only among the least busy; large = affinity at any load.
 - ``max_blocks`` (65536): per-backend index size (~4 MiB of prompts at 64 characters a block).
 - ``max_wait`` (1.0 s): a cap on that wait, whatever the estimate; 0 never waits.
-- ``decode_weight`` (1.0): step 5c; 0 places by the prompt alone.
+- ``speed_aware`` (on): step 5c; off, the answer's length plays no part.
 - ``protect_histories`` (on): step 5b. Off, new chats follow the longest match alone (as other
   cache-aware routers do) and pile onto the server that first saw their system prompt.
 The capacity gate (no backend is shown to a policy without a free slot) applies before all this.
@@ -83,7 +84,7 @@ from typing import Any
 from llmbalancer.fleet.backend import Backend
 from llmbalancer.fleet.capacity import busy
 from llmbalancer.fleet.usage import Usage
-from llmbalancer.scheduling.selectors.base import Hold, Later, RequestFacts, Selector, Waiting
+from llmbalancer.scheduling.selectors.base import Hold, RequestFacts, Selector, Waiting
 from llmbalancer.scheduling.selectors.follow_ups import FollowUps, family_of
 from llmbalancer.scheduling.selectors.slot_aware import slot_rank
 from llmbalancer.scheduling.selectors.speeds import Decoding
@@ -97,6 +98,12 @@ _EWMA_WEIGHT = 0.2
 # The chance that a new chat placed beside a waiting chat of its family overwrites that chat's slot: the new
 # one takes one of the (usually two) idle slots, and llama.cpp prefers the one that shares its prefix.
 _RISK_WEIGHT = 0.5
+# Binding from the slot's side: how much of a faster answer counts against time waited (step 9).
+# Binding from the slot's side (step 9): a waiting request counts as having come this many seconds earlier for
+# each second of prompt reading it saves on the freed server. Measured on the saturated scenario (seeds 3, 11):
+# 1 kept the tail lowest but the median went to first-come-first-served's; 6 kept the median of pure savings
+# order (binding the most saving first) and most of the tail's gain.
+_SAVING_CREDIT = 6.0
 
 
 def _ewma(previous: float | None, sample: float) -> float:
@@ -176,7 +183,7 @@ class Prefix(Selector):
         max_blocks: int = 65536,
         max_wait: float = 0.0,
         protect_histories: bool = True,
-        decode_weight: float = 1.0,
+        speed_aware: bool = True,
     ) -> None:
         self.block_chars = block_chars
         self.min_match_blocks = min_match_blocks
@@ -193,7 +200,7 @@ class Prefix(Selector):
         self.token_seconds: float | None = None  # to evaluate one (uncached) prompt token, fleet-wide
         self._rates: dict[str, float] = {}  # the same, per backend (a slower server reads prompts slower)
         self.decoding = Decoding()  # how long answers take where (learned from timings.predicted_ms)
-        self.decode_weight = decode_weight
+        self.speed_aware = speed_aware
         # The dispatcher asks hold_for, select and claimed about a request, and bind about each queued one in its
         # window, pass after pass: a chain is hashed once per request, kept (by the facts' identity) until claimed.
         self._chains: OrderedDict[int, tuple[RequestFacts, list[bytes]]] = OrderedDict()
@@ -218,71 +225,68 @@ class Prefix(Selector):
             least_busy = min(busy(b) for b in candidates)
             near = [b for b in candidates if busy(b) <= least_busy + self.max_imbalance]
             cost = self._cost(chain, facts)
+            decode = self._decode(facts)
             # Costs closer than the good-enough match count as equal: then load decides.
             quantum = self._quantum(chain)
-            return min(near, key=lambda b: (cost(b) // quantum, slot_rank(b)))
+            return min(near, key=lambda b: ((cost(b) + decode(b)) // quantum, slot_rank(b)))
         return min(candidates, key=slot_rank)
 
-    def bind(self, waiting: Sequence[Waiting]) -> tuple[int, Backend] | Later | None:
-        """From the slot's side (step 9): the pair of a waiting request and a free backend where placing it now
-        saves most prompt reading against the best other server it may take (its history held there, read
-        faster there); savings closer than the good-enough match count as equal, and then the longer answer
-        takes the faster server (its decode time there against the mean of the servers it may take), then the
-        queue's order, then load. A request that would lose by taking a free backend holds out for a better
-        one as ``hold_for`` waits: for at most the seconds it would lose, and ``max_wait``. (The answer's
-        speed only orders: while every slot is busy, who decodes where changes no one's time to first token.)"""
-        best: tuple[tuple[float, float, int, tuple[int, int, float, int]], int, Backend] | None = None
-        later = float("inf")
-        decoding = self.decoding
+    def bind(self, waiting: Sequence[Waiting]) -> tuple[int, Backend] | None:
+        """From the slot's side (step 9): first come, first served, except that a request counts as having come
+        ``_SAVING_CREDIT`` seconds earlier for each second of prompt reading it saves on the free backend
+        against the best other server it may take (a follow-up whose history that server holds), and as
+        many later for each second it would lose there. Then a longer answer takes a faster server (its
+        decode there against the mean of its servers'), then queue order, then load. Never leaves a free
+        slot to wait for a better request: someone in the window takes it."""
+        best: tuple[tuple[int, int, int, tuple[int, int, float, int]], int, Backend] | None = None
         for index, entry in enumerate(waiting):
             chain = self.chain(entry.facts)
-            cost = self._cost(chain, entry.facts, decode=False)
+            cost = self._cost(chain, entry.facts)
+            decode = self._decode(entry.facts)
             quantum = self._quantum(chain)
             costs = [(b, cost(b)) for b in entry.allowed]
-            tokens = self.decode_weight * decoding.expected_tokens(entry.facts.body) if self.decode_weight else 0.0
-            mean_decode = sum(decoding.seconds(b, tokens) for b in entry.allowed) / max(1, len(entry.allowed))
+            mean_decode = sum(decode(b) for b in entry.allowed) / max(1, len(entry.allowed))
             for backend in entry.free:
                 here = next((c for b, c in costs if b is backend), None)
                 if here is None:
                     here = cost(backend)
                 elsewhere = min((c for b, c in costs if b is not backend), default=here)
-                saving = round((elsewhere - here) / quantum)
-                if saving < 0 and self.token_seconds is not None:
-                    patience = min(self.max_wait, (here - elsewhere)) - entry.offered_s
-                    if patience > 0:
-                        later = min(later, patience)
-                        continue
-                faster = round((mean_decode - decoding.seconds(backend, tokens)) / quantum)
-                key = (-saving, -faster, index, slot_rank(backend))
+                saving = round((elsewhere - here) / quantum) * quantum
+                credit = round((_SAVING_CREDIT * saving + entry.waited_s) / quantum)
+                faster = round((mean_decode - decode(backend)) / quantum)
+                key = (-credit, -faster, index, slot_rank(backend))
                 if best is None or key < best[0]:
                     best = (key, index, backend)
-        if best is not None:
-            return best[1], best[2]
-        return Later(later) if later < float("inf") else None
+        return None if best is None else (best[1], best[2])
 
     def _quantum(self, chain: Sequence[bytes]) -> float:
         """Seconds within which two costs count as equal: reading the good-enough match (or the whole prompt)."""
         return max(1, min(self.min_match_blocks, len(chain))) * self._block_seconds(None)
 
-    def _cost(self, chain: Sequence[bytes], facts: RequestFacts, decode: bool = True) -> Callable[[Backend], float]:
-        """What placing this request on a backend costs, in seconds: its prompt's unmatched blocks at that
-        backend's learned prompt rate, plus (step 5b) half of what it may evict there of chats of its family
-        (not when it is one), plus (step 5c, with ``decode``) its expected answer at that backend's decode speed."""
+    def _cost(self, chain: Sequence[bytes], facts: RequestFacts) -> Callable[[Backend], float]:
+        """What placing this prompt on a backend costs, in seconds: its unmatched blocks at that backend's
+        learned prompt rate, plus (step 5b) half of what it may evict there of chats of its family (not when it
+        is one)."""
         follow_ups = self.follow_ups
         home = follow_ups.continues(chain) if follow_ups is not None else None
         family = family_of(chain, self.min_match_blocks) if chain else b""
         length = len(chain)
-        weight = self.decode_weight if decode else 0.0
-        tokens = weight * self.decoding.expected_tokens(facts.body) if weight else 0.0
 
         def cost(backend: Backend) -> float:
             matched = self.match(backend, chain)
             blocks = float(length - matched)
             if follow_ups is not None and chain and backend.name != home:
                 blocks += _RISK_WEIGHT * follow_ups.at_risk(backend.name, family, matched)
-            return blocks * self._block_seconds(backend) + self.decoding.seconds(backend, tokens)
+            return blocks * self._block_seconds(backend)
 
         return cost
+
+    def _decode(self, facts: RequestFacts) -> Callable[[Backend], float]:
+        """Step 5c: seconds its expected answer takes at a backend's learned decode speed (0 when not speed-aware
+        or before anything was learned)."""
+        tokens = self.decoding.expected_tokens(facts.body) if self.speed_aware else 0.0
+        seconds = self.decoding.seconds
+        return lambda backend: seconds(backend, tokens)
 
     def _block_seconds(self, backend: Backend | None) -> float:
         """Seconds to evaluate one block on ``backend`` (None: fleet-wide); 1.0 (counting blocks) before any

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 from llmbalancer.fleet.backend import Backend
 from llmbalancer.fleet.usage import Usage
-from llmbalancer.scheduling.selectors.base import Hold, Later, RequestFacts, Selector, Waiting
+from llmbalancer.scheduling.selectors.base import Hold, RequestFacts, Selector, Waiting
 
 _USERNAME = re.compile(r"\b(?:user(?:name)?|user id|user_id)\s*(?:is|:|=)\s*[\"']?([\w.@-]{1,64})", re.IGNORECASE)
 
@@ -112,11 +112,11 @@ class Sticky(Selector):
             return None
         return self.inner.hold_for(full, free, facts)
 
-    def bind(self, waiting: Sequence[Waiting]) -> tuple[int, Backend] | Later | None:
+    def bind(self, waiting: Sequence[Waiting]) -> tuple[int, Backend] | None:
         """The inner policy picks the request; it goes to its pinned backend when that one is free."""
         choice = self.inner.bind(waiting)
-        if choice is None or isinstance(choice, Later):
-            return choice
+        if choice is None:
+            return None
         name = self.pinned(waiting[choice[0]].facts)
         if name is not None:
             for backend in waiting[choice[0]].free:
