@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from llmbalancer.config import QueueConfig
+from llmbalancer.errors import ProxyError
 from llmbalancer.fleet.backend import Backend, BackendState
 from llmbalancer.fleet.registry import Registry
 from llmbalancer.fleet.usage import Usage
@@ -176,3 +177,36 @@ def test_prefix_sends_a_long_answer_to_the_faster_decoder_when_both_are_free() -
     assert prefix.select([slow, fast], short) is slow  # a short answer goes home: re-reading costs more
     long = chat(SHOP, ORDER, "It left on Monday. " * 8, "Thanks, and then?", max_tokens=160)
     assert prefix.select([slow, fast], long) is fast  # 160 tokens at half speed cost more than the re-read
+
+
+async def test_a_queued_request_fails_at_once_when_no_backend_is_left_to_serve_it() -> None:
+    dispatcher, (a,) = fleet(SlotAware(), "a")
+    with occupy(dispatcher.registry, a):
+        (waiting,) = await queued(dispatcher, chat(POET, "one " * 50))
+        dispatcher.registry.set_state(a, BackendState.UNHEALTHY, "refused")
+        done, _ = await asyncio.wait([waiting], timeout=2)
+        assert done and isinstance(waiting.exception(), ProxyError)
+        assert waiting.exception().code == "no_backend_available"  # type: ignore[union-attr]
+        assert dispatcher.queue_depth == 0
+
+
+async def test_server_backlog_lets_a_full_server_hold_one_queued_request_per_n_slots() -> None:
+    dispatcher, (a,) = fleet(SlotAware(), "a", server_backlog=2)
+    a.health.slots_total = 2
+    busy = [occupy(dispatcher.registry, a), occupy(dispatcher.registry, a)]
+    first, second, third = await queued_or_bound(dispatcher, 3)
+    with await asyncio.wait_for(first, timeout=2) as claim:  # bound into the server's own queue at once
+        assert claim.backend is a and a.traffic.in_flight == 3
+        await asyncio.sleep(0.05)
+        assert not second.done() and not third.done()  # two slots: one request in its own queue, no more
+    for task in (second, third):
+        task.cancel()
+    await asyncio.gather(second, third, return_exceptions=True)
+    for claim in busy:
+        claim.release()
+
+
+async def queued_or_bound(dispatcher: Dispatcher, count: int) -> list[asyncio.Task[Claim]]:
+    tasks = [asyncio.create_task(dispatcher.claim(chat(POET, f"request {i} " * 40))) for i in range(count)]
+    await asyncio.sleep(0.05)
+    return tasks

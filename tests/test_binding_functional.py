@@ -75,3 +75,31 @@ async def test_a_freed_slot_goes_to_the_queued_request_whose_history_that_server
         await asyncio.gather(short, long)
         assert first_reply["timings"]["cache_n"] > 200  # the freed slot went to the history it holds ...
         assert first_done < new_done  # ... ahead of the new chat at the queue's head
+
+
+async def test_a_queued_request_starts_on_the_server_within_milliseconds_of_the_slot_freeing() -> None:
+    # The health poll is 30 s apart: only the completion itself can have bound the queued request.
+    config = FakeLlamaConfig(slots=1, token_delay=0.02, record_timeline=True)
+    async with (
+        run_fake_fleet(1, config) as (fake,),
+        run_balancer(make_config([fake.url], **{"health.interval": 30.0})) as balancer,
+        aiohttp.ClientSession() as session,
+    ):
+        dispatcher = balancer.components.dispatcher
+        await wait_for(lambda: all(b.health.slots_total == 1 for b in balancer.components.registry), timeout=5)
+
+        async def post(body: dict[str, Any]) -> int:
+            async with session.post(balancer.url + CHAT, json=body) as reply:
+                await reply.read()
+                return reply.status
+
+        first = asyncio.create_task(post(conversation(POET, 0, max_tokens=10)))
+        await wait_for(lambda: fake.stats["processing"] == 1)
+        queued = asyncio.create_task(post(conversation(FRENCH, 0, max_tokens=2)))
+        await wait_for(lambda: dispatcher.queue_depth == 1)
+        assert await asyncio.wait_for(asyncio.gather(first, queued), timeout=10) == [200, 200]
+        timeline = fake.stats["timeline"]  # (time, busy, deferred) at every change
+        freed = next(t for (t, busy, _), (_, before, _) in zip(timeline[1:], timeline, strict=False)
+                     if busy == 0 and before == 1)
+        started = next(t for t, busy, _ in timeline if t > freed and busy == 1)
+        assert started - freed < 0.1  # a connect and a request's way through the proxy, not a poll

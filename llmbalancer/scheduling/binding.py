@@ -13,8 +13,9 @@ waiter can take a free slot:
    first-come-first-served order (``ServiceRate``: the waiters ahead of it, the fleet's measured rate), plus
    ``max_pass_over`` seconds. So nobody waits more than about ``max_pass_over`` longer than first come,
    first served would have kept it, for the sake of others (and as first come, first served, once late).
-3. Otherwise the policy picks the pair (``Selector.bind``): ``prefix`` the request whose prompt the freed
-   server holds best and reads fastest against what it would cost anywhere else; the others the head.
+3. Otherwise the policy picks the pair (``Selector.bind``): ``prefix`` by arrival, a request counting as
+   having come earlier the more prompt reading the freed server saves it (a follow-up whose history it
+   holds), later the more it would lose there; the others the head.
 
 The claim is made here (``claim_on``), the waiter leaves the queue at once and gets the claim through its
 future; a waiter that left meanwhile (its client hung up, it timed out) is skipped, and one bound just as it
