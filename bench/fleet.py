@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import peers
 
@@ -61,12 +62,18 @@ def fake_stats(port: int) -> dict[str, object]:
         return result
 
 
-def start_llmbalancer(procs: peers.Processes, port: int, backends: list[int], policy: str) -> None:
-    command = [sys.executable, "-m", "llmbalancer", "serve", "--port", str(port), "--policy", policy,
-               "--log-format", "json"]
+def start_llmbalancer(
+    procs: peers.Processes, port: int, backends: list[int], policy: str | None, tree: Path = peers.ROOT,
+    env: dict[str, str] | None = None,
+) -> None:
+    """``policy`` None: the default policy; ``tree``: the checkout to run (another commit's, to compare);
+    ``env``: settings as ``LLMBALANCER_*`` variables."""
+    command = [sys.executable, "-m", "llmbalancer", "serve", "--port", str(port), "--log-format", "json"]
+    if policy is not None:
+        command += ["--policy", policy]
     for i, backend in enumerate(backends):
         command += ["--backend", f"http://127.0.0.1:{backend}=s{i}"]
-    process = procs.start("llmbalancer", command, None)
+    process = procs.start("llmbalancer", command, None, cwd=tree, env=env)
     # Ready when every backend is healthy with its slot count polled (the capacity gate needs it).
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -38,6 +38,7 @@ class Processes:
     def start(
         self, name: str, command: list[str], core: int | None, cwd: Path = ROOT, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
+        """``env``: variables added to this process's environment."""
         log = (self.workdir / f"{name}.log").open("wb")
 
         def pin() -> None:
@@ -47,7 +48,7 @@ class Processes:
         try:
             process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=pin, cwd=cwd, env=env,
+                start_new_session=True, preexec_fn=pin, cwd=cwd, env={**os.environ, **env} if env else None,
             )
         finally:
             log.close()

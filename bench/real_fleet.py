@@ -17,6 +17,7 @@ from pathlib import Path
 import fleet
 import peers
 import results
+import sched_report
 import scheduling
 import workload
 
@@ -34,8 +35,8 @@ SESSION_RATE = 0.8  # sessions per second
 WINDOW_S = 12.0
 
 
-def run_policy(workdir: Path, policy: str, sessions: list[workload.Session]) -> scheduling.Row:
-    row = scheduling.Row("2 real llama-servers", 0.0, f"llmbalancer {policy}")
+def run_policy(workdir: Path, policy: str, sessions: list[workload.Session]) -> sched_report.Row:
+    row = sched_report.Row("2 real llama-servers", 0.0, f"llmbalancer {policy}")
     procs = peers.Processes(workdir)
     servers = []
     try:
@@ -45,7 +46,7 @@ def run_policy(workdir: Path, policy: str, sessions: list[workload.Session]) -> 
         port = peers.free_port()
         fleet.start_llmbalancer(procs, port, [s.port for s in servers], policy)
         outcomes, wall, _ = asyncio.run(scheduling.drive(f"http://127.0.0.1:{port}", sessions, WINDOW_S))
-        scheduling.summarize(row, outcomes, wall)
+        sched_report.summarize(row, outcomes, wall)
     except (RuntimeError, OSError, TimeoutError) as exc:
         row.note = f"not run: {exc}".splitlines()[0][:200]
     finally:
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir = Path(tmp) / policy
             workdir.mkdir()
             rows.append(run_policy(workdir, policy, sessions))
-            print(scheduling.table(rows[-1:]).splitlines()[-1], flush=True)
+            print(sched_report.table(rows[-1:]).splitlines()[-1], flush=True)
     body = "\n".join([
         "### Two real llama-servers",
         "",
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         f"system prompts {SHAPE.system_words[0]}-{SHAPE.system_words[1]} words); cache hit ratio from the real "
         "server's `timings.cache_n` / `prompt_n`. The load column does not apply.",
         "",
-        scheduling.table(rows),
+        sched_report.table(rows),
     ])
     results.report(SECTION, body, write=not args.no_write)
     return 0

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,6 +45,8 @@ import fleet
 import peers
 import results
 import workload
+from sched_figures import busy_share, idle_while_waiting, misqueued_seconds, oracle_hit_ratio
+from sched_report import LEGEND, Row, summarize, table, verdict, verdict15
 
 CHAT = "/v1/chat/completions"
 POLICIES = ["round_robin", "least_connections", "slot_aware", "prefix", "sticky:prefix"]
@@ -53,19 +55,27 @@ SIM = fleet.SimParams(token_delay=0.02, prefill_per_token=0.0005, batch_slowdown
 FLEETS = {
     "homogeneous": [fleet.ServerSpec(2, 1.0)] * 4,
     "mixed": [fleet.ServerSpec(2, 1.0)] * 2 + [fleet.ServerSpec(2, 2.0)] * 2,
+    "mixed-4x4": [fleet.ServerSpec(4, 1.0)] * 2 + [fleet.ServerSpec(4, 2.0)] * 2,
 }
-LEGEND = [
-    "Columns: **TTFT** from sending a request to its first content token, **e2e** to the stream's end (client "
-    "side, seconds); **out tok/s** content tokens received per second of the run; **cache hit** = sum of "
-    "`timings.cache_n` / sum of `cache_n + prompt_n` over the streams' finish chunks (prompt tokens the server "
-    "did not have to re-read); **errors** non-200, broken or unfinished streams; **misqueued s** seconds "
-    "requests spent deferred in one server's FIFO while another server had a free slot, summed over requests "
-    "(from the fakes' busy/deferred timelines), **deferred s** all seconds deferred in server FIFOs (llmbalancer "
-    "queues in its own admission queue instead, which neither column counts; it shows in TTFT); **slots busy** "
-    "share of the fleet's slot-seconds busy over the second half of the arrival window (the first half is "
-    "ramp-up), i.e. the load actually carried. Every run starts a fresh fleet (cold caches). Processes are not "
-    "pinned: on a small shared machine the figures carry scheduling noise of tens of milliseconds.",
-]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One load on one fleet: ``label`` names it in the table's fleet column."""
+
+    label: str
+    fleet: str
+    load: float
+    shape: workload.Shape
+    window_s: float
+
+
+# Issue 15's: more arrivals than the fleet can take for a minute (4 servers x 4 slots, two of them half
+# speed, replies of up to 160 tokens), then the backlog drains.
+SATURATED = Scenario("saturated", "mixed-4x4", 1.15, workload.Shape(reply_tokens=(24, 160)), 60.0)
+MIXED80 = Scenario("mixed", "mixed", 0.8, workload.Shape(), 30.0)
+SCENARIOS = {"saturated": SATURATED, "mixed80": MIXED80}
+DUMP: Path | None = None  # --dump: each run's outcomes and timelines as JSON, for a closer look
 DRAIN_CAP_S = 90.0  # after the arrival window, how long unfinished sessions may run before they count as errors
 
 
@@ -81,17 +91,23 @@ class Outcome:
     cache_n: int = 0
     prompt_n: int = 0
     error: str = ""
+    sent_at: float = 0.0  # monotonic, system-wide: comparable with the fakes' timelines
+    ended_at: float = 0.0
+    session: str = ""
+    turn: int = 0
 
 
 async def _one_request(
-    http: aiohttp.ClientSession, url: str, session_id: str, messages: list[dict[str, str]], max_tokens: int
+    http: aiohttp.ClientSession, url: str, session_id: str, messages: list[dict[str, str]], max_tokens: int,
+    request_id: str = "",
 ) -> tuple[Outcome, str]:
     body = {"model": fleet.MODEL, "messages": messages, "stream": True, "max_tokens": max_tokens, "ignore_eos": True}
     started = time.monotonic()
-    out = Outcome(ok=False)
+    out = Outcome(ok=False, sent_at=started)
     text: list[str] = []
     try:
-        async with http.post(url + CHAT, json=body, headers={"X-Session-ID": session_id}) as response:
+        headers = {"X-Session-ID": session_id, "X-Request-ID": request_id}
+        async with http.post(url + CHAT, json=body, headers=headers) as response:
             if response.status != 200:
                 out.error = f"HTTP {response.status}"
                 await response.read()
@@ -120,6 +136,7 @@ async def _one_request(
                 out.error = "stream ended without a finish chunk"
     except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
         out.error = type(exc).__name__
+    out.ended_at = time.monotonic()
     return out, "".join(text)
 
 
@@ -128,9 +145,11 @@ async def _run_session(
 ) -> None:
     await asyncio.sleep(max(0.0, t0 + session.start_s - time.monotonic()))
     messages = [{"role": "system", "content": session.system}]
-    for turn in session.turns:
+    for index, turn in enumerate(session.turns):
         messages.append({"role": "user", "content": turn.user})
-        outcome, reply = await _one_request(http, url, session.id, messages, turn.max_tokens)
+        request_id = f"{session.id}.{index}"
+        outcome, reply = await _one_request(http, url, session.id, messages, turn.max_tokens, request_id)
+        outcome.session, outcome.turn = session.id, index
         outcomes.append(outcome)
         if not outcome.ok:
             return  # a user whose chat broke does not go on with it
@@ -157,91 +176,13 @@ async def drive(
     return outcomes, wall, t0
 
 
-# --- figures ------------------------------------------------------------------------------------
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def busy_share(timelines: list[list[list[float]]], slots: list[int], start: float, end: float) -> float:
-    """Share of the fleet's slot-seconds busy between ``start`` and ``end`` (the load actually carried)."""
-    busy_s = 0.0
-    for timeline in timelines:
-        busy, last = 0, start
-        for t, now_busy, _ in timeline:
-            if t > start:
-                busy_s += busy * (min(t, end) - last)
-                last = min(t, end)
-            busy = int(now_busy)
-            if t >= end:
-                break
-        busy_s += busy * max(0.0, end - last)
-    return busy_s / (sum(slots) * (end - start))
-
-
-def misqueued_seconds(timelines: list[list[list[float]]], slots: list[int]) -> tuple[float, float]:
-    """(seconds deferred while another server had a free slot, total seconds deferred), summed over requests."""
-    events = sorted((t, i, busy, deferred) for i, tl in enumerate(timelines) for t, busy, deferred in tl)
-    busy_now = [0] * len(timelines)
-    deferred_now = [0] * len(timelines)
-    wasted = total = 0.0
-    last_t = events[0][0] if events else 0.0
-    for t, i, busy, deferred in events:
-        dt = t - last_t
-        if dt > 0:
-            for a, waiting in enumerate(deferred_now):
-                if waiting:
-                    total += waiting * dt
-                    if any(busy_now[b] < slots[b] for b in range(len(slots)) if b != a):
-                        wasted += waiting * dt
-        busy_now[i], deferred_now[i] = int(busy), int(deferred)
-        last_t = t
-    return wasted, total
-
-
-@dataclass
-class Row:
-    fleet: str
-    load: float
-    target: str
-    requests: int = 0
-    errors: int = 0
-    ttft_p50: float = float("nan")
-    ttft_p99: float = float("nan")
-    e2e_p99: float = float("nan")
-    tokens_per_s: float = 0.0
-    hit_ratio: float = float("nan")
-    misqueued_s: float = 0.0
-    deferred_s: float = 0.0
-    busy_share: float = float("nan")
-    note: str = ""
-    error_kinds: dict[str, int] = field(default_factory=dict)
-
-
-def summarize(row: Row, outcomes: list[Outcome], wall: float) -> None:
-    good = [o for o in outcomes if o.ok]
-    row.requests = len(outcomes)
-    row.errors = len(outcomes) - len(good)
-    for o in outcomes:
-        if not o.ok:
-            row.error_kinds[o.error] = row.error_kinds.get(o.error, 0) + 1
-    if good:
-        row.ttft_p50 = pct([o.ttft_s for o in good], 0.50)
-        row.ttft_p99 = pct([o.ttft_s for o in good], 0.99)
-        row.e2e_p99 = pct([o.e2e_s for o in good], 0.99)
-        row.tokens_per_s = sum(o.tokens for o in good) / wall
-        seen = sum(o.cache_n + o.prompt_n for o in good)
-        row.hit_ratio = sum(o.cache_n for o in good) / seen if seen else float("nan")
-
-
 # --- one run ------------------------------------------------------------------------------------
 
 
-def _start_target(procs: peers.Processes, target: str, port: int, backends: list[int]) -> None:
+def _start_target(procs: peers.Processes, target: str, port: int, backends: list[int], trees: dict[str, Path]) -> None:
+    """``target``: a peer, or an llmbalancer policy, optionally ``POLICY@TREE`` (a checkout named by ``--compare``)
+    and ``POLICY[section.key=value;...]`` (settings given as ``LLMBALANCER_*`` variables; ``env:NAME=value``
+    sets a variable as named)."""
     if target == "nginx":
         fleet.start_nginx(procs, port, backends)
     elif target == "haproxy":
@@ -249,26 +190,37 @@ def _start_target(procs: peers.Processes, target: str, port: int, backends: list
     elif target == "sglang-router":
         fleet.start_sglang(procs, port, backends)
     else:
-        fleet.start_llmbalancer(procs, port, backends, target)
+        policy, _, settings = target.partition("[")
+        policy, _, tree = policy.partition("@")
+        env = {}
+        for setting in filter(None, settings.rstrip("]").split(";")):
+            key, _, value = setting.partition("=")
+            key = key.strip()
+            name = key[4:] if key.startswith("env:") else "LLMBALANCER_" + key.upper().replace(".", "__")
+            env[name] = value.strip()
+        fleet.start_llmbalancer(procs, port, backends, policy, trees[tree] if tree else peers.ROOT, env)
 
 
-def run_one(workdir: Path, fleet_name: str, load: float, target: str, plays: list[list[workload.Session]],
-            window_s: float) -> Row:
+def run_one(workdir: Path, scenario: Scenario, target: str, plays: list[list[workload.Session]],
+            trees: dict[str, Path]) -> Row:
     """Play each seed's sessions against ``target`` on a fresh fleet, in turn; one row pools them all."""
-    row = Row(fleet_name, load, target if target in PEERS else f"llmbalancer {target}")
-    specs = FLEETS[fleet_name]
+    row = Row(scenario.label, scenario.load, target if target in PEERS else f"llmbalancer {target}")
+    specs = FLEETS[scenario.fleet]
     slots = [s.slots for s in specs]
+    window_s = scenario.window_s
     pooled: list[Outcome] = []
     walls = 0.0
     busy: list[float] = []
+    idle: list[tuple[float, float]] = []  # (idle-while-waiting slot-seconds share, run seconds) per seed
     for play, sessions in enumerate(plays):
-        rundir = workdir / f"{fleet_name}-{int(load * 100)}-{target.replace(':', '_')}-{play}"
+        name = "".join(c if c.isalnum() else "_" for c in target)
+        rundir = workdir / f"{scenario.label}-{int(scenario.load * 100)}-{name}-{play}"
         rundir.mkdir()
         procs = peers.Processes(rundir)
         try:
             backends = fleet.start_fleet(procs, specs, SIM)
             port = peers.free_port()
-            _start_target(procs, target, port, backends)
+            _start_target(procs, target, port, backends, trees)
             outcomes, wall, t0 = asyncio.run(drive(f"http://127.0.0.1:{port}", sessions, window_s))
             pooled += outcomes
             walls += wall
@@ -278,6 +230,14 @@ def run_one(workdir: Path, fleet_name: str, load: float, target: str, plays: lis
             row.deferred_s += deferred
             # over the window's second half: the first is ramp-up (sessions accumulating)
             busy.append(busy_share(timelines, slots, t0 + window_s / 2, t0 + window_s))
+            if DUMP is not None:
+                (DUMP / f"{rundir.name}.json").write_text(json.dumps({
+                    "t0": t0, "wall": wall, "timelines": timelines, "outcomes": [vars(o) for o in outcomes],
+                }))
+                if (rundir / "llmbalancer.log").exists():
+                    (DUMP / f"{rundir.name}.log").write_bytes((rundir / "llmbalancer.log").read_bytes())
+            sent = [(o.sent_at, o.ended_at) for o in outcomes if o.sent_at]
+            idle.append((idle_while_waiting(timelines, slots, sent, t0, t0 + wall), wall))
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             row.note = f"not run: {exc}".splitlines()[0][:200]
             return row
@@ -285,72 +245,19 @@ def run_one(workdir: Path, fleet_name: str, load: float, target: str, plays: lis
             procs.stop_all()
     summarize(row, pooled, walls)
     row.busy_share = sum(busy) / len(busy)
+    row.idle_waiting = sum(share * wall for share, wall in idle) / sum(wall for _, wall in idle)
     return row
 
 
-def session_rate(fleet_name: str, load: float, shape: workload.Shape) -> tuple[float, float]:
-    """(sessions per second, fleet capacity in requests per second) for ``load`` x capacity."""
+def session_rate(scenario: Scenario) -> tuple[float, float]:
+    """(sessions per second, fleet capacity in requests per second) for the scenario's load x capacity."""
+    shape = scenario.shape
     capacity = sum(
         spec.slots / (spec.speed * workload.request_work_s(
             shape, SIM.token_delay, SIM.prefill_per_token, SIM.batch_slowdown, spec.slots))
-        for spec in FLEETS[fleet_name]
+        for spec in FLEETS[scenario.fleet]
     )
-    return load * capacity / workload.mean_turns(shape), capacity
-
-
-# --- output -------------------------------------------------------------------------------------
-
-
-def _f(value: float, scale: float = 1.0, digits: int = 2) -> str:
-    return "-" if value != value else f"{value * scale:.{digits}f}"
-
-
-def table(rows: list[Row]) -> str:
-    lines = [
-        "| fleet | load | target | requests | errors | TTFT p50 s | TTFT p99 s | e2e p99 s | out tok/s "
-        "| cache hit | misqueued s | deferred s | slots busy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        if r.note:
-            lines.append(f"| {r.fleet} | {r.load:.0%} | {r.target} | {r.note} ||||||||||")
-            continue
-        errors = str(r.errors) + (f" ({', '.join(f'{k}: {v}' for k, v in r.error_kinds.items())})" if r.errors else "")
-        lines.append(
-            f"| {r.fleet} | {r.load:.0%} | {r.target} | {r.requests} | {errors} | {_f(r.ttft_p50)} | "
-            f"{_f(r.ttft_p99)} | {_f(r.e2e_p99)} | {_f(r.tokens_per_s, digits=0)} | {_f(r.hit_ratio, 100, 0)} % | "
-            f"{_f(r.misqueued_s, digits=1)} | {_f(r.deferred_s, digits=1)} | {_f(r.busy_share, 100, 0)} % |"
-        )
-    return "\n".join(lines)
-
-
-def verdict(rows: list[Row]) -> list[str]:
-    """The issue's targets, judged on the mixed fleet at 80 %."""
-    at = [r for r in rows if r.fleet == "mixed" and abs(r.load - 0.8) < 1e-9 and not r.note]
-    ours = [r for r in at if r.target.startswith("llmbalancer")]
-    theirs = [r for r in at if not r.target.startswith("llmbalancer")]
-    out: list[str] = []
-    sglang = next((r for r in theirs if r.target == "sglang-router"), None)
-    if ours and theirs and sglang is not None:
-        # One policy must meet both: p99 TTFT >= 20 % below the best peer's, cache hits >= sglang-router's.
-        peer = min(theirs, key=lambda r: r.ttft_p99)
-        met = []
-        for row in sorted(ours, key=lambda r: r.ttft_p99):
-            gain = 1 - row.ttft_p99 / peer.ttft_p99
-            both = gain >= 0.2 and row.hit_ratio >= sglang.hit_ratio
-            met += [row.target] if both else []
-            out.append(
-                f"- {row.target}: p99 TTFT {row.ttft_p99:.2f} s, {gain:.0%} below the best peer's ({peer.target} "
-                f"{peer.ttft_p99:.2f} s; target >= 20 %); cache hit {row.hit_ratio:.1%} vs sglang-router "
-                f"{sglang.hit_ratio:.1%} (target: at least as high): {'both met' if both else 'not both'}"
-            )
-        out.append(f"- **verdict: met by {', '.join(met)}**" if met else "- **verdict: MISSED by every policy**")
-    errs = [r for r in rows if r.target.startswith("llmbalancer") and r.errors]
-    out.append(
-        "- errors: none from any llmbalancer policy at any load" if not errs else
-        "- errors from llmbalancer: " + "; ".join(f"{r.target} {r.fleet} {r.load:.0%}: {r.errors}" for r in errs)
-    )
-    return out
+    return scenario.load * capacity / workload.mean_turns(shape), capacity
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -364,44 +271,67 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, help="seconds of session arrivals per run (default 30, quick 20)")
     parser.add_argument("--fleets", help="comma-separated: homogeneous,mixed")
     parser.add_argument("--loads", help="comma-separated fractions of capacity (default 0.5,0.8,0.95)")
+    parser.add_argument(
+        "--scenarios",
+        help="comma-separated, of: saturated,mixed80 (issue 15's; instead of --fleets/--loads; judged together)",
+    )
     parser.add_argument("--targets", help=f"comma-separated, of: {','.join(POLICIES + PEERS)}")
     parser.add_argument(
         "--seeds", default="7",
         help="comma-separated workload seeds; each is played on a fresh fleet and a row pools them (default 7)",
     )
+    parser.add_argument(
+        "--compare", action="append", default=[], metavar="NAME=TREE",
+        help="a checkout to run llmbalancer from, as target POLICY@NAME (`git archive main | tar -x -C TREE`)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    parser.add_argument("--dump", type=Path, help="a folder to write each run's outcomes and timelines to (JSON)")
     parser.add_argument(
         "--section", default="scheduling",
         help="the RESULTS.md section to (re)write (default: scheduling, the full matrix; --quick: scheduling-quick)",
     )
     args = parser.parse_args(argv)
+    global DUMP
+    DUMP = args.dump
     window = args.window or (15.0 if args.quick else 30.0)
-    fleets = args.fleets.split(",") if args.fleets else (["mixed"] if args.quick else list(FLEETS))
+    fleets = args.fleets.split(",") if args.fleets else (["mixed"] if args.quick else ["homogeneous", "mixed"])
     loads = [float(x) for x in args.loads.split(",")] if args.loads else ([0.8] if args.quick else [0.5, 0.8, 0.95])
+    if args.scenarios:
+        scenarios = [SCENARIOS[name] for name in args.scenarios.split(",")]
+        if args.window:
+            scenarios = [Scenario(s.label, s.fleet, s.load, s.shape, args.window) for s in scenarios]
+    else:
+        scenarios = [Scenario(f, f, load, workload.Shape(), window) for f in fleets for load in loads]
     default_targets = ["least_connections", "sticky:prefix", "nginx", "sglang-router"] if args.quick \
         else POLICIES + PEERS
     targets = args.targets.split(",") if args.targets else default_targets
-    shape = workload.Shape()
+    trees = {name: Path(tree) for name, _, tree in (c.partition("=") for c in args.compare)}
     started = datetime.datetime.now(datetime.UTC)
     command = "python bench/scheduling.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = results.machine()
     rows: list[Row] = []
     capacity_lines: list[str] = []
+    oracles: dict[str, float] = {}
     seeds = [int(seed) for seed in args.seeds.split(",")]
     with tempfile.TemporaryDirectory(prefix="schedbench-") as tmp:
-        for fleet_name in fleets:
-            for load in loads:
-                rate, capacity = session_rate(fleet_name, load, shape)
-                plays = [workload.sessions(shape, seed, rate, window) for seed in seeds]
-                capacity_lines.append(
-                    f"- {fleet_name} {load:.0%}: capacity {capacity:.2f} req/s, {rate:.2f} sessions/s, "
-                    f"{sum(map(len, plays))} sessions, {sum(len(s.turns) for p in plays for s in p)} requests"
-                )
-                print(capacity_lines[-1], flush=True)
-                for target in targets:
-                    row = run_one(Path(tmp), fleet_name, load, target, plays, window)
-                    rows.append(row)
-                    print(table([row]).splitlines()[-1], flush=True)
+        for scenario in scenarios:
+            rate, capacity = session_rate(scenario)
+            plays = [workload.sessions(scenario.shape, seed, rate, scenario.window_s) for seed in seeds]
+            oracles[scenario.label] = oracle = oracle_hit_ratio(plays)
+            servers = FLEETS[scenario.fleet]
+            capacity_lines.append(
+                f"- {scenario.label} {scenario.load:.0%} ({len(servers)} servers: slots "
+                f"{'/'.join(str(s.slots) for s in servers)}, speeds {'/'.join(f'{1 / s.speed:g}' for s in servers)}; "
+                f"replies {scenario.shape.reply_tokens[0]}-{scenario.shape.reply_tokens[1]} tokens; arrivals for "
+                f"{scenario.window_s:g} s): capacity {capacity:.2f} req/s, {rate:.2f} sessions/s, "
+                f"{sum(map(len, plays))} sessions, {sum(len(s.turns) for p in plays for s in p)} requests; "
+                f"oracle hit ratio {oracle:.1%}"
+            )
+            print(capacity_lines[-1], flush=True)
+            for target in targets:
+                row = run_one(Path(tmp), scenario, target, plays, trees)
+                rows.append(row)
+                print(table([row]).splitlines()[-1], flush=True)
     body = "\n".join([
         "### Scheduling, quick run" if args.quick else
         "## Scheduling" if args.section == "scheduling" else f"### Scheduling: {args.section}",
@@ -410,19 +340,21 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *LEGEND,
         "",
-        f"Fleet simulation: fake llama-servers, 2 slots each, token_delay {SIM.token_delay * 1e3:g} ms, prefill "
+        f"Fleet simulation: fake llama-servers, token_delay {SIM.token_delay * 1e3:g} ms, prefill "
         f"{SIM.prefill_per_token * 1e3:g} ms per uncached token, decode step "
         f"x(1 + {SIM.batch_slowdown:g} x (busy - 1)); "
-        "slow servers (mixed fleet) double both. Arrival window "
-        f"{window:g} s per run, seeds {', '.join(map(str, seeds))} (each seed's sessions played on a fresh fleet; "
+        "slow servers double both. Seeds "
+        f"{', '.join(map(str, seeds))} (each seed's sessions played on a fresh fleet; "
         "a row pools the requests of all seeds). Capacity = sum over servers of slots / (mean request work "
-        "with every slot busy and ideal prefix reuse):",
+        "with every slot busy and ideal prefix reuse); oracle hit ratio: every turn on the server holding its "
+        "history (`sched_figures.oracle_hit_ratio`):",
         "",
         *capacity_lines,
         "",
         table(rows),
         "",
-        "Targets (mixed fleet, 80 %):",
+        *(["Targets (issue 15: saturated and mixed 80 %):", *verdict15(rows, oracles), ""] if args.scenarios else []),
+        "Targets (issue 4: mixed fleet, 80 %):",
         *verdict(rows),
         *([
             "",

@@ -103,11 +103,18 @@ def no_backend(reason: str = "No backend is available to serve this request") ->
     return ProxyError(503, reason, "service_unavailable", "no_backend_available", retry_after=1)
 
 
-def queue_full(depth: int) -> ProxyError:
-    return ProxyError(
-        503, f"All backends are busy and the queue is full ({depth} waiting)", "service_unavailable",
-        "queue_full", retry_after=1,
-    )
+def queue_full(depth: int, expected_wait: float | None = None, timeout: float | None = None) -> ProxyError:
+    """Refused at the queue: it is at its size cap, or (``timeout`` given) the expected wait exceeds it.
+    ``Retry-After`` is the expected wait (whole seconds, at least 1) when one is known."""
+    retry_after = 1 if expected_wait is None else max(1, math.ceil(expected_wait))
+    if timeout is None:
+        message = f"All backends are busy and the queue is full ({depth} waiting)"
+    else:
+        message = (
+            f"All backends are busy: the expected wait ({expected_wait:.0f} s, {depth} waiting) exceeds the "
+            f"queue timeout ({timeout:g} s)"
+        )
+    return ProxyError(503, message, "service_unavailable", "queue_full", retry_after=retry_after)
 
 
 def queue_timeout(waited: float) -> ProxyError:

@@ -170,6 +170,9 @@ class Reloader:
         dispatcher.admission.max_size = new.queue.max_size
         dispatcher.admission.timeout = new.queue.timeout
         dispatcher.wait_for_backends = new.waits_for_backends
+        dispatcher.binder.window = max(1, new.queue.bind_window)
+        dispatcher.binder.max_pass_over = new.queue.max_pass_over
+        dispatcher.server_backlog = new.queue.server_backlog
         c.proxy.configure(new)
         c.poller.configure(new.health, new.timeouts)
         if new.circuit != old.circuit:

@@ -25,7 +25,7 @@ def test_a_flooding_tenant_does_not_push_a_light_one_to_the_back() -> None:
     # Served in order: the light tenant's next request again waits behind one heavy request only.
     for _ in range(2):
         first = queue._queues["m"][0]
-        queue._leave(first)
+        queue.take(first)
     _place(queue, "light")
     assert _order(queue)[:2] == ["heavy", "light"]
 
@@ -53,11 +53,11 @@ def test_an_emptied_queue_forgets_its_tags_and_many_tenants_stay_bounded() -> No
     places = [_place(queue, "t") for _ in range(3)]
     assert queue.fair.tenants("m") == 1
     for place in places:
-        queue._leave(place.waiter)
+        queue.take(place.waiter)
     assert queue.fair.tenants("m") == 0
     share = FairShare()
     for n in range(25_000):
-        share.start_tag("m", f"client-{n}", 0, [])
+        share.joined("m", f"client-{n}", share.start_tag("m", f"client-{n}", 0, []))
     assert share.tenants("m") <= 10_001
 
 

@@ -60,7 +60,7 @@ async def test_monitor_shows_each_backend_and_a_stopped_one_changes_state(tmp_pa
                     assert await page.locator(".backend .name b").count() == 0
                     # Requests waiting inside a server and in the balancer's own queue are told apart.
                     await expect(alpha.locator(".stats")).to_contain_text("waiting in server")
-                    await expect(page.locator("#queue")).to_have_text("waiting in the balancer's queue 0 / 100")
+                    await expect(page.locator("#queue")).to_have_text("waiting in the balancer's queue 0 / 10000")
                     await expect(page.locator("#requests tr")).to_have_count(2, timeout=10_000)
 
                     fakes[1].stop()

@@ -84,6 +84,10 @@ class PolicyConfig(Section):
     prefix_protect_histories: bool = Field(
         True, description="prefix: a new chat avoids servers whose chats share its system prompt"
     )
+    prefix_speed_aware: bool = Field(
+        True, description="prefix: where the prompt costs the same, a longer answer goes to the faster decoder "
+        "(decode speed learned per server from timings)",
+    )
 
     @field_validator("hash_key")
     @classmethod
@@ -229,8 +233,26 @@ class CircuitConfig(Section):
 class QueueConfig(Section):
     """The admission queue: requests wait here, per model, while every eligible backend is full."""
 
-    max_size: Count = Field(100, ge=0, description="beyond this: 503 with Retry-After")
-    timeout: Seconds = Field(30.0, ge=0, description="seconds a request may wait for a slot: then 504")
+    max_size: Count = Field(
+        10_000, ge=0,
+        description="a cap on waiters per model (503 with Retry-After beyond it); a memory bound by default, "
+        "set it lower to shed load early. Whatever it is, a request whose expected wait exceeds timeout is refused",
+    )
+    timeout: Seconds = Field(
+        30.0, ge=0, description="seconds a request may wait for a slot: then 504; one expected to wait longer: 503"
+    )
+    bind_window: Count = Field(
+        16, ge=1, description="when a slot frees, the policy chooses among this many waiting requests from the "
+        "head (prefix: the one whose prompt that server holds best); 1 = strictly first come, first served",
+    )
+    server_backlog: Count = Field(
+        0, ge=0, description="while requests wait here, let each server also hold one request in its own queue "
+        "per this many slots (started the moment a slot frees there, bound early); 0 = never (bind late)",
+    )
+    max_pass_over: Seconds = Field(
+        2.0, ge=0, description="ageing: a request waiting this long beyond the wait expected for it in "
+        "first-come-first-served order is served first",
+    )
     wait_for_backends: bool | None = Field(
         None,
         description="a request that finds no backend able to take it (none healthy or starting) waits, up to"

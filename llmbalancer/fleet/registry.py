@@ -54,6 +54,9 @@ class Registry:
         # changes: added, updated (or taken back while draining), removed (its drain starts). Replicas sharing
         # a fleet tell each other from here (``state/fleet_sync.py``).
         self.on_membership: list[Callable[[Backend, str], object]] = []
+        # Called on every change, synchronously, after the waiters' future is set (the dispatcher binds queued
+        # requests to freed slots on the change itself); must be cheap and must not raise.
+        self.on_change: list[Callable[[], object]] = []
 
     @classmethod
     def from_configs(cls, configs: tuple[BackendConfig, ...]) -> Registry:
@@ -227,6 +230,8 @@ class Registry:
             self._change = None
             if not change.done():
                 change.set_result(None)
+        for listener in self.on_change:
+            listener()
 
     def next_change(self) -> asyncio.Future[None]:
         """Done at the next change of any backend (state, claim released, membership).

@@ -47,9 +47,12 @@ class Usage:
     cached_tokens: int | None = None
     # llama.cpp's timings.prompt_ms / prompt_n: seconds per prompt token evaluated (not cached), if reported.
     prompt_token_seconds: float | None = None
+    # llama.cpp's timings.predicted_ms / predicted_n: seconds per generated token (decode speed), if reported.
+    decode_token_seconds: float | None = None
 
 
 _PROMPT_MS = re.compile(rb'"prompt_ms"\s*:\s*([0-9.eE+-]+)')
+_PREDICTED_MS = re.compile(rb'"predicted_ms"\s*:\s*([0-9.eE+-]+)')
 
 
 def _last(name: str, tail: bytes) -> int | None:
@@ -67,7 +70,7 @@ def read_usage(tail: bytes, head: bytes = b"") -> Usage | None:
     completion = _last("completion_tokens", tail)
     cached = _last("cached_tokens", tail)
     cache_n = _last("cache_n", tail)
-    per_token = None
+    per_token = per_decoded = None
     if cache_n is not None:
         # llama.cpp's timings: prompt_tokens = cache_n + prompt_n (and cached_tokens = cache_n).
         prompt_n = _last("prompt_n", tail)
@@ -77,7 +80,8 @@ def read_usage(tail: bytes, head: bytes = b"") -> Usage | None:
             completion = _last("predicted_n", tail)
         if cached is None:
             cached = cache_n
-        per_token = _per_token(tail, prompt_n)
+        per_token = _per_token(_PROMPT_MS, tail, prompt_n)
+        per_decoded = _per_token(_PREDICTED_MS, tail, _last("predicted_n", tail))
     if prompt is None:
         prompt = _last("prompt_eval_count", tail)
         if completion is None:
@@ -86,7 +90,7 @@ def read_usage(tail: bytes, head: bytes = b"") -> Usage | None:
         prompt, completion, cached = _input_output(tail, head[:TAIL_BYTES])
     if prompt is None and completion is None:
         return None
-    return Usage(prompt, completion, cached, per_token)
+    return Usage(prompt, completion, cached, per_token, per_decoded)
 
 
 def _input_output(tail: bytes, head: bytes) -> tuple[int | None, int | None, int | None]:
@@ -101,11 +105,12 @@ def _input_output(tail: bytes, head: bytes) -> tuple[int | None, int | None, int
     return prompt, completion, _last("cached_tokens", source)
 
 
-def _per_token(tail: bytes, prompt_n: int | None) -> float | None:
-    found = _PROMPT_MS.findall(tail)
-    if not found or not prompt_n:
+def _per_token(field: re.Pattern[bytes], tail: bytes, count: int | None) -> float | None:
+    """llama.cpp's ``*_ms`` timing over its token ``count``, in seconds per token."""
+    found = field.findall(tail)
+    if not found or not count:
         return None
     try:
-        return float(found[-1]) / 1000 / prompt_n
+        return float(found[-1]) / 1000 / count
     except ValueError:
         return None

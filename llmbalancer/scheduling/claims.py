@@ -1,7 +1,8 @@
 """The claim protocol: take a slot on a backend, send, record how it went, give the slot back.
 
 ``claim_one`` selects and claims in one step (the dispatcher and racing both use it, so a racer gets the
-same half-open probe bookkeeping as anyone). It returns a ``Claim``, a guard whose outcome methods —
+same half-open probe bookkeeping as anyone); ``claim_on`` claims a backend the policy chose otherwise
+(binding a queued request). Both return a ``Claim``, a guard whose outcome methods —
 ``succeeded``, ``failed``, ``abandoned`` — record what happened in one place (traffic counters, the
 circuit breaker, the registry's state, the policy's memory, token totals) and release the slot.
 Release happens exactly once whatever the path: the first outcome wins, and ``release()`` (or leaving
@@ -17,6 +18,7 @@ Without one, a claim is this process's business alone.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -24,6 +26,7 @@ from llmbalancer.fleet.backend import Backend, BackendState
 from llmbalancer.fleet.registry import Registry
 from llmbalancer.fleet.usage import Usage
 from llmbalancer.scheduling.selectors import RequestFacts, Selector
+from llmbalancer.scheduling.service_rate import ServiceRate
 
 _EWMA_WEIGHT = 0.2
 
@@ -54,18 +57,20 @@ class SlotLedger(Protocol):
 class Claim:
     """One request's hold on one backend."""
 
-    __slots__ = ("_facts", "_ledger", "_registry", "_selector", "backend", "released")
+    __slots__ = ("_facts", "_ledger", "_rate", "_registry", "_selector", "backend", "released", "since")
 
     def __init__(
         self, registry: Registry, selector: Selector, backend: Backend, facts: RequestFacts,
-        ledger: SlotLedger | None = None,
+        ledger: SlotLedger | None = None, rate: ServiceRate | None = None,
     ) -> None:
         self._registry = registry
         self._selector = selector
         self._facts = facts
         self._ledger = ledger
+        self._rate = rate
         self.backend = backend
         self.released = False
+        self.since = time.monotonic()
         traffic = backend.traffic
         traffic.in_flight += 1
         traffic.requests_total += 1
@@ -86,6 +91,8 @@ class Claim:
             traffic.cached_tokens_total += usage.cached_tokens or 0
         self._registry.circuit.success(backend, self._registry)
         self._selector.completed(backend, self._facts, usage)
+        if self._rate is not None:
+            self._rate.completed(self._facts.model or "", time.monotonic() - self.since)
         self._registry.notify_change()
 
     def failed(self, reason: str, *, unreachable: bool = False) -> None:
@@ -140,15 +147,31 @@ def claim_one(
     eligible: Sequence[Backend],
     facts: RequestFacts,
     ledger: SlotLedger | None = None,
+    rate: ServiceRate | None = None,
     *,
     held: bool = False,
 ) -> Claim | None:
     """Let the policy pick one of ``eligible`` (routable, room, circuit allowing) and claim it, or None.
-    ``held``: the slot is counted, and the caller calls ``placed`` once the claim is confirmed."""
+    ``rate`` learns how long the claim held its slot; ``held``: the slot is counted, and the caller calls
+    ``placed`` once the claim is confirmed."""
     backend = selector.select(eligible, facts) if eligible else None
     if backend is None:
         return None
-    claim = Claim(registry, selector, backend, facts, ledger)
+    return claim_on(registry, selector, backend, facts, ledger, rate, held=held)
+
+
+def claim_on(
+    registry: Registry,
+    selector: Selector,
+    backend: Backend,
+    facts: RequestFacts,
+    ledger: SlotLedger | None = None,
+    rate: ServiceRate | None = None,
+    *,
+    held: bool = False,
+) -> Claim:
+    """Claim a slot on ``backend``, already chosen (by ``select``, or by ``bind`` for a queued request)."""
+    claim = Claim(registry, selector, backend, facts, ledger, rate)
     if not held:
         claim.placed()
     return claim

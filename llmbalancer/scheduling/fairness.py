@@ -63,16 +63,23 @@ class FairShare:
         self._clocks: dict[str, _Clock] = {}
 
     def start_tag(self, model: str, tenant: str, priority: int, queue: Sequence[Placed]) -> float:
-        """The start tag of a request of ``tenant`` joining ``model``'s ``queue`` (sorted by ``fair_sort_key``)."""
+        """The start tag a request of ``tenant`` joining ``model``'s ``queue`` (sorted by ``fair_sort_key``) would
+        get; ``joined`` records it once the request does join (one refused at the door leaves no trace)."""
         clock = self._clocks.get(model)
         if clock is None:
-            clock = self._clocks[model] = _Clock()
+            return 0.0  # an empty queue: everyone starts at zero
         first = fair_sort_key(priority, float("-inf"), -1)  # before every waiter of this priority
         index = bisect.bisect_left(queue, first, key=lambda w: w.sort_key)
         if index < len(queue) and queue[index].priority == priority and queue[index].start > clock.virtual:
             clock.virtual = queue[index].start
+        return max(clock.virtual, clock.finish.get(tenant, 0.0))
+
+    def joined(self, model: str, tenant: str, start: float) -> None:
+        """A request of ``tenant`` joined ``model``'s queue with the start tag ``start`` (from ``start_tag``)."""
+        clock = self._clocks.get(model)
+        if clock is None:
+            clock = self._clocks[model] = _Clock()
         finish = clock.finish
-        start = max(clock.virtual, finish.get(tenant, 0.0))
         finish[tenant] = start + 1.0
         if len(finish) > _MAX_TENANTS:
             virtual = clock.virtual
@@ -81,7 +88,6 @@ class FairShare:
             if len(finish) > _MAX_TENANTS:
                 finish.clear()
                 finish[tenant] = start + 1.0
-        return start
 
     def forget(self, model: str) -> None:
         """``model``'s queue emptied."""

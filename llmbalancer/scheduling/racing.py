@@ -69,7 +69,9 @@ class Racing:
         for _ in range(count):
             allowed = dispatcher.routing.exclusion(facts, dispatcher.registry, taken)
             candidates = dispatcher.eligible(allowed)  # routable, serves the model, a free slot now
-            claim = claim_one(dispatcher.registry, dispatcher.selector, candidates, facts, dispatcher.ledger)
+            claim = claim_one(
+                dispatcher.registry, dispatcher.selector, candidates, facts, dispatcher.ledger, dispatcher.rate
+            )
             if claim is None:
                 break
             claims.append(claim)

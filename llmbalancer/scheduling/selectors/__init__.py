@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from llmbalancer.config import PolicyConfig
-from llmbalancer.scheduling.selectors.base import Hold, Memory, MemorySink, RequestFacts, Selector
+from llmbalancer.scheduling.selectors.base import Hold, Memory, MemorySink, RequestFacts, Selector, Waiting
 from llmbalancer.scheduling.selectors.hash import Hash
 from llmbalancer.scheduling.selectors.least_connections import LeastConnections
 from llmbalancer.scheduling.selectors.power_of_two import PowerOfTwo
@@ -16,7 +16,8 @@ from llmbalancer.scheduling.selectors.slot_aware import SlotAware
 from llmbalancer.scheduling.selectors.sticky import Sticky
 
 __all__ = [
-    "POLICIES", "Hold", "Memory", "MemorySink", "RequestFacts", "Selector", "make_selector", "policy_problems",
+    "POLICIES", "Hold", "Memory", "MemorySink", "RequestFacts", "Selector", "Waiting", "make_selector",
+    "policy_problems",
 ]
 
 STICKY_DEFAULT_INNER = "slot_aware"
@@ -30,6 +31,7 @@ def _prefix(config: PolicyConfig) -> Selector:
         max_blocks=config.prefix_max_blocks,
         max_wait=config.prefix_max_wait,
         protect_histories=config.prefix_protect_histories,
+        speed_aware=config.prefix_speed_aware,
     )
 
 

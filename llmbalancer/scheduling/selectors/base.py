@@ -14,6 +14,10 @@ Replicas sharing state keep one memory: a policy that learns tells what it learn
 records, to the sink given by ``share`` (which only queues them: still no I/O here), and applies the
 records other replicas' policies told with ``learn``. So ``select`` reads local tables only, which mirror
 the deployment's.
+
+While requests wait in the admission queue, the dispatcher binds from the slot's side: when slots free, it
+shows the policy a window of waiting requests with the free backends each may take (``bind``), and the
+policy picks the pair; the default is the first in line, on the backend ``select`` picks for it.
 """
 
 from __future__ import annotations
@@ -41,6 +45,16 @@ class RequestFacts:
     # The client key's name (auth/), when keys are configured: whose share of the queue it is (fairness.py).
     tenant: str | None = None
     priority_cap: int | None = None  # the key's priority: X-Priority may lower it, never raise it
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """A request waiting in the admission queue, as a policy sees it when slots free."""
+
+    facts: RequestFacts
+    free: Sequence[Backend]  # backends with a free slot it may take now (never empty)
+    allowed: Sequence[Backend]  # every routable backend it may take, free or full (``free`` among them)
+    waited_s: float = 0.0  # seconds since it joined the queue
 
 
 class Hold(NamedTuple):
@@ -74,6 +88,15 @@ class Selector(ABC):
         """Asked once per request, before it is placed: name one of ``full`` (routable, no free slot) worth
         waiting for over every one of ``free`` (what ``select`` would be shown; may be empty), or None."""
         return None  # most policies never wait for a particular backend
+
+    def bind(self, waiting: Sequence[Waiting]) -> tuple[int, Backend] | None:
+        """Slots freed while requests wait: pick one of ``waiting`` (never empty; a window from the queue's head,
+        in queue order) and one of its ``free`` backends, as (index, backend); None binds none now (a slot
+        left idle while a request waits for it: only for a good reason). The default serves the first in
+        line, on the backend ``select`` picks for it."""
+        first = waiting[0]
+        backend = self.select(first.free, first.facts)
+        return None if backend is None else (0, backend)
 
     def claimed(self, backend: Backend, facts: RequestFacts) -> None:
         """The dispatcher claimed ``backend`` for this request (policies that learn record it here)."""

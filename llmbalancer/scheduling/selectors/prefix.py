@@ -34,18 +34,30 @@ Algorithm
    there is charged half (the chance it takes that chat's slot) of their blocks beyond what it shares
    with them. New chats of one system prompt spread over the servers that hold it; a follow-up still
    goes to the server holding its history.
-6. Waiting for the holder (``hold_for``, asked before step 4): when a *full* server holding at least
-   ``min_match_blocks`` of the prompt costs less than every free server by at least that many blocks'
-   reading (step 5), the request may wait for a slot there (in the admission queue, letting others
-   pass) rather than re-read that part of its history elsewhere; after the wait, steps 4-5 over
-   whatever is free. The wait is at most the seconds it would save (the cost difference; no prompt
-   rate learned yet, no wait), and at most ``max_wait``. So a wait that does not pay off costs no more
-   than the miss it tried to avoid.
+5c. Speed: the cost of placing a request (when slots are free, step 5) also counts its expected answer (its
+   ``max_tokens``, at most four times the mean answer learned; the mean when it sets none) at each
+   backend's decode speed, learned from llama.cpp ``timings.predicted_ms`` (``speeds.py``), as prompt
+   speed is: a long answer goes to a fast server when both can take it. When a slot frees under load
+   (step 9) it only breaks ties (a half-speed server takes the shorter answers): while every slot is busy,
+   who decodes where changes nobody's time to first token, and a history re-read does.
+6. Waiting for the holder (``hold_for``, asked before step 4 while nobody waits in the queue): when a
+   *full* server holding at least ``min_match_blocks`` of the prompt costs less than every free server
+   by at least that many blocks' reading (step 5), the request may wait for a slot there (in the
+   admission queue, letting others pass) rather than re-read that part of its history elsewhere; after
+   the wait, steps 4-5 over whatever is free. The wait is at most the seconds it would save (the cost
+   difference; no prompt rate learned yet, no wait), and at most ``max_wait``. So a wait that does not
+   pay off costs no more than the miss it tried to avoid.
 7. On claim, the request's blocks are recorded (as most recent) in the chosen backend's index.
 8. Closing the loop: llama.cpp reports the tokens it actually reused (``timings.cache_n``). When the
    index predicted at least half the prompt cached but the server reused under a quarter of what was
    predicted, the server lost its cache (restart, eviction): its index is reset to just this prompt,
    which it now does hold. A real hit re-marks the prompt's blocks as most recent.
+9. From the slot's side (``bind``): while requests wait in the admission queue, a slot that frees is
+   offered to a window of them (``queue.bind_window``, with ageing: ``binding.py``) and taken by one of
+   them, first come, first served, but counting a request as having come six seconds earlier per second of
+   prompt reading it saves there against the best other server it may take (step 5, without 5c): a
+   follow-up whose history that server holds goes first, a new chat soon after, a follow-up whose history
+   is elsewhere late. Then 5c (a longer answer to a faster server), then the queue's order.
 
 Parameters (``policy.prefix_*`` in the configuration)
 - ``block_chars`` (64): block size. Smaller finds shorter shared prefixes and costs more hashing;
@@ -56,6 +68,7 @@ Parameters (``policy.prefix_*`` in the configuration)
   carry and still win on affinity. 0 = only among the least busy; large = affinity at any load.
 - ``max_blocks`` (65536): per-backend index size (~4 MiB of prompts at 64 characters a block).
 - ``max_wait`` (1.0 s): a cap on that wait, whatever the estimate; 0 never waits.
+- ``speed_aware`` (on): step 5c; off, the answer's length plays no part.
 - ``protect_histories`` (on): step 5b. Off, new chats follow the longest match alone (as other
   cache-aware routers do) and pile onto the server that first saw their system prompt.
 The capacity gate (no backend is shown to a policy without a free slot) applies before all this.
@@ -75,11 +88,13 @@ from typing import Any
 from llmbalancer.fleet.backend import Backend
 from llmbalancer.fleet.capacity import busy
 from llmbalancer.fleet.usage import Usage
-from llmbalancer.scheduling.selectors.base import Hold, Memory, RequestFacts, Selector
+from llmbalancer.scheduling.selectors.base import Hold, Memory, RequestFacts, Selector, Waiting
 from llmbalancer.scheduling.selectors.follow_ups import FollowUps, family_of
 from llmbalancer.scheduling.selectors.slot_aware import slot_rank
+from llmbalancer.scheduling.selectors.speeds import Decoding
 
 _MAX_PENDING = 10_000
+_MAX_CHAINS = 1024  # hashed prompts kept for requests asked about and not yet claimed (the queue's window)
 # Prefill rates are learned only from requests that evaluated at least this many prompt tokens: below it,
 # fixed per-request overhead dominates prompt_ms.
 _MIN_EVALUATED = 32
@@ -88,6 +103,11 @@ _EWMA_WEIGHT = 0.2
 # one takes one of the (usually two) idle slots, and llama.cpp prefers the one that shares its prefix.
 _RISK_WEIGHT = 0.5
 _BLOCK_BYTES = 8  # a block name's size (block_chain's digest_size): chains travel between replicas as their join
+# Binding from the slot's side (step 9): a waiting request counts as having come this many seconds earlier for
+# each second of prompt reading it saves on the freed server. Measured on the saturated scenario (seeds 3, 11):
+# 1 kept the tail lowest but the median went to first-come-first-served's; 6 kept the median of pure savings
+# order (binding the most saving first) and most of the tail's gain.
+_SAVING_CREDIT = 6.0
 
 
 def _ewma(previous: float | None, sample: float) -> float:
@@ -169,6 +189,7 @@ class Prefix(Selector):
         max_blocks: int = 65536,
         max_wait: float = 0.0,
         protect_histories: bool = True,
+        speed_aware: bool = True,
     ) -> None:
         self.block_chars = block_chars
         self.min_match_blocks = min_match_blocks
@@ -184,16 +205,20 @@ class Prefix(Selector):
         self.tokens_per_char: float | None = None
         self.token_seconds: float | None = None  # to evaluate one (uncached) prompt token, fleet-wide
         self._rates: dict[str, float] = {}  # the same, per backend (a slower server reads prompts slower)
-        # The dispatcher asks hold_for, select (again on each wake while queued) and claimed about one request:
-        # its chain is hashed once, for the request last asked about.
-        self._chained: tuple[RequestFacts, list[bytes]] | None = None
+        self.decoding = Decoding()  # how long answers take where (learned from timings.predicted_ms)
+        self.speed_aware = speed_aware
+        # The dispatcher asks hold_for, select and claimed about a request, and bind about each queued one in its
+        # window, pass after pass: a chain is hashed once per request, kept (by the facts' identity) until claimed.
+        self._chains: OrderedDict[int, tuple[RequestFacts, list[bytes]]] = OrderedDict()
 
     def chain(self, facts: RequestFacts) -> list[bytes]:
-        chained = self._chained
+        chained = self._chains.get(id(facts))
         if chained is not None and chained[0] is facts:
             return chained[1]
         chain = block_chain(prompt_text(facts.body), facts.model or "", self.block_chars)
-        self._chained = (facts, chain)
+        self._chains[id(facts)] = (facts, chain)
+        if len(self._chains) > _MAX_CHAINS:
+            self._chains.popitem(last=False)
         return chain
 
     def match(self, backend: Backend, chain: Sequence[bytes]) -> int:
@@ -205,28 +230,69 @@ class Prefix(Selector):
         if chain:
             least_busy = min(busy(b) for b in candidates)
             near = [b for b in candidates if busy(b) <= least_busy + self.max_imbalance]
-            cost = self._cost(chain)
+            cost = self._cost(chain, facts)
+            decode = self._decode(facts)
             # Costs closer than the good-enough match count as equal: then load decides.
-            quantum = min(self.min_match_blocks, len(chain)) * self._block_seconds(None)
-            return min(near, key=lambda b: (cost(b) // quantum, slot_rank(b)))
+            quantum = self._quantum(chain)
+            return min(near, key=lambda b: ((cost(b) + decode(b)) // quantum, slot_rank(b)))
         return min(candidates, key=slot_rank)
 
-    def _cost(self, chain: Sequence[bytes]) -> Callable[[Backend], float]:
-        """What placing this prompt on a backend costs: its unmatched blocks at that backend's learned prompt
-        rate, plus (step 5b) half of what it may evict there of chats of its family (not when it is one)."""
+    def bind(self, waiting: Sequence[Waiting]) -> tuple[int, Backend] | None:
+        """From the slot's side (step 9): first come, first served, except that a request counts as having come
+        ``_SAVING_CREDIT`` seconds earlier for each second of prompt reading it saves on the free backend
+        against the best other server it may take (a follow-up whose history that server holds), and as
+        many later for each second it would lose there. Then a longer answer takes a faster server (its
+        decode there against the mean of its servers'), then queue order, then load. Never leaves a free
+        slot to wait for a better request: someone in the window takes it."""
+        best: tuple[tuple[int, int, int, tuple[int, int, float, int]], int, Backend] | None = None
+        for index, entry in enumerate(waiting):
+            chain = self.chain(entry.facts)
+            cost = self._cost(chain, entry.facts)
+            decode = self._decode(entry.facts)
+            quantum = self._quantum(chain)
+            costs = [(b, cost(b)) for b in entry.allowed]
+            mean_decode = sum(decode(b) for b in entry.allowed) / max(1, len(entry.allowed))
+            for backend in entry.free:
+                here = next((c for b, c in costs if b is backend), None)
+                if here is None:
+                    here = cost(backend)
+                elsewhere = min((c for b, c in costs if b is not backend), default=here)
+                saving = round((elsewhere - here) / quantum) * quantum
+                credit = round((_SAVING_CREDIT * saving + entry.waited_s) / quantum)
+                faster = round((mean_decode - decode(backend)) / quantum)
+                key = (-credit, -faster, index, slot_rank(backend))
+                if best is None or key < best[0]:
+                    best = (key, index, backend)
+        return None if best is None else (best[1], best[2])
+
+    def _quantum(self, chain: Sequence[bytes]) -> float:
+        """Seconds within which two costs count as equal: reading the good-enough match (or the whole prompt)."""
+        return max(1, min(self.min_match_blocks, len(chain))) * self._block_seconds(None)
+
+    def _cost(self, chain: Sequence[bytes], facts: RequestFacts) -> Callable[[Backend], float]:
+        """What placing this prompt on a backend costs, in seconds: its unmatched blocks at that backend's
+        learned prompt rate, plus (step 5b) half of what it may evict there of chats of its family (not when it
+        is one)."""
         follow_ups = self.follow_ups
         home = follow_ups.continues(chain) if follow_ups is not None else None
-        family = family_of(chain, self.min_match_blocks)
+        family = family_of(chain, self.min_match_blocks) if chain else b""
         length = len(chain)
 
         def cost(backend: Backend) -> float:
             matched = self.match(backend, chain)
             blocks = float(length - matched)
-            if follow_ups is not None and backend.name != home:
+            if follow_ups is not None and chain and backend.name != home:
                 blocks += _RISK_WEIGHT * follow_ups.at_risk(backend.name, family, matched)
             return blocks * self._block_seconds(backend)
 
         return cost
+
+    def _decode(self, facts: RequestFacts) -> Callable[[Backend], float]:
+        """Step 5c: seconds its expected answer takes at a backend's learned decode speed (0 when not speed-aware
+        or before anything was learned)."""
+        tokens = self.decoding.expected_tokens(facts.body) if self.speed_aware else 0.0
+        seconds = self.decoding.seconds
+        return lambda backend: seconds(backend, tokens)
 
     def _block_seconds(self, backend: Backend | None) -> float:
         """Seconds to evaluate one block on ``backend`` (None: fleet-wide); 1.0 (counting blocks) before any
@@ -244,7 +310,7 @@ class Prefix(Selector):
             return None
         if self.tokens_per_char is None or self.token_seconds is None:
             return None  # no prompt rate learned yet: what a wait would save is unknown
-        cost = self._cost(chain)
+        cost = self._cost(chain, facts)
         holder = min(full, key=lambda b: (cost(b), b.traffic.in_flight))
         enough = min(self.min_match_blocks, len(chain))
         if self.match(holder, chain) < enough:
@@ -266,6 +332,7 @@ class Prefix(Selector):
 
     def claimed(self, backend: Backend, facts: RequestFacts) -> None:
         chain = self.chain(facts)
+        self._chains.pop(id(facts), None)
         if not chain:
             return
         index = self._placed(backend.name, chain)
@@ -294,11 +361,15 @@ class Prefix(Selector):
         self._done(backend.name, chain, usage, reset)
         if self.sink is not None:
             u = usage or Usage()
-            numbers = (u.prompt_tokens, u.cached_tokens, u.prompt_token_seconds)
+            numbers = (
+                u.prompt_tokens, u.cached_tokens, u.prompt_token_seconds, u.completion_tokens, u.decode_token_seconds
+            )
             values = (float(reset), *(-1.0 if n is None else float(n) for n in numbers))
             self.sink(Memory("done", backend.name, b"".join(chain), values))
 
     def _done(self, backend_name: str, chain: list[bytes], usage: Usage | None, reset: bool) -> None:
+        if usage is not None:
+            self.decoding.learn(backend_name, usage)
         if self.follow_ups is not None:
             self.follow_ups.finished(backend_name, chain)
         if usage is not None and usage.prompt_tokens:
@@ -318,12 +389,14 @@ class Prefix(Selector):
         chain = [key[i : i + _BLOCK_BYTES] for i in range(0, len(key), _BLOCK_BYTES)]
         if memory.kind == "placed":
             self._placed(memory.backend, chain).touch(chain)
-        elif len(memory.values) == 4:
-            reset, prompt, cached, seconds = memory.values
+        elif len(memory.values) in (4, 6):  # 4: from a replica of before decode speeds were shared
+            reset, prompt, cached, seconds, completion, decode = (*memory.values, -1.0, -1.0)[:6]
             usage = Usage(
                 prompt_tokens=int(prompt) if prompt >= 0 else None,
+                completion_tokens=int(completion) if completion >= 0 else None,
                 cached_tokens=int(cached) if cached >= 0 else None,
                 prompt_token_seconds=seconds if seconds >= 0 else None,
+                decode_token_seconds=decode if decode >= 0 else None,
             )
             self._done(memory.backend, chain, usage, bool(reset))
 
@@ -342,5 +415,6 @@ class Prefix(Selector):
     def forget(self, backend_name: str) -> None:
         self._indexes.pop(backend_name, None)
         self._rates.pop(backend_name, None)
+        self.decoding.forget(backend_name)
         if self.follow_ups is not None:
             self.follow_ups.forget(backend_name)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 
 from llmbalancer.fleet.backend import Backend
 from llmbalancer.fleet.usage import Usage
-from llmbalancer.scheduling.selectors.base import Hold, Memory, MemorySink, RequestFacts, Selector
+from llmbalancer.scheduling.selectors.base import Hold, Memory, MemorySink, RequestFacts, Selector, Waiting
 
 _USERNAME = re.compile(r"\b(?:user(?:name)?|user id|user_id)\s*(?:is|:|=)\s*[\"']?([\w.@-]{1,64})", re.IGNORECASE)
 
@@ -115,6 +115,18 @@ class Sticky(Selector):
         if name is not None and any(b.name == name for b in free):
             return None
         return self.inner.hold_for(full, free, facts)
+
+    def bind(self, waiting: Sequence[Waiting]) -> tuple[int, Backend] | None:
+        """The inner policy picks the request; it goes to its pinned backend when that one is free."""
+        choice = self.inner.bind(waiting)
+        if choice is None:
+            return None
+        name = self.pinned(waiting[choice[0]].facts)
+        if name is not None:
+            for backend in waiting[choice[0]].free:
+                if backend.name == name:
+                    return choice[0], backend
+        return choice
 
     def claimed(self, backend: Backend, facts: RequestFacts) -> None:
         key = self._key(facts)
