@@ -8,10 +8,12 @@ fleet, in the loop turn after it, free slots go to waiting requests, the policy 
 them. When no backend is routable and none is starting, the request fails at once (unless
 ``queue.wait_for_backends``: then it waits for one to register, up to the queue timeout).
 
-One exception, asked of the policy when nobody waits (``Selector.hold_for``): a cache-aware policy may
+One exception, asked of the policy for every first attempt (``Selector.hold_for``): a cache-aware policy may
 name a full backend worth waiting for (it holds the request's prompt prefix). The request then waits for
 that backend only, for at most the wait the policy gave (a timer wakes the queue when it ends), letting
-the waiters behind it take other servers, and afterwards takes any free backend like everyone else.
+the waiters behind it take other servers, and afterwards takes any free backend like everyone else. It is
+asked whether or not others wait: asked only when nobody waited, follow-ups arriving at a busy moment lost
+their server (mixed fleet at 80 %: 68 % cache hits against 70 % asked every time, p50 0.13 against 0.09 s).
 
 Replicas sharing state (``ledger``, a ``claims.SlotLedger``): a claim made here is then admitted against
 the fleet-wide count. Refused (another replica took the last slot first, and the ledger's answer now
@@ -147,7 +149,7 @@ class Dispatcher:
         model = facts.model or ""
         # No jumping ahead of those waiting, here or (replicas) on another replica.
         queued = bool(self.admission.depth(model)) or self._behind_elsewhere(facts)
-        hold = None if retry or queued else self._hold(facts, excluded)
+        hold = None if retry else self._hold(facts, excluded)
         if hold is None and (retry or not queued):
             for _ in range(_MAX_REFUSALS):
                 claim = self._try_claim(facts, excluded)

@@ -232,9 +232,12 @@ class Prefix(Selector):
             near = [b for b in candidates if busy(b) <= least_busy + self.max_imbalance]
             cost = self._cost(chain, facts)
             decode = self._decode(facts)
-            # Costs closer than the good-enough match count as equal: then load decides.
+            # Costs closer than the good-enough match count as equal: then the faster decoder (a long answer),
+            # then load. The answer's decode only breaks ties: counted into the cost, it sent follow-ups whose
+            # history a half-speed server held to a fast one, which re-read it (mixed fleet at 80 %: 68 %
+            # cache hits and p99 1.36 s against 72 % and 1.10 s without it).
             quantum = self._quantum(chain)
-            return min(near, key=lambda b: ((cost(b) + decode(b)) // quantum, slot_rank(b)))
+            return min(near, key=lambda b: (cost(b) // quantum, decode(b) // quantum, slot_rank(b)))
         return min(candidates, key=slot_rank)
 
     def bind(self, waiting: Sequence[Waiting]) -> tuple[int, Backend] | None:
