@@ -3,6 +3,7 @@ arrival; and a key's priority capping X-Priority."""
 
 from __future__ import annotations
 
+from llmbalancer.errors import ProxyError
 from llmbalancer.scheduling.admission import AdmissionQueue, _Place
 from llmbalancer.scheduling.fairness import FairShare, fair_sort_key, keyed, priority_for, tenant_of
 from llmbalancer.scheduling.selectors import RequestFacts
@@ -77,3 +78,26 @@ def test_a_keys_priority_caps_x_priority_and_is_the_default() -> None:
     assert priority_for(keyed(facts("-2"), "team", 3)) == -2  # the client may lower it
     assert priority_for(keyed(facts("nonsense"), "team", 3)) == 3
     assert tenant_of(facts(None)) == "10.0.0.1" and tenant_of(keyed(facts(None), "team", 0)) == "team"
+
+
+def test_the_expected_wait_counts_the_waiters_ahead_of_a_requests_fair_place() -> None:
+    # Two seconds per waiter ahead, plus its own turn: 15 ahead is 32 s, past the 30 s timeout. A heavy
+    # tenant's backlog is refused beyond it, while a light tenant, placed after one heavy request, is admitted.
+    queue = AdmissionQueue(max_size=1000, timeout=30)
+
+    def expected(ahead: int) -> float:
+        return 2.0 * (ahead + 1)
+
+    heavy = [queue.waiting("m", 0, tenant="heavy", expected_wait=expected) for _ in range(15)]
+    try:
+        queue.waiting("m", 0, tenant="heavy", expected_wait=expected)
+    except ProxyError as refused:
+        assert refused.code == "queue_full" and refused.retry_after == 32
+    else:
+        raise AssertionError("the heavy tenant's 16th request should be refused")
+    light = queue.waiting("m", 0, tenant="light", expected_wait=expected)
+    assert _order(queue).index("light") == 1 and light.waiter.expected == 4.0
+    assert queue.fair.tenants("m") == 2
+    for place in [*heavy, light]:
+        queue.take(place.waiter)
+    assert queue.depth() == 0
