@@ -328,6 +328,7 @@ async def main_async(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    peers.stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lines", type=int, default=2000)
     parser.add_argument("--window", type=float, default=60.0, help="seconds of interactive arrivals per run")

@@ -101,6 +101,7 @@ def _measure(label: str, tree: Path, args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    peers.stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bursts", type=int, default=3)
     parser.add_argument("--streams", type=int, default=20)

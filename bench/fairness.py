@@ -230,6 +230,7 @@ def section(runs: list[Run], cost: key_cost.Cost, args: argparse.Namespace, mach
 
 
 def main(argv: list[str] | None = None) -> int:
+    peers.stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--servers", type=int, default=2)
     parser.add_argument("--slots", type=int, default=2)

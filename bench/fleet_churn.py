@@ -328,6 +328,7 @@ def report(args: argparse.Namespace, run: Run, figures: dict[str, Any], workdir:
 
 
 def main() -> int:
+    peers.stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, default=50.0, help="streams started per second")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load")

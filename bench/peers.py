@@ -257,3 +257,16 @@ def start_sglang_router(procs: Processes, port: int, backend_port: int, core: in
         ],
         core,
     )
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # `timeout` signals the child and then its whole group: ignore the second copy, or it would land
+    # inside the clean-up and leave processes behind.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop every process started
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (``kill``, ``timeout``) unwind like Ctrl-C, so a bench stops the fleet it started (Python's
+    default SIGTERM ends the process at once and leaves its servers running)."""
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)

@@ -19,7 +19,6 @@ import os
 import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -354,15 +353,8 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    # `timeout` signals the child and then its whole group: ignore the second copy, or it would land
-    # inside the clean-up below and leave processes behind.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise SystemExit(128 + signum)  # unwinds through the finally that stops every process started
-
-
 def main() -> int:
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    peers.stop_on_sigterm()
     args = parse_args()
     if len(os.sched_getaffinity(0)) < 2 or args.proxy_core == args.load_core:
         print("note: fewer than 2 usable cores; proxies and load share cores, figures will be pessimistic")

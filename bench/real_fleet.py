@@ -57,6 +57,7 @@ def run_policy(workdir: Path, policy: str, sessions: list[workload.Session]) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    peers.stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=7, help="workload seed (one: each policy takes minutes)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")

@@ -356,6 +356,7 @@ def cost_lines(cost: Cost, rounds: int, requests: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    peers.stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policies", default="prefix", help="comma-separated llmbalancer policies (default prefix)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {','.join(CONFIGS)}")

@@ -264,6 +264,7 @@ def session_rate(scenario: Scenario) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    peers.stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--quick", action="store_true", help="mixed fleet at 80 %% only, 4 targets, 15 s window (~3 min)"
@@ -293,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     global DUMP
     DUMP = args.dump
+    if DUMP is not None:
+        DUMP.mkdir(parents=True, exist_ok=True)
     window = args.window or (15.0 if args.quick else 30.0)
     fleets = args.fleets.split(",") if args.fleets else (["mixed"] if args.quick else ["homogeneous", "mixed"])
     loads = [float(x) for x in args.loads.split(",")] if args.loads else ([0.8] if args.quick else [0.5, 0.8, 0.95])

@@ -208,6 +208,7 @@ MEANING = [  # one Markdown paragraph, a sentence a line
 
 
 def main(argv: list[str] | None = None) -> int:
+    peers.stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chats", default="4", help="comma-separated chat counts (default 4; e.g. 3,4,6)")
     parser.add_argument("--turns", type=int, default=3, help="turns per chat (default 3)")

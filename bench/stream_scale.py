@@ -21,7 +21,6 @@ import asyncio
 import datetime
 import os
 import resource
-import signal
 import sys
 import tempfile
 import threading
@@ -322,13 +321,8 @@ def _raise_fd_limit() -> None:
     print(f"file descriptors: {resource.getrlimit(resource.RLIMIT_NOFILE)[0]} (was {soft})")
 
 
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise SystemExit(128 + signum)
-
-
 def main() -> int:
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    peers.stop_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--levels", default="1000,2000,5000,10000", help="concurrent streams, comma-separated")
     parser.add_argument("--targets", default=f"{DIRECT},{NGINX},{LLMB}", help=f"also: {LLMB_AIOHTTP}")
