@@ -263,6 +263,38 @@ async def test_a_usage_event_split_over_chunks_and_reads_is_cut_and_counted() ->
     assert payload == b"".join(content) + b"data: [DONE]\n\n"
 
 
+async def test_llama_cpps_finish_chunk_arriving_in_many_reads_still_gives_its_token_counts() -> None:
+    # On a busy machine one write of llama-server's can come in several reads: the usage is read from the body's
+    # last bytes, which must then hold the whole finish chunk (keeping only the last two reads lost it).
+    finish = (
+        b'data: {"choices":[{"finish_reason":"length","index":0,"delta":{}}],"object":"chat.completion.chunk",'
+        b'"usage":{"completion_tokens":5,"prompt_tokens":169,"total_tokens":174},"timings":{"cache_n":160,'
+        b'"prompt_n":9,"prompt_ms":12.5,"predicted_n":5,"predicted_ms":50.0}}\n\n'
+    )
+    content = [b'data: {"choices":[{"delta":{"content":"t%d"}}]}\n\n' % i for i in range(5)]
+
+    async def answer(head: bytes, request: bytes, reader: Any, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        framed = _chunked(*content, finish, b"data: [DONE]\n\n")
+        for at in range(0, len(framed), 24):  # each piece a read of its own
+            writer.write(framed[at : at + 24])
+            await writer.drain()
+            await asyncio.sleep(0.002)
+        return True
+
+    async with RawBackend(answer).running() as backend, run_balancer(make_config([backend.url])) as balancer:
+        reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
+        try:
+            writer.write(_post(CHAT))
+            _, raw = await asyncio.wait_for(_read_chunked(reader), 5)
+        finally:
+            writer.close()
+        (b,) = balancer.components.registry
+        await wait_for(lambda: b.traffic.prompt_tokens_total > 0)
+        assert (b.traffic.prompt_tokens_total, b.traffic.completion_tokens_total) == (169, 5)
+    assert raw == _chunked(*content, finish, b"data: [DONE]\n\n")
+
+
 async def test_a_client_that_stops_reading_among_a_thousand_streams_is_held_back_alone() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     needed = 4 * 1001 + 200  # client, front, upstream and backend sockets all live in this process

@@ -27,8 +27,12 @@ from dataclasses import dataclass
 # The last bytes of a response, as the proxy keeps them (an alias: ``Access.bytes`` shadows ``bytes``).
 Tail = bytes
 
-# Enough for a finish chunk with timings and a usage chunk; the proxy keeps at most two chunks anyway.
+# Enough for a finish chunk with timings and a usage chunk.
 TAIL_BYTES = 8192
+# A relay keeps the body's last read joined to the reads before it until they make this many bytes, and the piece
+# before: a llama.cpp finish chunk with its timings and a usage chunk take about 1.3 KB, and on a busy machine one
+# write of the backend's can arrive in several reads (keeping just the last two reads lost them now and then).
+TAIL_PIECE = 2048
 
 _FIELDS = {
     name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*(\d+)')

@@ -18,6 +18,7 @@ from yarl import URL
 from llmbalancer import errors
 from llmbalancer.errors import ProxyError
 from llmbalancer.fleet.backend import Backend
+from llmbalancer.fleet.usage import TAIL_PIECE
 from llmbalancer.relay.access import Access
 from llmbalancer.relay.deadlines import Deadlines
 from llmbalancer.relay.exchange import Adapter, Exchange
@@ -224,7 +225,10 @@ class AiohttpLeg:
                     await write(chunk)
                     writing = False
                     sent += len(chunk)
-                    previous, last = last, chunk
+                    if len(last) >= TAIL_PIECE:  # the last read and at least TAIL_PIECE bytes before it
+                        previous, last = last, chunk
+                    else:
+                        last += chunk
                     now = loop.time()
                     if now - armed > slack:
                         deadline.reschedule(now + idle)

@@ -19,6 +19,7 @@ import asyncio
 import time
 from typing import NamedTuple
 
+from llmbalancer.fleet.usage import TAIL_PIECE
 from llmbalancer.relay.access import Access
 from llmbalancer.relay.sweep import Sweep
 from llmbalancer.relay.upstream import Answer
@@ -124,13 +125,14 @@ class StreamRelay:
         chunks = self._chunks
         if mode == PASS_CHUNKED:
             assert chunks is not None
-            self._snap_previous, self._snap_last = self._snap_last, chunks.snapshot()
+            if len(self._last) >= TAIL_PIECE:  # _keep starts a new piece: the walker's state where it begins
+                self._snap_previous, self._snap_last = self._snap_last, chunks.snapshot()
             end = chunks.feed(data)
             if end >= 0:
                 self.ended = True
                 if end < len(data):  # bytes after the body's end: not a connection to trust again
                     data, self._reusable = data[:end], False
-            self._previous, self._last = self._last, data
+            self._keep(data)
             return data
         if mode == PASS_LENGTH:
             left = self._left
@@ -141,7 +143,7 @@ class StreamRelay:
                     data, self._reusable = data[:left], False
             self._left = left - len(data)
             self._sent += len(data)
-            self._previous, self._last = self._last, data
+            self._keep(data)
             return data
         cut = self._cut
         if chunks is not None and cut is not None and not cut.holding and chunks.at_boundary and b"[]" not in data:
@@ -150,7 +152,7 @@ class StreamRelay:
             before = chunks.payload
             if chunks.feed(data) < 0 and chunks.at_boundary and data.endswith(b"\n\n\r\n"):
                 self._sent += chunks.payload - before
-                self._previous, self._last = self._last, data
+                self._keep(data)
                 return data
             chunks.left, chunks.payload = 0, before  # the slow way after all: walk it again from the boundary
             chunks.restart()
@@ -172,10 +174,19 @@ class StreamRelay:
         out = cut.feed(payload) if cut is not None else payload
         if self.ended and cut is not None:
             out += cut.flush()
-        self._previous, self._last = self._last, payload
+        self._keep(payload)
         self._sent += len(out)
         framed = chunk(out) if out else b""
         return framed + b"0\r\n\r\n" if self.ended else framed
+
+    def _keep(self, data: bytes) -> None:
+        """The body's last bytes, for the usage its last events report: the last read joined to the reads before
+        it until they make ``TAIL_PIECE`` bytes, and the piece before. A finish chunk the backend's writes split
+        over several reads (a busy machine) is then still whole in the two."""
+        if len(self._last) >= TAIL_PIECE:
+            self._previous, self._last = self._last, data
+        else:
+            self._last += data
 
     def upstream_lost(self, exc: BaseException | None) -> None:
         if self.ended:
