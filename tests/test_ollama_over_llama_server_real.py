@@ -215,7 +215,9 @@ async def test_a_mixed_fleet_serves_every_call_from_both_ollama_and_llama_server
             assert len((await client.ps()).models) == 2
             shown = [await client.show("smollm2") for _ in range(2)]  # round robin: one of each kind
             assert sorted("llmbalancer" in (s.modelfile or "") for s in shown) == [False, True]
-            options = {"num_predict": 4}
+            # Greedy: with llama.cpp's default sampling an answer now and then ends at once or holds tokens back
+            # (a possible stop string), and a stream of 4 tokens came as fewer than 2 lines.
+            options = {"num_predict": 4, "temperature": 0}
             replies = [await client.chat("smollm2", HELLO, options=options) for _ in range(2)]
             assert all(r.done and r.message.content for r in replies)
             parts = [[p async for p in await client.chat("smollm2", HELLO, options=options, stream=True)]
