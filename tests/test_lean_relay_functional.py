@@ -101,6 +101,30 @@ async def _read_chunked(reader: asyncio.StreamReader, *, head_read: bool = False
         raw += await reader.readexactly(size + 2)
 
 
+def _in_pieces(framed: bytes, size: int) -> Handler:
+    """A handler answering a chunked event stream whose raw body is ``framed``, ``size`` bytes a read."""
+
+    async def answer(head: bytes, request: bytes, reader: Any, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for at in range(0, len(framed), size):  # each piece a read of its own
+            writer.write(framed[at : at + size])
+            await writer.drain()
+            await asyncio.sleep(0.002)
+        return True
+
+    return answer
+
+
+async def _one_stream(port: int) -> tuple[bytes, bytes]:
+    """A streamed chat request on a fresh connection: the response's head and raw chunked body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(_post(CHAT))
+        return await asyncio.wait_for(_read_chunked(reader), 5)
+    finally:
+        writer.close()
+
+
 async def test_a_chunked_body_passes_with_the_backends_own_framing_byte_for_byte() -> None:
     # Two events in one chunk, one event over two chunks, a chunk extension, a trailer: relayed as they came.
     two, first, rest = b'data: {"a":1}\n\ndata: {"b":2}\n\n', b'data: {"c', b'":3}\n'
@@ -111,21 +135,11 @@ async def test_a_chunked_body_passes_with_the_backends_own_framing_byte_for_byte
         + b"1\r\n\n\r\n0\r\nX-Trailer: yes\r\n\r\n"
     )
 
-    async def answer(head: bytes, request: bytes, reader: Any, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
-        for at in range(0, len(body), 7):  # in pieces, each a read of its own
-            writer.write(body[at : at + 7])
-            await writer.drain()
-            await asyncio.sleep(0.002)
-        return True
-
-    async with RawBackend(answer).running() as backend, run_balancer(make_config([backend.url])) as balancer:
-        reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
-        try:
-            writer.write(_post(CHAT))
-            head, raw = await asyncio.wait_for(_read_chunked(reader), 5)
-        finally:
-            writer.close()
+    async with (
+        RawBackend(_in_pieces(body, 7)).running() as backend,
+        run_balancer(make_config([backend.url])) as balancer,
+    ):
+        head, raw = await _one_stream(balancer.port)
     assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
     assert raw == body
 
@@ -273,26 +287,16 @@ async def test_llama_cpps_finish_chunk_arriving_in_many_reads_still_gives_its_to
     )
     content = [b'data: {"choices":[{"delta":{"content":"t%d"}}]}\n\n' % i for i in range(5)]
 
-    async def answer(head: bytes, request: bytes, reader: Any, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
-        framed = _chunked(*content, finish, b"data: [DONE]\n\n")
-        for at in range(0, len(framed), 24):  # each piece a read of its own
-            writer.write(framed[at : at + 24])
-            await writer.drain()
-            await asyncio.sleep(0.002)
-        return True
-
-    async with RawBackend(answer).running() as backend, run_balancer(make_config([backend.url])) as balancer:
-        reader, writer = await asyncio.open_connection("127.0.0.1", balancer.port)
-        try:
-            writer.write(_post(CHAT))
-            _, raw = await asyncio.wait_for(_read_chunked(reader), 5)
-        finally:
-            writer.close()
+    framed = _chunked(*content, finish, b"data: [DONE]\n\n")
+    async with (
+        RawBackend(_in_pieces(framed, 24)).running() as backend,
+        run_balancer(make_config([backend.url])) as balancer,
+    ):
+        _, raw = await _one_stream(balancer.port)
         (b,) = balancer.components.registry
         await wait_for(lambda: b.traffic.prompt_tokens_total > 0)
         assert (b.traffic.prompt_tokens_total, b.traffic.completion_tokens_total) == (169, 5)
-    assert raw == _chunked(*content, finish, b"data: [DONE]\n\n")
+    assert raw == framed
 
 
 async def test_a_client_that_stops_reading_among_a_thousand_streams_is_held_back_alone() -> None:
