@@ -202,6 +202,20 @@ def test_prefix_asks_to_wait_for_a_full_holder_only_when_no_free_server_has_the_
     assert never.hold_for([holder], [backend("free")], follow_up) is None
 
 
+def test_prefix_does_not_wait_for_a_holder_expected_to_stay_full_longer_than_the_wait_saves() -> None:
+    prefix = learned(Prefix(max_wait=2.0))
+    holder, other = backend("holder", in_flight=2), backend("other")
+    prefix.claimed(holder, facts(conversation(1)))
+    follow_up = facts(conversation(2))
+    assert prefix.hold_for([holder], [other], follow_up) == Hold(holder, 2.0)  # no decode speed known: it waits
+    # Answers of 100 tokens at 1 s a token: the holder's next free slot is ~33 s away (2 busy), far more than the
+    # prompt reading the wait would save, so with a server free now the follow-up goes there.
+    prefix.decoding.learn("holder", Usage(prompt_tokens=10, completion_tokens=100, decode_token_seconds=1.0))
+    assert prefix.hold_for([holder], [other], follow_up) is None
+    # With no server free it waits in the queue anyway: waiting for the holder there costs nothing more.
+    assert prefix.hold_for([holder], [], follow_up) == Hold(holder, 2.0)
+
+
 def test_prefix_waits_no_longer_than_the_prefill_it_saves_as_learned_from_timings() -> None:
     prefix = Prefix(max_wait=30.0)
     holder, other = backend("holder", in_flight=2), backend("other")
