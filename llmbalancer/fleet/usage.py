@@ -34,6 +34,12 @@ TAIL_BYTES = 8192
 # write of the backend's can arrive in several reads (keeping just the last two reads lost them now and then).
 TAIL_PIECE = 2048
 
+
+def kept(previous: bytes, last: bytes, data: bytes) -> tuple[bytes, bytes]:
+    """The tail a relay keeps after one more read ``data``: (the piece before, the last piece), each piece reads
+    joined until it holds ``TAIL_PIECE`` bytes, so a finish chunk split over several reads is whole in the two."""
+    return (last, data) if len(last) >= TAIL_PIECE else (previous, last + data)
+
 _FIELDS = {
     name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*(\d+)')
     for name in (

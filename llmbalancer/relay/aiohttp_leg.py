@@ -18,7 +18,7 @@ from yarl import URL
 from llmbalancer import errors
 from llmbalancer.errors import ProxyError
 from llmbalancer.fleet.backend import Backend
-from llmbalancer.fleet.usage import TAIL_PIECE
+from llmbalancer.fleet.usage import kept
 from llmbalancer.relay.access import Access
 from llmbalancer.relay.deadlines import Deadlines
 from llmbalancer.relay.exchange import Adapter, Exchange
@@ -225,10 +225,7 @@ class AiohttpLeg:
                     await write(chunk)
                     writing = False
                     sent += len(chunk)
-                    if len(last) >= TAIL_PIECE:  # the last read and at least TAIL_PIECE bytes before it
-                        previous, last = last, chunk
-                    else:
-                        last += chunk
+                    previous, last = kept(previous, last, chunk)
                     now = loop.time()
                     if now - armed > slack:
                         deadline.reschedule(now + idle)

@@ -19,7 +19,7 @@ import asyncio
 import time
 from typing import NamedTuple
 
-from llmbalancer.fleet.usage import TAIL_PIECE
+from llmbalancer.fleet.usage import TAIL_PIECE, kept
 from llmbalancer.relay.access import Access
 from llmbalancer.relay.sweep import Sweep
 from llmbalancer.relay.upstream import Answer
@@ -180,13 +180,8 @@ class StreamRelay:
         return framed + b"0\r\n\r\n" if self.ended else framed
 
     def _keep(self, data: bytes) -> None:
-        """The body's last bytes, for the usage its last events report: the last read joined to the reads before
-        it until they make ``TAIL_PIECE`` bytes, and the piece before. A finish chunk the backend's writes split
-        over several reads (a busy machine) is then still whole in the two."""
-        if len(self._last) >= TAIL_PIECE:
-            self._previous, self._last = self._last, data
-        else:
-            self._last += data
+        """The body's last bytes, for the usage its last events report (``usage.kept``)."""
+        self._previous, self._last = kept(self._previous, self._last, data)
 
     def upstream_lost(self, exc: BaseException | None) -> None:
         if self.ended:
